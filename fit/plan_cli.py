@@ -1,0 +1,212 @@
+"""scaling-plan: the Chinchilla-style and the inference-aware optimal model for a target quality and demand.
+
+    scaling-plan constants=<fit.json | hoffmann2022 | sardana2024 | epoch2024> objective=flops|cost out=<dir> \\
+        target.loss=<l> | target.chinchilla_params=<N> \\
+        demand.tokens=<T> | demand.requests=<R> demand.input_tokens=<i> demand.output_tokens=<o> \\
+        [hardware.train.{gpu,dtype,peak_flops,price_per_hour,mfu}=...] \\
+        [hardware.inference.{gpu,dtype,peak_flops,price_per_hour,mfu_prefill,mfu_decode}=...] \\
+        [serving.quantization=none|int8|int4 serving.loss_penalty=<delta> serving.speculative.enabled=true ...]
+
+Writes ``<out>/plan.json`` and ``<out>/plan.png`` and prints a table. Configuration: ``conf/plan.yaml``; presets:
+``conf/plan_presets/default.yaml``. The math is in ``fit/plan.py``; ``run(cfg)`` is the whole job.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import matplotlib
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from fit import plan as planner
+from fit.constants import LawConstants, read_fit_json, write_json_atomic
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+PLAN_SCHEMA_VERSION = 1
+
+
+def load_chinchilla(cfg: DictConfig) -> tuple[LawConstants, dict]:
+    """The Chinchilla constants named by ``cfg.constants`` (a preset or a fit.json) and where they came from."""
+    law, presets, spec = cfg.law.chinchilla, cfg.presets.constants, str(cfg.constants)
+    if spec in presets:
+        constants = LawConstants.from_dict("chinchilla", {"formula": law.formula, "inputs": list(law.inputs),
+                                                          "params": OmegaConf.to_container(presets[spec])})
+        return constants, {"preset": spec}
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"constants={spec!r} is neither a preset ({', '.join(presets)}) nor a fit.json file")
+    doc = read_fit_json(path)
+    if "chinchilla" not in doc["laws"]:
+        raise ValueError(f"{path} has no 'chinchilla' law (it holds {sorted(doc['laws'])}); the planner needs one")
+    constants = LawConstants.from_dict("chinchilla", doc["laws"]["chinchilla"])
+    if "".join(constants.law.formula.split()) != "".join(law.formula.split()):
+        raise ValueError(f"{path}: chinchilla formula {constants.law.formula!r} is not {law.formula!r}, "
+                         f"the form the planner's closed forms assume")
+    planner.chinchilla_terms(constants)
+    return constants, {"fit_json": str(path.resolve()), "provenance": doc.get("provenance", {})}
+
+
+def _exactly_one(section: DictConfig, a: str, b: str, name: str):
+    given = [k for k in (a, b) if section[k] is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of {name}.{a} or {name}.{b} (got {len(given)})")
+    return given[0], float(section[given[0]])
+
+
+def split_demand(cfg: DictConfig, tokens: float | None = None) -> planner.Inference:
+    """Prefill and decode tokens of ``cfg.demand`` (or of ``tokens`` split like it), with speculative decoding."""
+    demand, spec = cfg.demand, cfg.serving.speculative
+    i, o = float(demand.input_tokens), float(demand.output_tokens)
+    if min(i, o) < 0 or i + o == 0:
+        raise ValueError(f"demand.input_tokens and demand.output_tokens must be >= 0 and not both 0, got {i}, {o}")
+    if tokens is None:
+        kind, amount = _exactly_one(demand, "tokens", "requests", "demand")
+        if amount < 0:
+            raise ValueError(f"demand.{kind} must be >= 0, got {amount:g}")
+        tokens = amount * (i + o) if kind == "requests" else amount
+    flops, time = ((1.0, 1.0) if not spec.enabled else
+                   planner.speculative_factors(float(spec.acceptance_rate), int(spec.draft_tokens),
+                                               float(spec.draft_cost_ratio)))
+    return planner.Inference(tokens * i / (i + o), tokens * o / (i + o), flops, time)
+
+
+def _peak_flops(side: DictConfig, gpus: DictConfig, name: str) -> float:
+    if side.peak_flops is not None:
+        return float(side.peak_flops)
+    if side.gpu not in gpus:
+        raise ValueError(f"unknown gpu hardware.{name}.gpu={side.gpu!r}: known {list(gpus)}; "
+                         f"or give hardware.{name}.peak_flops")
+    if side.dtype not in gpus[side.gpu]:
+        raise ValueError(f"unknown dtype hardware.{name}.dtype={side.dtype!r} for {side.gpu}: known "
+                         f"{list(gpus[side.gpu])}; or give hardware.{name}.peak_flops")
+    return float(gpus[side.gpu][side.dtype])
+
+
+def resolve_hardware(cfg: DictConfig) -> tuple[planner.Prices, dict]:
+    """Dollars per FLOP for training, prefill and decode, and the resolved hardware for the record."""
+    train, inference, gpus = cfg.hardware.train, cfg.hardware.inference, cfg.presets.gpus
+    record = {"train": {**OmegaConf.to_container(train, resolve=True), "peak_flops": _peak_flops(train, gpus, "train")},
+              "inference": {**OmegaConf.to_container(inference, resolve=True),
+                            "peak_flops": _peak_flops(inference, gpus, "inference")}}
+    tr, inf = record["train"], record["inference"]
+    prices = planner.Prices(
+        train=planner.dollars_per_flop(float(tr["price_per_hour"]), tr["peak_flops"], float(tr["mfu"])),
+        prefill=planner.dollars_per_flop(float(inf["price_per_hour"]), inf["peak_flops"], float(inf["mfu_prefill"])),
+        decode=planner.dollars_per_flop(float(inf["price_per_hour"]), inf["peak_flops"], float(inf["mfu_decode"])))
+    record["dollars_per_flop"] = {"train": prices.train, "prefill": prices.prefill, "decode": prices.decode}
+    return prices, record
+
+
+def target_loss(cfg: DictConfig, constants: LawConstants) -> dict:
+    """The loss the served model must reach and the (lower) loss training must reach under quantization."""
+    kind, value = _exactly_one(cfg.target, "loss", "chinchilla_params", "target")
+    if kind == "chinchilla_params" and value <= 0:
+        raise ValueError(f"target.chinchilla_params must be > 0, got {value:g}")
+    served = value if kind == "loss" else planner.chinchilla_loss(constants, value)
+    penalty = cfg.serving.loss_penalty
+    if penalty is None:
+        penalty = cfg.presets.quantization[cfg.serving.quantization].loss_penalty
+    penalty = float(penalty)
+    if penalty < 0:
+        raise ValueError(f"serving.loss_penalty must be >= 0, got {penalty}")
+    trained = served - penalty
+    if not trained > constants["E"]:
+        raise ValueError(f"target loss {served:g}" + (f" minus the quantization penalty {penalty:g}" if penalty else "")
+                         + f" is not above the irreducible loss E = {constants['E']:g}: no finite model reaches it")
+    return {kind: value, "served_loss": served, "loss_penalty": penalty, "trained_loss": trained}
+
+
+def run(cfg: DictConfig) -> dict:
+    """Validate ``cfg``, plan, write ``<out>/plan.json`` and ``<out>/plan.png``, print the table; return the plan."""
+    if cfg.objective not in planner.OBJECTIVES:
+        raise ValueError(f"objective must be one of {planner.OBJECTIVES}, got {cfg.objective!r}")
+    if cfg.serving.quantization not in cfg.presets.quantization:
+        raise ValueError(f"unknown serving.quantization={cfg.serving.quantization!r}: known "
+                         f"{list(cfg.presets.quantization)}")
+    constants, source = load_chinchilla(cfg)
+    target = target_loss(cfg, constants)
+    inference = split_demand(cfg)
+    prices, hardware = resolve_hardware(cfg)
+
+    result = planner.plan(constants, target["trained_loss"], inference, prices, cfg.objective)
+    doc = {"schema_version": PLAN_SCHEMA_VERSION, "objective": cfg.objective,
+           "constants": {**source, "params": dict(constants.values), "formula": constants.law.formula},
+           "target": target,
+           "demand": {"prefill_tokens": inference.prefill_tokens, "decode_tokens": inference.decode_tokens,
+                      **OmegaConf.to_container(cfg.demand)},
+           "hardware": hardware,
+           "serving": {**OmegaConf.to_container(cfg.serving),
+                       "decode_flops_per_token": inference.decode_flops_per_token,
+                       "decode_time_per_token": inference.decode_time_per_token},
+           **result}
+    out = Path(cfg.out)
+    write_json_atomic(out / "plan.json", doc)
+    plot(cfg, constants, target["trained_loss"], inference, prices, doc, out / "plan.png")
+    print(table(doc))
+    print(f"wrote {out / 'plan.json'} and {out / 'plan.png'}")
+    return doc
+
+
+def table(doc: dict) -> str:
+    """The plan as a fixed-width text table (4 significant figures)."""
+    c, o, r = doc["chinchilla"], doc["optimal"], doc["ratios"]
+    constants = doc["constants"].get("preset") or doc["constants"]["fit_json"]
+    lines = [f"constants {constants}; objective {doc['objective']}; served loss {doc['target']['served_loss']:.4g} "
+             f"(trained {doc['target']['trained_loss']:.4g}); demand {doc['demand']['prefill_tokens']:.4g} prefill + "
+             f"{doc['demand']['decode_tokens']:.4g} decode tokens",
+             f"{'':16}{'chinchilla':>12}{'optimal':>12}{'optimal/chin':>14}"]
+    for key in planner.REPORTED:
+        ratio = "" if r[key] is None else f"{100 * r[key]:.2f}%"
+        lines.append(f"{key:16}{c[key]:12.4g}{o[key]:12.4g}{ratio:>14}")
+    lines.append(f"saving in total {'FLOPs' if doc['objective'] == 'flops' else 'cost'}: {100 * doc['saving']:.4g}%")
+    return "\n".join(lines)
+
+
+def plot(cfg: DictConfig, constants: LawConstants, loss: float, inference: planner.Inference,
+         prices: planner.Prices, doc: dict, path: Path) -> None:
+    """Optimal N and D (left) and the saving (right) against lifetime inference demand around the requested one."""
+    reference = inference if inference.tokens > 0 else split_demand(cfg, tokens=doc["chinchilla"]["D"])
+    factors = np.logspace(-cfg.plot.decades_below, cfg.plot.decades_above, cfg.plot.points)
+    sweep = [planner.plan(constants, loss, reference.scaled(f), prices, cfg.objective) for f in factors]
+    tokens = factors * reference.tokens
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, colour in (("N", "tab:blue"), ("D", "tab:orange")):
+        left.loglog(tokens, [s["optimal"][key] for s in sweep], color=colour, label=f"optimal {key}")
+        left.axhline(doc["chinchilla"][key], color=colour, ls="--", lw=1, label=f"Chinchilla-style {key}")
+    left.set_ylabel("parameters / training tokens")
+    right.semilogx(tokens, [100 * s["saving"] for s in sweep], color="tab:green")
+    right.set_ylabel(f"saving in total {'FLOPs' if cfg.objective == 'flops' else 'cost'} (%)")
+    for ax in (left, right):
+        if inference.tokens > 0:
+            ax.axvline(inference.tokens, color="grey", ls=":", lw=1, label="requested demand")
+        ax.set_xlabel("lifetime inference demand (tokens)")
+        ax.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(f"loss {loss:.4g}, objective {cfg.objective}, constants {doc['constants'].get('preset', 'fit.json')}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# "../conf" as an absolute path: run as the `scaling-plan` console script, Hydra would resolve a relative path as
+# the Python package `conf`, which the (editable) install does not provide.
+@hydra.main(config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="plan", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.out = HydraConfig.get().runtime.output_dir  # <out>/<job number>
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"scaling-plan: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

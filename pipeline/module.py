@@ -1,0 +1,112 @@
+"""The LightningModule around ``models.gpt.GPT``, its learning-rate schedule, and the checkpointing callback."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from models.gpt import GPT, GPTConfig
+
+
+class DivergenceError(RuntimeError):
+    """Training loss became NaN/inf or rose above the configured threshold."""
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay that reaches ``min_ratio`` at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LitGPT(L.LightningModule):
+    def __init__(self, model_config: GPTConfig, lr: float, total_steps: int, warmup_steps: int, min_lr_ratio: float,
+                 weight_decay: float, betas: tuple[float, float], diverge_loss: float, check_every: int,
+                 compile: bool = False):
+        super().__init__()
+        self.model = GPT(model_config)
+        self.forward_model = torch.compile(self.model) if compile else self.model
+        self.lr, self.total_steps, self.warmup_steps, self.min_lr_ratio = lr, total_steps, warmup_steps, min_lr_ratio
+        self.weight_decay, self.betas = weight_decay, betas
+        self.diverge_loss, self.check_every = diverge_loss, max(1, check_every)
+        self.tokens_seen = 0
+        self.last_train_loss = float("nan")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self.forward_model(x, y)
+        self.tokens_seen += x.numel()
+        if self.global_step % self.check_every == 0 or self.global_step == self.total_steps - 1:
+            value = loss.item()
+            self.last_train_loss = value
+            if not math.isfinite(value) or value > self.diverge_loss:
+                raise DivergenceError(f"diverged at step {self.global_step}: training loss {value:.4g} "
+                                      f"(threshold train.diverge_loss={self.diverge_loss})")
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens", float(self.tokens_seen))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self.forward_model(x, y)
+        self.log("val/loss", loss, prog_bar=True, batch_size=x.size(0))
+
+    @torch.inference_mode()
+    def heldout_loss(self, loader) -> float:
+        """Mean loss in nats per token over every window of ``loader`` (the fixed final evaluation)."""
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in loader:
+            x, y = x.to(self.device), y.to(self.device)
+            _, loss = self.model(x, y)
+            total += loss.item() * y.numel()
+            count += y.numel()
+        self.model.train(was_training)
+        return total / count
+
+    def configure_optimizers(self):
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, self.total_steps, self.warmup_steps, self.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint):
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)
+
+
+class Checkpointing(Callback):
+    """Saves ``path`` (atomically) every ``every`` steps and when the job receives SIGTERM (pre-emption, scancel,
+    a SLURM time limit), so a re-launched run resumes where it stopped."""
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = Path(path), every
+
+    def save(self, trainer: L.Trainer) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        trainer.save_checkpoint(tmp)
+        os.replace(tmp, self.path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every and step % self.every == 0 and step < pl_module.total_steps:
+            self.save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, SIGTERMException):
+            self.save(trainer)

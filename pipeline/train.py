@@ -1,0 +1,354 @@
+"""``scaling-train``: train one model (or, with ``-m``, every point of a sweep) and write its result record.
+
+``main`` is the Hydra entry point; it calls the plain ``run(cfg)`` that tests call with a composed config. A run:
+resolve and check the whole configuration (bad input stops here, before any compute) -> skip if its record says
+``ok`` -> prepare the tokenized corpus -> train with Lightning (resuming from its last checkpoint if one exists) ->
+evaluate the fixed held-out slice -> measure inference latency -> write the record atomically -> mirror to W&B.
+A run that raises, runs out of memory or diverges is recorded as ``failed`` and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fit.constants import CONF_DIR
+from models.gpt import GPT, GPTConfig, non_embedding_params, resolve_shape
+from pipeline import records
+from pipeline.config import register
+
+log = logging.getLogger("scaling.train")
+register()
+
+# Config fields that do not change a run's result: they are left out of its run id.
+NOT_IN_RUN_ID = {"train": {"threads", "progress_bar", "log_every", "ckpt_every", "val_every", "compile",
+                           "accelerator", "devices", "strategy", "num_nodes"},
+                 "data": {"cache_dir", "num_workers", "val_curve_tokens", "streaming"}}
+
+
+class ConfigError(ValueError):
+    """Bad configuration: raised before any compute is spent."""
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs, resolved from the config and checked."""
+
+    run_id: str
+    sweep: str
+    model: GPTConfig
+    tokens: int  # the training token budget, a whole number of sequences
+    batch_size: int
+    lr: float
+    total_steps: int
+    warmup_steps: int
+    threads: int
+
+
+def _positive(name: str, value) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
+    """Resolve shape, token budget, batch size, learning rate and steps; every bad value fails here."""
+    m, t = cfg.model, cfg.train
+    try:
+        shape = resolve_shape(n_layers=m.n_layers, d_model=m.d_model, aspect_ratio=m.aspect_ratio, params=m.params,
+                              n_heads=m.n_heads, head_dim=m.head_dim, ffn_ratio=m.ffn_ratio)
+        model = GPTConfig(**shape, vocab_size=vocab_size or _vocab_size(cfg.data), seq_len=m.seq_len,
+                          ffn_ratio=m.ffn_ratio, tie_embeddings=m.tie_embeddings)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    budgets = {k: t[k] for k in ("tokens", "tokens_per_param", "flops") if t[k] is not None}
+    if len(budgets) != 1:
+        raise ConfigError(f"give exactly one token budget of train.tokens, train.tokens_per_param, train.flops; "
+                          f"got {sorted(budgets) or 'none'}")
+    for k, v in budgets.items():
+        _positive(f"train.{k}", v)
+    for k in ("batch_size", "lr", "max_batch_size", "batch_ref_tokens"):
+        _positive(f"train.{k}", t[k])
+    if not 0 <= t.warmup_frac < 1 or not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError("train.warmup_frac must lie in [0, 1) and train.min_lr_ratio in [0, 1]")
+    non_embedding = _non_embedding(model)
+    tokens = t.tokens if t.tokens is not None else (
+        t.tokens_per_param * non_embedding if t.tokens_per_param is not None else t.flops / (6 * non_embedding))
+    sequences = int(tokens // model.seq_len)
+    if sequences < 1:
+        raise ConfigError(f"token budget {tokens:,.0f} is less than one sequence of model.seq_len={model.seq_len}")
+    batch = t.batch_size
+    if t.batch_rule == "sqrt_tokens":
+        batch = int(round(t.batch_size * math.sqrt(tokens / t.batch_ref_tokens)))
+    elif t.batch_rule != "constant":
+        raise ConfigError(f"train.batch_rule={t.batch_rule!r}: choose constant or sqrt_tokens")
+    batch = max(1, min(batch, t.max_batch_size, sequences))
+    if t.lr_rule == "constant":
+        lr = t.lr
+    elif t.lr_rule == "inverse_width":
+        lr = t.lr * t.lr_ref_width / model.d_model
+    else:
+        raise ConfigError(f"train.lr_rule={t.lr_rule!r}: choose constant or inverse_width")
+    total_steps = math.ceil(sequences / batch)
+    payload = {"model": asdict(model), "tokens": sequences * model.seq_len, "batch_size": batch,
+               **{g: {k: v for k, v in OmegaConf.to_container(cfg[g], resolve=True).items()
+                      if k not in NOT_IN_RUN_ID.get(g, ())} for g in ("data", "train")}}
+    payload["model"].pop("vocab_size")  # fixed by data.tokenizer, which is in the payload
+    return RunSpec(run_id=records.run_id_for(payload), sweep=cfg.sweep.name, model=model,
+                   tokens=sequences * model.seq_len, batch_size=batch, lr=lr, total_steps=total_steps,
+                   warmup_steps=int(round(t.warmup_frac * total_steps)), threads=t.threads or default_threads())
+
+
+def _non_embedding(model: GPTConfig) -> int:
+    return non_embedding_params(model.n_layers, model.d_model, model.ffn_ratio)
+
+
+def _vocab_size(data_cfg) -> int:
+    return 257 if data_cfg.tokenizer == "bytes" else int(data_cfg.bpe_vocab_size)
+
+
+def default_threads() -> int:
+    """The machine's cores divided among the jobs the Hydra launcher runs at once (joblib n_jobs, or the cpus a
+    submitit task asked for), so parallel sweep jobs split the cores instead of fighting over them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        launcher = HydraConfig.get().launcher
+    except (ValueError, ImportError):
+        return cores
+    if launcher.get("cpus_per_task"):
+        return int(launcher.cpus_per_task)
+    if launcher.get("n_jobs"):
+        jobs = cores if launcher.n_jobs < 0 else launcher.n_jobs
+        return max(1, cores // max(1, jobs))
+    return cores
+
+
+# ----- the run -------------------------------------------------------------------------------------------------
+
+def run(cfg: DictConfig) -> dict:
+    """Train (or skip, or resume) the run ``cfg`` describes; returns its record."""
+    started = time.time()
+    spec = plan_run(cfg)
+    path = records.record_path(cfg.results.dir, spec.sweep, spec.run_id)
+    previous = records.read_record(path)
+    if previous and (previous["status"] == "ok" or not cfg.sweep.retry_failed):
+        log.info("run %s is already %s (%s); skipping%s", spec.run_id, previous["status"], path,
+                 "" if previous["status"] == "ok" else " (sweep.retry_failed=true re-runs it)")
+        return previous
+
+    from pipeline.data import TokenDataModule, prepare_corpus
+
+    torch.set_num_threads(spec.threads)
+    corpus = prepare_corpus(cfg.data)
+    spec = plan_run(cfg, vocab_size=corpus.vocab_size)
+    datamodule = TokenDataModule(corpus, spec.model.seq_len, spec.batch_size, spec.tokens // spec.model.seq_len,
+                                 cfg.data.eval_tokens, cfg.data.val_curve_tokens, cfg.train.seed, cfg.data.num_workers)
+    if cfg.latency.enabled and cfg.latency.prompt_len + cfg.latency.decode_tokens > spec.model.seq_len:
+        raise ConfigError(f"latency.prompt_len + latency.decode_tokens must not exceed model.seq_len={spec.model.seq_len}")
+
+    record = _record_head(cfg, spec, corpus)
+    wandb_logger = _wandb_logger(cfg, spec)
+    status = "failed"
+    try:
+        record.update(_train(cfg, spec, datamodule, corpus, wandb_logger))
+        status = "ok"
+    except (KeyboardInterrupt, SystemExit):
+        status = "interrupted"
+        raise
+    except Exception as e:  # a crash, an OOM or a divergence fails this run only; the sweep goes on
+        record["error"] = f"{type(e).__name__}: {e}"
+        record["traceback"] = traceback.format_exc(limit=20)
+        log.error("run %s failed: %s", spec.run_id, record["error"])
+    finally:
+        if status != "interrupted":
+            record.update(status=status, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            record["timing"]["wall_s"] = time.time() - started
+            records.write_record(cfg.results.dir, record)
+            log.info("record: %s", path)
+        _finish_wandb(wandb_logger, record, status)
+    return record
+
+
+def _record_head(cfg, spec: RunSpec, corpus) -> dict:
+    import lightning
+
+    c = spec.model
+    with torch.device("meta"):
+        counts_model = GPT(c)
+    counts = counts_model.param_counts()
+    return {
+        "run_id": spec.run_id, "sweep": spec.sweep, "status": "running", "error": None, "seed": cfg.train.seed,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "shape": {"n_layers": c.n_layers, "d_model": c.d_model, "n_heads": c.n_heads, "head_dim": c.head_dim,
+                  "ffn_hidden": c.ffn_hidden, "vocab_size": c.vocab_size, "seq_len": c.seq_len,
+                  "aspect_ratio": c.aspect_ratio, "tie_embeddings": c.tie_embeddings},
+        "params": counts,
+        "tokens": {"budget": spec.tokens, "seen": 0},
+        "flops": {"per_token": counts_model.flops_per_token(), "total": counts_model.flops_per_token() * spec.tokens,
+                  "six_nd": 6 * counts["non_embedding"] * spec.tokens},
+        "optim": {"batch_size": spec.batch_size, "lr": spec.lr, "total_steps": spec.total_steps,
+                  "warmup_steps": spec.warmup_steps},
+        "data": {k: corpus.meta.get(k) for k in ("corpus", "source", "corpus_hash", "tokenizer", "vocab_size",
+                                                 "train_tokens", "val_tokens", "python")},
+        "timing": {"threads": spec.threads},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "lightning": lightning.__version__, "project": _project_version()},
+    }
+
+
+def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
+    import lightning as L
+
+    from pipeline.data import bits_per_byte
+    from pipeline.latency import measure
+    from pipeline.module import Checkpointing, LitGPT
+
+    t = cfg.train
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    module = LitGPT(spec.model, lr=spec.lr, total_steps=spec.total_steps, warmup_steps=spec.warmup_steps,
+                    min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
+                    diverge_loss=t.diverge_loss, check_every=t.log_every, compile=t.compile)
+    ckpt = checkpoint_path(cfg.results.dir, spec)
+    trainer = L.Trainer(
+        max_steps=spec.total_steps, max_epochs=-1, precision=t.precision, accelerator=t.accelerator,
+        devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, gradient_clip_val=t.grad_clip,
+        logger=wandb_logger or False, callbacks=[Checkpointing(ckpt, t.ckpt_every)], enable_checkpointing=False,
+        val_check_interval=t.val_every or max(1, spec.total_steps // 8), check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, log_every_n_steps=t.log_every, enable_progress_bar=t.progress_bar,
+        enable_model_summary=False, default_root_dir=str(ckpt.parent))
+    resume = ckpt if ckpt.exists() else None
+    if resume:
+        log.info("resuming run %s from %s", spec.run_id, resume)
+    fit_start = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    train_s = time.time() - fit_start
+    if module.tokens_seen != spec.tokens:
+        raise RuntimeError(f"trained on {module.tokens_seen:,} tokens, budget was {spec.tokens:,}")
+    loss = module.heldout_loss(datamodule.eval_dataloader())
+    if not math.isfinite(loss):
+        raise RuntimeError(f"held-out loss is {loss}")
+    out = {
+        "tokens": {"budget": spec.tokens, "seen": module.tokens_seen},
+        "loss": {"final": loss, "bits_per_byte": bits_per_byte(loss, corpus), "eval_tokens": cfg.data.eval_tokens,
+                 "train_last": module.last_train_loss, **_curve_summary(trainer)},
+        "timing": {"threads": spec.threads, "train_s": train_s,
+                   "tokens_per_s": (spec.tokens - _resumed_tokens(resume)) / train_s if train_s else None,
+                   "resumed": bool(resume)},
+    }
+    if cfg.latency.enabled:
+        lat = cfg.latency
+        dtype = torch.bfloat16 if "bf16" in t.precision and module.device.type == "cuda" else None
+        out["latency"] = measure(module.model, lat.prompt_len, lat.decode_tokens, list(lat.batch_sizes),
+                                 lat.warmup, lat.repeats, dtype=dtype)
+    ckpt.unlink(missing_ok=True)  # finished: the record is the result
+    return out
+
+
+def checkpoint_path(results_dir, spec: RunSpec) -> Path:
+    return records.sweep_dir(results_dir, spec.sweep) / "checkpoints" / f"{spec.run_id}.ckpt"
+
+
+def _resumed_tokens(resume: Path | None) -> int:
+    if resume is None:
+        return 0
+    return int(torch.load(resume, map_location="cpu", weights_only=False).get("tokens_seen", 0))
+
+
+def _curve_summary(trainer) -> dict:
+    metrics = trainer.callback_metrics
+    summary = {}
+    if "val/loss" in metrics:
+        summary["last_val"] = float(metrics["val/loss"])
+    return summary
+
+
+def _project_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scaling-lab")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ----- W&B -----------------------------------------------------------------------------------------------------
+
+def _wandb_logger(cfg, spec: RunSpec):
+    w = cfg.logger.wandb
+    if w is None or w.mode == "disabled":
+        return None
+    if w.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise ConfigError("logger.wandb.mode=online needs WANDB_API_KEY in the environment (or use mode=offline)")
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    save_dir = Path(w.dir or records.sweep_dir(cfg.results.dir, spec.sweep))
+    save_dir.mkdir(parents=True, exist_ok=True)
+    c = spec.model
+    tags = [f"sweep:{spec.sweep}", f"L{c.n_layers}", f"d{c.d_model}", f"R{c.aspect_ratio:g}",
+            f"N{_size_class(_non_embedding(c))}"]
+    if cfg.train.tokens_per_param is not None:
+        tags.append(f"tpp{cfg.train.tokens_per_param:g}")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["run_id"] = spec.run_id
+    return WandbLogger(project=w.project, entity=w.entity, name=spec.run_id, id=f"{spec.sweep}-{spec.run_id}",
+                       group=spec.sweep, tags=tags, mode=w.mode, save_dir=str(save_dir), config=config,
+                       resume="allow", settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+
+
+def _size_class(n: float) -> str:
+    exp = int(math.floor(math.log10(n)))
+    return f"{n / 10 ** exp:.0f}e{exp}"
+
+
+def _finish_wandb(wandb_logger, record: dict, status: str) -> None:
+    if wandb_logger is None:
+        return
+    import wandb
+
+    try:
+        run = wandb_logger.experiment
+        flat = records.flatten(record)
+        run.summary.update({k: v for k, v in flat.items() if isinstance(v, (int, float, str)) and v is not None})
+        record_dir = Path(run.dir).parent
+        log.info("W&B run (%s): %s", run.settings.mode, record_dir)
+    finally:
+        wandb.finish(exit_code=0 if status == "ok" else 1)
+
+
+# ----- CLI -----------------------------------------------------------------------------------------------------
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        record = run(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{record['status']}: run {record['run_id']} loss={_fmt(record.get('loss', {}).get('final'))} "
+          f"record={records.record_path(cfg.results.dir, record['sweep'], record['run_id'])}")
+
+
+def _fmt(x) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else "-"
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
