@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from scipy.optimize import brentq
+import numpy as np
+from scipy.optimize import brentq, minimize_scalar
 
 from fit.constants import LawConstants
 
@@ -30,6 +31,7 @@ OBJECTIVES = ("flops", "cost")
 # The quantities reported for each model; `ratios` in a plan divides the optimal model's by the Chinchilla-style's.
 REPORTED = ("N", "D", "train_flops", "inference_flops", "total_flops", "train_cost", "inference_cost",
             "total_cost")
+SHAPE_REPORTED = ("R", "n_layers", "d_model", "decode_ms_per_token")
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,10 @@ def chinchilla_terms(constants: LawConstants) -> tuple[float, float, float, floa
     missing = [p for p in CHINCHILLA_PARAMS if p not in constants.values]
     if missing:
         raise ValueError(f"the planner needs Chinchilla constants {list(CHINCHILLA_PARAMS)}; missing {missing}")
-    return tuple(constants[p] for p in CHINCHILLA_PARAMS)
+    terms = tuple(constants[p] for p in CHINCHILLA_PARAMS)
+    if not all(math.isfinite(t) for t in terms) or min(terms[1:]) <= 0:
+        raise ValueError(f"the planner needs finite E and positive A, B, alpha, beta; got {dict(constants.values)}")
+    return terms
 
 
 def _frontier(constants: LawConstants) -> tuple[float, float, float]:
@@ -177,33 +182,46 @@ def inference_optimal(constants: LawConstants, loss: float, inference_tokens: fl
 
 
 def equivalent_inference_tokens(objective: str, inference: Inference, prices: Prices) -> float:
-    """The D_inf of the compute problem whose optimum is ``objective``'s optimum."""
+    """The D_inf of the compute problem whose optimum is ``objective``'s optimum (per-parameter cost / 2)."""
     if objective == "flops":
-        return _inference_flops_per_param(inference) / 2
+        return inference_flops(1.0, inference) / 2
     if objective == "cost":
-        return _inference_dollars_per_param(inference, prices) / (2 * prices.train)
+        return inference_dollars(1.0, inference, prices) / (2 * prices.train)
     raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
 
 
-def _inference_flops_per_param(inference: Inference) -> float:
-    return 2 * (inference.prefill_tokens + inference.decode_tokens * inference.decode_flops_per_token)
+def inference_flops(n_params: float, inference: Inference) -> float:
+    """FLOPs of serving ``inference`` with a model of ``n_params``: 2N a token, speculation included."""
+    return 2 * n_params * (inference.prefill_tokens + inference.decode_tokens * inference.decode_flops_per_token)
 
 
-def _inference_dollars_per_param(inference: Inference, prices: Prices) -> float:
-    return 2 * (inference.prefill_tokens * prices.prefill
-                + inference.decode_tokens * inference.decode_time_per_token * prices.decode)
+def inference_dollars(n_params: float, inference: Inference, prices: Prices,
+                      decode_dollars_per_token: float | None = None) -> float:
+    """Dollars of serving ``inference``: prefill at 2N FLOPs a token; decode likewise at the decode MFU, unless
+    ``decode_dollars_per_token`` (a plain decode step's price from a latency model) is given."""
+    decode = 2 * n_params * prices.decode if decode_dollars_per_token is None else decode_dollars_per_token
+    return (2 * n_params * inference.prefill_tokens * prices.prefill
+            + inference.decode_tokens * inference.decode_time_per_token * decode)
 
 
-def lifetime(n_params: float, train_tokens: float, inference: Inference, prices: Prices) -> dict:
+def lifetime(n_params: float, train_tokens: float, inference: Inference, prices: Prices,
+             decode_dollars_per_token: float | None = None) -> dict:
     """FLOPs and dollars of training a model of ``n_params`` on ``train_tokens`` and serving ``inference``."""
     train_flops = 6 * n_params * train_tokens
-    inference_flops = n_params * _inference_flops_per_param(inference)
+    serve_flops = inference_flops(n_params, inference)
     train_cost = train_flops * prices.train
-    inference_cost = n_params * _inference_dollars_per_param(inference, prices)
+    serve_cost = inference_dollars(n_params, inference, prices, decode_dollars_per_token)
     return {"N": n_params, "D": train_tokens, "tokens_per_param": train_tokens / n_params,
-            "train_flops": train_flops, "inference_flops": inference_flops,
-            "total_flops": train_flops + inference_flops, "train_cost": train_cost,
-            "inference_cost": inference_cost, "total_cost": train_cost + inference_cost}
+            "train_flops": train_flops, "inference_flops": serve_flops, "total_flops": train_flops + serve_flops,
+            "train_cost": train_cost, "inference_cost": serve_cost, "total_cost": train_cost + serve_cost}
+
+
+def _compare(result: dict, total: str, keys: tuple[str, ...] = REPORTED) -> dict:
+    """Add optimal/chinchilla ``ratios`` and the ``saving`` in ``total`` to a {chinchilla, optimal} result."""
+    result["ratios"] = {k: (result["optimal"][k] / result["chinchilla"][k] if result["chinchilla"][k] else None)
+                        for k in keys}
+    result["saving"] = 1 - result["ratios"][total]
+    return result
 
 
 def plan(constants: LawConstants, loss: float, inference: Inference, prices: Prices, objective: str) -> dict:
@@ -213,9 +231,105 @@ def plan(constants: LawConstants, loss: float, inference: Inference, prices: Pri
               "optimal": inference_optimal(constants, loss, d_inf)}
     result = {name: {**lifetime(n, d, inference, prices), "loss": float(constants.predict(N=n, D=d))}
               for name, (n, d) in models.items()}
-    result["ratios"] = {k: (result["optimal"][k] / result["chinchilla"][k] if result["chinchilla"][k] else None)
-                        for k in REPORTED}
-    total = "total_flops" if objective == "flops" else "total_cost"
-    result["saving"] = 1 - result["ratios"][total]
     result["equivalent_inference_tokens"] = d_inf
-    return result
+    return _compare(result, "total_flops" if objective == "flops" else "total_cost")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Beyond the paper: size, tokens and shape together, with the inference-efficient law of Bian et al. 2025,
+# L(N, D, R) = (E + A/N^alpha + B/D^beta)(1 + epsilon R^gamma), R = d_model / n_layers, and decode priced by a
+# latency model of the shape instead of 2N FLOPs at a fixed MFU.
+
+@dataclass(frozen=True)
+class DecodeLatency:
+    """Decode time per output token: ``intercept + per_layer * n_layers + per_layer_d2 * n_layers * d_model^2`` ms
+    (fit.json ``latency`` with ``model: linear``): a fixed cost, a per-layer cost, and one per weight of a layer."""
+
+    intercept: float
+    per_layer: float
+    per_layer_d2: float
+
+    def ms_per_token(self, n_layers: float, d_model: float) -> float:
+        return self.intercept + self.per_layer * n_layers + self.per_layer_d2 * n_layers * d_model ** 2
+
+
+def shape_of(n_params: float, aspect_ratio: float) -> tuple[float, float]:
+    """(n_layers, d_model), continuous, of a model of ``n_params = 12 n_layers d_model^2`` (attention 4 d^2 and
+    MLP 8 d^2 a layer; embeddings not counted) with ``d_model / n_layers = aspect_ratio``."""
+    d_model = (n_params * aspect_ratio / 12) ** (1 / 3)
+    return d_model / aspect_ratio, d_model
+
+
+def _shaped(constants: LawConstants, loss: float, aspect_ratio: float, train_tokens: float, inference: Inference,
+            prices: Prices, latency: DecodeLatency, dollars_per_ms: float) -> dict:
+    """The model of ``loss`` with this aspect ratio and training tokens (inference-efficient law), and its costs."""
+    E, A, B, alpha, beta = chinchilla_terms(constants)
+    excess = loss / (1 + constants["epsilon"] * aspect_ratio ** constants["gamma"]) - E - B / train_tokens ** beta
+    if not excess > 0:
+        return {"total_cost": math.inf}
+    n = (A / excess) ** (1 / alpha)
+    n_layers, d_model = shape_of(n, aspect_ratio)
+    ms = latency.ms_per_token(n_layers, d_model)
+    return {**lifetime(n, train_tokens, inference, prices, ms * dollars_per_ms), "R": aspect_ratio,
+            "n_layers": n_layers, "d_model": d_model, "decode_ms_per_token": ms,
+            "loss": float(constants.predict(N=n, D=train_tokens, R=aspect_ratio))}
+
+
+def _chinchilla_tokens(constants: LawConstants, loss: float, aspect_ratio: float) -> float | None:
+    """D of the Chinchilla-style model of ``loss`` at this aspect ratio; None if no model reaches it there."""
+    target = loss / (1 + constants["epsilon"] * aspect_ratio ** constants["gamma"])
+    return chinchilla_style_for_loss(constants, target)[1] if target > constants["E"] else None
+
+
+def _best_tokens(constants, loss, aspect_ratio, inference, prices, latency, dollars_per_ms) -> dict:
+    """The cheapest model of ``loss`` at this aspect ratio: bounded search in log D above the Chinchilla D
+    (below it both N and D grow), widening the bracket while the minimum sits on its upper edge."""
+    d_chinchilla = _chinchilla_tokens(constants, loss, aspect_ratio)
+    if d_chinchilla is None:
+        return {"total_cost": math.inf}
+    low = math.log(d_chinchilla)
+    span = 4.0
+    while True:
+        best = minimize_scalar(
+            lambda x: _shaped(constants, loss, aspect_ratio, math.exp(x), inference, prices, latency,
+                              dollars_per_ms)["total_cost"],
+            bounds=(low, low + span), method="bounded", options={"xatol": 1e-9})
+        if best.x < low + span - 1e-3 or span > 40:
+            return _shaped(constants, loss, aspect_ratio, math.exp(best.x), inference, prices, latency,
+                           dollars_per_ms)
+        span *= 2
+
+
+def shape_plan(constants: LawConstants, loss: float, inference: Inference, prices: Prices, latency: DecodeLatency,
+               dollars_per_ms: float, aspect_ratios: tuple[float, float], reference_aspect_ratio: float,
+               grid: int = 33) -> dict:
+    """Chinchilla-style at ``reference_aspect_ratio`` vs N, D and R chosen together to minimise dollars, with
+    decode priced at ``latency`` x ``dollars_per_ms``; plus the best N, D at the reference aspect ratio.
+
+    R is searched on a log grid over ``aspect_ratios`` and refined around the best grid point."""
+    for name in ("epsilon", "gamma"):
+        if name not in constants.values:
+            raise ValueError(f"shape planning needs the inference-efficient law's {name}")
+    lo, hi = aspect_ratios
+    if not 0 < lo <= reference_aspect_ratio <= hi:
+        raise ValueError(f"need 0 < aspect_ratio_min <= reference_aspect_ratio <= aspect_ratio_max, got "
+                         f"{lo}, {reference_aspect_ratio}, {hi}")
+
+    def best(log_r):
+        return _best_tokens(constants, loss, math.exp(log_r), inference, prices, latency, dollars_per_ms)
+
+    logs = np.linspace(math.log(lo), math.log(hi), grid)
+    costs = [best(x)["total_cost"] for x in logs]
+    if not np.isfinite(min(costs)):
+        raise ValueError(f"no aspect ratio in [{lo}, {hi}] reaches loss {loss:g} under the inference-efficient law")
+    i = int(np.argmin(costs))
+    refined = minimize_scalar(lambda x: best(x)["total_cost"], method="bounded",
+                              bounds=(logs[max(i - 1, 0)], logs[min(i + 1, grid - 1)]), options={"xatol": 1e-6})
+    d_ref = _chinchilla_tokens(constants, loss, reference_aspect_ratio)
+    if d_ref is None:
+        raise ValueError(f"no model reaches loss {loss:g} at the reference aspect ratio {reference_aspect_ratio:g}")
+    result = {"chinchilla": _shaped(constants, loss, reference_aspect_ratio, d_ref, inference, prices, latency,
+                                    dollars_per_ms),
+              "optimal_at_reference_shape": best(math.log(reference_aspect_ratio)),
+              "optimal": best(refined.x)}
+    return _compare(result, "total_cost", REPORTED + SHAPE_REPORTED)

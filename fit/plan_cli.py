@@ -13,6 +13,7 @@ Writes ``<out>/plan.json`` and ``<out>/plan.png`` and prints a table. Configurat
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fit import plan as planner
-from fit.constants import LawConstants, read_fit_json, write_json_atomic
+from fit.constants import CONF_DIR, LawConstants, read_fit_json, write_json_atomic
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -43,14 +44,46 @@ def load_chinchilla(cfg: DictConfig) -> tuple[LawConstants, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"constants={spec!r} is neither a preset ({', '.join(presets)}) nor a fit.json file")
     doc = read_fit_json(path)
-    if "chinchilla" not in doc["laws"]:
-        raise ValueError(f"{path} has no 'chinchilla' law (it holds {sorted(doc['laws'])}); the planner needs one")
-    constants = LawConstants.from_dict("chinchilla", doc["laws"]["chinchilla"])
-    if "".join(constants.law.formula.split()) != "".join(law.formula.split()):
-        raise ValueError(f"{path}: chinchilla formula {constants.law.formula!r} is not {law.formula!r}, "
+    constants = _law_from_fit(doc, path, "chinchilla", law.formula)
+    return constants, {"fit_json": str(path.resolve()), "provenance": doc.get("provenance", {}),
+                       "not_identified": doc["laws"]["chinchilla"].get("not_identified", [])}
+
+
+def _law_from_fit(doc: dict, path: Path, name: str, formula: str) -> LawConstants:
+    """Law ``name`` of a fit.json, refused unless it has the configured ``formula`` the planner's math assumes."""
+    if name not in doc["laws"]:
+        raise ValueError(f"{path} has no {name!r} law (it holds {sorted(doc['laws'])}); the planner needs one")
+    constants = LawConstants.from_dict(name, doc["laws"][name])
+    if "".join(constants.law.formula.split()) != "".join(formula.split()):
+        raise ValueError(f"{path}: {name} formula {constants.law.formula!r} is not {formula!r}, "
                          f"the form the planner's closed forms assume")
     planner.chinchilla_terms(constants)
-    return constants, {"fit_json": str(path.resolve()), "provenance": doc.get("provenance", {})}
+    return constants
+
+
+def load_shape_inputs(cfg: DictConfig) -> tuple[LawConstants, planner.DecodeLatency, dict]:
+    """The inference-efficient law and the decode latency model of the fit.json in ``cfg.constants``."""
+    if cfg.objective != "cost":
+        raise ValueError("shape.enabled=true prices decode by latency: it needs objective=cost")
+    if str(cfg.constants) in cfg.presets.constants:
+        raise ValueError(f"shape.enabled=true needs constants=<fit.json> with an inference_efficient law and a "
+                         f"latency section; the preset {cfg.constants!r} has neither")
+    if cfg.shape.decode_batch < 1:
+        raise ValueError(f"shape.decode_batch must be >= 1, got {cfg.shape.decode_batch}")
+    path = Path(str(cfg.constants))
+    doc = read_fit_json(path)
+    constants = _law_from_fit(doc, path, "inference_efficient", cfg.law.inference_efficient.formula)
+    latency = doc.get("latency") or {}
+    coefficients = latency.get("decode_ms_per_token")
+    if latency.get("model") != "linear" or not isinstance(coefficients, dict):
+        raise ValueError(f"{path}: shape planning needs a latency section with model 'linear' and "
+                         f"decode_ms_per_token {{intercept, per_layer, per_layer_d2}}; got {latency or 'none'}")
+    try:
+        model = planner.DecodeLatency(**{k: float(coefficients[k]) for k in ("intercept", "per_layer",
+                                                                              "per_layer_d2")})
+    except KeyError as missing:
+        raise ValueError(f"{path}: latency.decode_ms_per_token lacks {missing}") from None
+    return constants, model, latency
 
 
 def _exactly_one(section: DictConfig, a: str, b: str, name: str):
@@ -134,8 +167,11 @@ def run(cfg: DictConfig) -> dict:
     target = target_loss(cfg, constants)
     inference = split_demand(cfg)
     prices, hardware = resolve_hardware(cfg)
+    shape_inputs = load_shape_inputs(cfg) if cfg.shape.enabled else None
 
     result = planner.plan(constants, target["trained_loss"], inference, prices, cfg.objective)
+    if shape_inputs:
+        result["shape"] = shape_plan(cfg, shape_inputs, target["trained_loss"], inference, prices)
     doc = {"schema_version": PLAN_SCHEMA_VERSION, "objective": cfg.objective,
            "constants": {**source, "params": dict(constants.values), "formula": constants.law.formula},
            "target": target,
@@ -154,6 +190,21 @@ def run(cfg: DictConfig) -> dict:
     return doc
 
 
+def shape_plan(cfg: DictConfig, shape_inputs: tuple, loss: float, inference: planner.Inference,
+               prices: planner.Prices) -> dict:
+    """``planner.shape_plan`` with ``cfg.shape``; decode priced at the inference GPU-hour over ``decode_batch``."""
+    constants, latency, record = shape_inputs
+    shape = cfg.shape
+    dollars_per_ms = float(cfg.hardware.inference.price_per_hour) / 3.6e6 / shape.decode_batch
+    result = planner.shape_plan(constants, loss, inference, prices, latency, dollars_per_ms,
+                                (float(shape.aspect_ratio_min), float(shape.aspect_ratio_max)),
+                                float(shape.reference_aspect_ratio))
+    r = result["optimal"]["R"]
+    result["R_at_bound"] = bool(min(abs(math.log(r / shape.aspect_ratio_min)),
+                                    abs(math.log(r / shape.aspect_ratio_max))) < 0.01)
+    return {**result, "latency": record, "params": dict(constants.values), "dollars_per_ms": dollars_per_ms}
+
+
 def table(doc: dict) -> str:
     """The plan as a fixed-width text table (4 significant figures)."""
     c, o, r = doc["chinchilla"], doc["optimal"], doc["ratios"]
@@ -165,7 +216,22 @@ def table(doc: dict) -> str:
     for key in planner.REPORTED:
         ratio = "" if r[key] is None else f"{100 * r[key]:.2f}%"
         lines.append(f"{key:16}{c[key]:12.4g}{o[key]:12.4g}{ratio:>14}")
+    if doc["constants"].get("not_identified"):
+        lines.append(f"warning: the fit did not identify {doc['constants']['not_identified']}; the plan inherits that")
     lines.append(f"saving in total {'FLOPs' if doc['objective'] == 'flops' else 'cost'}: {100 * doc['saving']:.4g}%")
+    if "shape" in doc:
+        shape = doc["shape"]
+        models = ("chinchilla", "optimal_at_reference_shape", "optimal")
+        lines += ["", f"with shape (inference-efficient law, decode priced by the {shape['latency'].get('device', '?')} "
+                      f"latency model)", f"{'':20}{'chinchilla':>12}{'opt. at ref R':>14}{'optimal':>12}"
+                                         f"{'optimal/chin':>14}"]
+        for key in ("N", "D") + planner.SHAPE_REPORTED + ("train_cost", "inference_cost", "total_cost"):
+            ratio = shape["ratios"].get(key)
+            lines.append(f"{key:20}{shape[models[0]][key]:12.4g}{shape[models[1]][key]:14.4g}"
+                         f"{shape[models[2]][key]:12.4g}" + (f"{100 * ratio:13.2f}%" if ratio else ""))
+        lines.append(f"saving in total cost: {100 * shape['saving']:.4g}%"
+                     + (" (optimal R at the edge of [shape.aspect_ratio_min, max]: widen it)" if shape["R_at_bound"]
+                        else ""))
     return "\n".join(lines)
 
 
@@ -196,9 +262,7 @@ def plot(cfg: DictConfig, constants: LawConstants, loss: float, inference: plann
     plt.close(fig)
 
 
-# "../conf" as an absolute path: run as the `scaling-plan` console script, Hydra would resolve a relative path as
-# the Python package `conf`, which the (editable) install does not provide.
-@hydra.main(config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="plan", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="plan", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.out = HydraConfig.get().runtime.output_dir  # <out>/<job number>

@@ -9,10 +9,11 @@ Parameter counts (``GPT.param_counts``), with d = d_model, L = n_layers, f = ffn
     embedding      V*d (token embedding) + T*d (learned positions) + V*d more if the output head is not tied
     total          non_embedding + embedding
 FLOPs per token (``GPT.flops_per_token``), forward + backward, the PaLM / nanoGPT convention:
-    6 * (non_embedding + V*d)  +  12 * L * T * d
-    matmul weights (the output head counts, the embedding lookups do not) at 2 FLOPs per multiply-add forward and 4
-    backward, plus the attention scores and weighted values (2*T*d each, forward, per layer), without causal
-    halving. The inference (forward-only) figure is a third of this.
+    6 * (L * (4*d*d + 2*d*f) + V*d)  +  12 * L * T * d
+    6 FLOPs per matmul weight (2 forward, 4 backward; the output head counts, embedding lookups and LayerNorm
+    weights do not), plus the attention scores and weighted values (2*T*d FLOPs each per token per layer forward,
+    twice that backward), without causal halving. 6N (N non-embedding) is the usual approximation of the first
+    term. The inference (forward-only) figure is a third of the total.
 """
 
 from __future__ import annotations
@@ -228,6 +229,7 @@ class GPT(nn.Module):
         return {"total": non_embedding + embedding, "non_embedding": non_embedding, "embedding": embedding}
 
     def flops_per_token(self) -> int:
-        """Training FLOPs (forward + backward) per token: 6*(non_embedding + V*d) + 12*L*T*d."""
+        """Training FLOPs (forward + backward) per token: 6*(L*(4d^2 + 2df) + Vd) + 12*L*T*d."""
         c = self.config
-        return 6 * (self.param_counts()["non_embedding"] + c.vocab_size * c.d_model) + 12 * c.n_layers * c.seq_len * c.d_model
+        matmul_weights = c.n_layers * (4 * c.d_model ** 2 + 2 * c.d_model * c.ffn_hidden) + c.vocab_size * c.d_model
+        return 6 * matmul_weights + 12 * c.n_layers * c.seq_len * c.d_model

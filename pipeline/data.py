@@ -163,11 +163,11 @@ def load_documents(cfg, info: dict) -> dict[str, list[str]]:
     else:
         docs = _load_files(info["files"], cfg)
         val_docs = _load_files(info["val_files"], cfg) if info["val_files"] else None
-        if cfg.max_bytes:
-            docs = _take_bytes(docs, cfg.max_bytes)
     if val_docs is None:
         val_docs = [d for d in docs if _doc_is_heldout(d, cfg.val_fraction)]
         docs = [d for d in docs if not _doc_is_heldout(d, cfg.val_fraction)]
+    if cfg.max_bytes and cfg.source != "hub":  # a slice of the training text; the held-out split stays the same
+        docs = _take_bytes(docs, cfg.max_bytes)
     if not docs or not val_docs:
         raise DataError(f"corpus {info['corpus']!r} has {len(docs)} training and {len(val_docs)} held-out documents; "
                         "it needs both (raise data.val_fraction or give data.val_path)")

@@ -9,9 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from fit import plan_cli
-from fit.constants import LawConstants, write_json_atomic
+from fit.constants import CONF_DIR, LawConstants, write_json_atomic
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 KEYS = ("N", "D", "train_flops", "inference_flops", "total_flops", "total_cost")
 # Sardana et al. 2024's cost vector (/work/shared/reference/sardana2024.md)
 COST_VECTOR = ["constants=sardana2024", "objective=cost", "target.loss=1.947", "demand.requests=1e10",
@@ -21,7 +20,7 @@ COST_VECTOR = ["constants=sardana2024", "objective=cost", "target.loss=1.947", "
 
 
 def config(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("plan", overrides=[f"out={tmp_path / 'plan'}", "plot.points=5", *overrides])
 
 

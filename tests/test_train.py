@@ -1,0 +1,116 @@
+"""One tiny real Lightning run through the same run(cfg) the CLI calls; its record, its offline W&B run, and every
+kind of bad input stopping before any compute."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from pipeline import records
+from pipeline.data import DataError
+from pipeline.module import warmup_cosine
+from pipeline.train import ConfigError, run
+
+SECRET = "wandb-test-key-0123456789abcdef0123456789abcdef"
+
+
+def wandb_summary(run_dir: Path) -> dict:
+    """Read an offline W&B run back from its .wandb log with wandb's own reader."""
+    out = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json",
+                          str(run_dir)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_tiny_run_end_to_end(compose_train, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)  # present in the environment: must never land anywhere
+    cfg = compose_train("sweep.name=unit")
+    record = run(cfg)
+
+    assert record["status"] == "ok", record.get("error")
+    assert record["tokens"]["seen"] == record["tokens"]["budget"] == 16384
+    assert 0 < record["loss"]["final"] < math.log(257)  # learned something beyond uniform bytes
+    assert record["loss"]["bits_per_byte"] == pytest.approx(record["loss"]["final"] / math.log(2), rel=0.01)
+    assert record["params"]["non_embedding"] == 12_384 and record["shape"]["aspect_ratio"] == 32.0
+    assert record["flops"]["total"] == record["flops"]["per_token"] * 16384
+    lat = record["latency"]
+    assert lat["prefill_ms"] > 0 and lat["decode_ms_per_token"] > 0 and lat["batch_sizes"] == [1, 2]
+    assert set(lat["by_batch"]["2"]["decode_ms_per_token"]) == {"median", "min", "max", "iqr_rel"}
+    assert record["versions"]["torch"] and record["data"]["corpus_hash"] and record["data"]["python"]
+
+    results = Path(cfg.results.dir)
+    path = records.record_path(results, "unit", record["run_id"])
+    assert json.loads(path.read_text())["loss"]["final"] == record["loss"]["final"]
+    table = records.load_table(results, "unit")
+    assert len(table) == 1 and table.loc[0, "status"] == "ok" and table.loc[0, "loss"] == record["loss"]["final"]
+    assert not list(results.rglob("*.ckpt"))  # a finished run leaves no checkpoint behind
+
+    run_dirs = list((results / "unit" / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1
+    summary = wandb_summary(run_dirs[0])
+    assert summary["summary"]["loss"] == pytest.approx(record["loss"]["final"])
+    assert summary["summary"]["params_non_embedding"] == 12_384
+    assert summary["config"]["model"]["d_model"] == 32 and summary["state"] == "finished"
+
+    for f in results.rglob("*"):
+        if f.is_file():
+            assert SECRET.encode() not in f.read_bytes(), f"credential leaked into {f}"
+
+    again = time.time()
+    assert run(cfg)["run_id"] == record["run_id"]  # a finished run is skipped, not retrained
+    assert time.time() - again < 5
+
+
+def test_divergence_is_recorded_as_failed(compose_train):
+    cfg = compose_train("train.diverge_loss=0.5", "logger=none", "sweep.name=unit")
+    record = run(cfg)
+    assert record["status"] == "failed" and "diverged" in record["error"]
+    table = records.load_table(cfg.results.dir, "unit")
+    assert list(table.status) == ["failed"]
+
+
+@pytest.mark.parametrize("override, error, message", [
+    ("model.n_heads=3", ConfigError, "not divisible"),
+    ("train.tokens=0", ConfigError, "positive"),
+    ("train.tokens=-5", ConfigError, "positive"),
+    ("train.tokens=1e12", DataError, "exceeds the .* unique training tokens"),
+    ("data=files", DataError, "data.path"),
+])
+def test_bad_input_stops_before_training(compose_train, override, error, message):
+    overrides = [override]
+    if override == "data=files":
+        overrides.append("data.path=/nonexistent/corpus/*.txt")
+    cfg = compose_train(*overrides, "logger=none")
+    start = time.time()
+    with pytest.raises(error, match=message):
+        run(cfg)
+    assert time.time() - start < 10
+    assert not Path(cfg.results.dir).exists() or not list(Path(cfg.results.dir).rglob("*.json"))
+
+
+def test_unknown_key_is_rejected(compose_train):
+    with pytest.raises(ConfigCompositionException, match="model.no_such_key"):
+        compose_train("model.no_such_key=1")
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    out = subprocess.run([str(Path(sys.executable).parent / "scaling-train"), "model.d_model=100", "model.n_heads=3",
+                          f"results.dir={tmp_path}", "logger=none"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 2
+    assert "error: model.d_model=100 is not divisible by model.n_heads=3" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_schedule_ends_at_min_lr_exactly_at_budget():
+    total, warmup = 100, 5
+    lrs = [warmup_cosine(s, total, warmup, 0.1) for s in range(total)]
+    assert lrs[0] == pytest.approx(0.2) and lrs[warmup] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(0.1) and min(lrs[warmup:]) == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
