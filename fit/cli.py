@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fit import export, isoflop, summary
+from fit.constants import CONF_DIR
 from fit.fitlaw import compile_law, fit_law
 from fit.laws import load_laws
 from fit.sources import FitInputError, load
@@ -86,12 +87,7 @@ def run(cfg: DictConfig) -> dict:
     return doc
 
 
-# "../conf" as an absolute path: a console script runs this as module fit.cli, for which Hydra would look for a
-# Python package named conf instead of the directory.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-@hydra.main(config_path=CONF_DIR, config_name="fit", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="fit", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

@@ -168,9 +168,10 @@ def fit_huber_grid(model: CompiledLaw, log_inputs, y, protocol) -> FitResult:
     if not np.isfinite(f).any():
         raise RuntimeError(f"law {model.spec.name!r}: no start gave a finite objective")
     best = int(np.argmin(f))
-    theta, obj, ok, msg = polish(fg, x[best], lower, upper)
+    theta, obj, _, msg = polish(fg, x[best], lower, upper)
     if obj > f[best]:
         theta, obj = x[best], float(f[best])
+    ok = bool(np.isfinite(obj))      # polish ends on a line-search stall at the optimum: not a failure
     n_best = int(np.sum(f <= obj + float(protocol.rel_tol) * abs(obj)))
     return FitResult(theta=theta, objective=obj, n_starts=len(starts), n_best=n_best, n_grid=n_grid,
                      converged=ok, message=msg)

@@ -62,7 +62,8 @@ def _law_from_fit(doc: dict, path: Path, name: str, formula: str) -> LawConstant
 
 
 def load_shape_inputs(cfg: DictConfig) -> tuple[LawConstants, planner.DecodeLatency, dict]:
-    """The inference-efficient law and the decode latency model of the fit.json in ``cfg.constants``."""
+    """The inference-efficient law, the decode latency model and the record of both (latency section, the fit's
+    N convention) from the fit.json in ``cfg.constants``."""
     if cfg.objective != "cost":
         raise ValueError("shape.enabled=true prices decode by latency: it needs objective=cost")
     if str(cfg.constants) in cfg.presets.constants:
@@ -83,7 +84,7 @@ def load_shape_inputs(cfg: DictConfig) -> tuple[LawConstants, planner.DecodeLate
                                                                               "per_layer_d2")})
     except KeyError as missing:
         raise ValueError(f"{path}: latency.decode_ms_per_token lacks {missing}") from None
-    return constants, model, latency
+    return constants, model, {"latency": latency, "n_convention": doc.get("provenance", {}).get("n_convention")}
 
 
 def _exactly_one(section: DictConfig, a: str, b: str, name: str):
@@ -202,7 +203,7 @@ def shape_plan(cfg: DictConfig, shape_inputs: tuple, loss: float, inference: pla
     r = result["optimal"]["R"]
     result["R_at_bound"] = bool(min(abs(math.log(r / shape.aspect_ratio_min)),
                                     abs(math.log(r / shape.aspect_ratio_max))) < 0.01)
-    return {**result, "latency": record, "params": dict(constants.values), "dollars_per_ms": dollars_per_ms}
+    return {**result, **record, "params": dict(constants.values), "dollars_per_ms": dollars_per_ms}
 
 
 def table(doc: dict) -> str:
@@ -222,9 +223,9 @@ def table(doc: dict) -> str:
     if "shape" in doc:
         shape = doc["shape"]
         models = ("chinchilla", "optimal_at_reference_shape", "optimal")
-        lines += ["", f"with shape (inference-efficient law, decode priced by the {shape['latency'].get('device', '?')} "
-                      f"latency model)", f"{'':20}{'chinchilla':>12}{'opt. at ref R':>14}{'optimal':>12}"
-                                         f"{'optimal/chin':>14}"]
+        device = shape["latency"].get("device", "?")
+        lines += ["", f"with shape (inference-efficient law, decode priced by the {device} latency model)",
+                  f"{'':20}{'chinchilla':>12}{'opt. at ref R':>14}{'optimal':>12}{'optimal/chin':>14}"]
         for key in ("N", "D") + planner.SHAPE_REPORTED + ("train_cost", "inference_cost", "total_cost"):
             ratio = shape["ratios"].get(key)
             lines.append(f"{key:20}{shape[models[0]][key]:12.4g}{shape[models[1]][key]:14.4g}"
@@ -232,6 +233,9 @@ def table(doc: dict) -> str:
         lines.append(f"saving in total cost: {100 * shape['saving']:.4g}%"
                      + (" (optimal R at the edge of [shape.aspect_ratio_min, max]: widen it)" if shape["R_at_bound"]
                         else ""))
+        if shape["n_convention"] != "non_embedding":
+            lines.append(f"note: shapes assume N = 12 n_layers d_model^2 (no embeddings); this fit's N convention is "
+                         f"{shape['n_convention']!r}, so n_layers and d_model are upper estimates")
     return "\n".join(lines)
 
 

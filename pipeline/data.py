@@ -26,7 +26,7 @@ import lightning as L
 import numpy as np
 import torch
 from filelock import FileLock
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 EOT = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".py": "text", ".jsonl": "json", ".json": "json",
@@ -290,6 +290,25 @@ class Windows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
+class GlobalBatches(Sampler):
+    """Batches of window indices 0..n-1 in order, ``batch_size`` per optimizer step summed over all ranks (rank r
+    takes every world-th window of each global batch), starting at batch ``start``.
+
+    Its length is the whole run's number of steps even when it starts later: Lightning counts the batches of a
+    resumed epoch from where the checkpoint left off, so the run still ends exactly at the token budget.
+    """
+
+    def __init__(self, n: int, batch_size: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.start, self.rank, self.world = n, batch_size, start, rank, world
+
+    def __len__(self):
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        for b in range(self.start, len(self)):
+            yield list(range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size)))[self.rank::self.world]
+
+
 def unique_windows(n_tokens: int, seq_len: int) -> int:
     """Non-overlapping training windows in a token stream (each needs one extra token for its last target)."""
     return max(0, (n_tokens - 1) // seq_len)
@@ -319,10 +338,12 @@ class TokenDataModule(L.LightningDataModule):
         self.train_windows = order[:train_sequences]
 
     def train_dataloader(self):
-        # A run resumed from a checkpoint continues with the windows it has not seen yet.
-        start = self.trainer.global_step * self.batch_size if self.trainer is not None else 0
-        ds = Windows(self.corpus.tokens("train"), self.seq_len, self.train_windows[start:])
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        # A run resumed from a checkpoint continues with the batches it has not seen yet (one batch per step).
+        trainer = self.trainer
+        start, rank, world = (trainer.global_step, trainer.global_rank, trainer.world_size) if trainer else (0, 0, 1)
+        sampler = GlobalBatches(len(self.train_windows), self.batch_size, start, rank, world)
+        ds = Windows(self.corpus.tokens("train"), self.seq_len, self.train_windows)
+        return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self):
         return self._heldout(self.val_curve_windows)

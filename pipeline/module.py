@@ -36,13 +36,14 @@ class LitGPT(L.LightningModule):
         self.lr, self.total_steps, self.warmup_steps, self.min_lr_ratio = lr, total_steps, warmup_steps, min_lr_ratio
         self.weight_decay, self.betas = weight_decay, betas
         self.diverge_loss, self.check_every = diverge_loss, max(1, check_every)
-        self.tokens_seen = 0
+        self.tokens_resumed = 0  # training tokens of earlier attempts, from the checkpoint (all ranks)
+        self.tokens_local = 0  # training tokens this process has seen in this attempt
         self.last_train_loss = float("nan")
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         _, loss = self.forward_model(x, y)
-        self.tokens_seen += x.numel()
+        self.tokens_local += x.numel()
         if self.global_step % self.check_every == 0 or self.global_step == self.total_steps - 1:
             value = loss.item()
             self.last_train_loss = value
@@ -50,7 +51,7 @@ class LitGPT(L.LightningModule):
                 raise DivergenceError(f"diverged at step {self.global_step}: training loss {value:.4g} "
                                       f"(threshold train.diverge_loss={self.diverge_loss})")
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/tokens", float(self.tokens_seen))
+        self.log("train/tokens", float(self.tokens_resumed + self.tokens_local * self.trainer.world_size))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
@@ -82,11 +83,16 @@ class LitGPT(L.LightningModule):
             opt, lambda step: warmup_cosine(step, self.total_steps, self.warmup_steps, self.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def tokens_seen(self) -> int:
+        """Training tokens seen so far by all ranks, in this attempt and the ones it resumed (a collective call)."""
+        local = torch.tensor(float(self.tokens_local), device=self.device)
+        return self.tokens_resumed + int(self.trainer.strategy.reduce(local, reduce_op="sum").item())
+
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint["tokens_seen"] = self.tokens_seen()
 
     def on_load_checkpoint(self, checkpoint):
-        self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        self.tokens_resumed = checkpoint.get("tokens_seen", 0)
 
 
 class Checkpointing(Callback):

@@ -16,6 +16,7 @@ import platform
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +32,9 @@ from pipeline.config import register
 
 log = logging.getLogger("scaling.train")
 register()
+# A resumed run's sampler continues where the checkpoint stopped (pipeline.data.GlobalBatches); Lightning cannot see
+# that and warns that the dataloader is not resumable.
+warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
 
 # Config fields that do not change a run's result: they are left out of its run id.
 NOT_IN_RUN_ID = {"train": {"threads", "progress_bar", "log_every", "ckpt_every", "val_every", "compile",
@@ -227,7 +231,7 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
         devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, gradient_clip_val=t.grad_clip,
         logger=wandb_logger or False, callbacks=[Checkpointing(ckpt, t.ckpt_every)], enable_checkpointing=False,
         val_check_interval=t.val_every or max(1, spec.total_steps // 8), check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, log_every_n_steps=t.log_every, enable_progress_bar=t.progress_bar,
+        num_sanity_val_steps=0, use_distributed_sampler=False, log_every_n_steps=t.log_every, enable_progress_bar=t.progress_bar,
         enable_model_summary=False, default_root_dir=str(ckpt.parent))
     resume = ckpt if ckpt.exists() else None
     if resume:
@@ -235,18 +239,19 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
     fit_start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     train_s = time.time() - fit_start
-    if module.tokens_seen != spec.tokens:
-        raise RuntimeError(f"trained on {module.tokens_seen:,} tokens, budget was {spec.tokens:,}")
+    tokens_seen = module.tokens_seen()
+    if tokens_seen != spec.tokens:
+        raise RuntimeError(f"trained on {tokens_seen:,} tokens, budget was {spec.tokens:,}")
     loss = module.heldout_loss(datamodule.eval_dataloader())
     if not math.isfinite(loss):
         raise RuntimeError(f"held-out loss is {loss}")
     out = {
-        "tokens": {"budget": spec.tokens, "seen": module.tokens_seen},
+        "tokens": {"budget": spec.tokens, "seen": tokens_seen},
         "loss": {"final": loss, "bits_per_byte": bits_per_byte(loss, corpus), "eval_tokens": cfg.data.eval_tokens,
                  "train_last": module.last_train_loss, **_curve_summary(trainer)},
         "timing": {"threads": spec.threads, "train_s": train_s,
-                   "tokens_per_s": (spec.tokens - _resumed_tokens(resume)) / train_s if train_s else None,
-                   "resumed": bool(resume)},
+                   "tokens_per_s": (tokens_seen - module.tokens_resumed) / train_s if train_s else None,
+                   "resumed_from_tokens": module.tokens_resumed},
     }
     if cfg.latency.enabled:
         lat = cfg.latency
@@ -259,12 +264,6 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
 
 def checkpoint_path(results_dir, spec: RunSpec) -> Path:
     return records.sweep_dir(results_dir, spec.sweep) / "checkpoints" / f"{spec.run_id}.ckpt"
-
-
-def _resumed_tokens(resume: Path | None) -> int:
-    if resume is None:
-        return 0
-    return int(torch.load(resume, map_location="cpu", weights_only=False).get("tokens_seen", 0))
 
 
 def _curve_summary(trainer) -> dict:

@@ -81,7 +81,8 @@ def test_serving_modifiers(tmp_path):
     assert fast["serving"]["decode_time_per_token"] < 1
     assert fast["optimal"]["inference_cost"] < plain["optimal"]["inference_cost"]
     # an explicit peak FLOP/s replaces the gpu table
-    custom = plan_cli.run(config(tmp_path, *base, "hardware.inference.gpu=null", "hardware.inference.peak_flops=6.24e14"))
+    custom = plan_cli.run(config(tmp_path, *base, "hardware.inference.gpu=null",
+                                 "hardware.inference.peak_flops=6.24e14"))
     assert custom["optimal"]["N"] == pytest.approx(plain["optimal"]["N"], rel=1e-12)
 
 
