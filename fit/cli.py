@@ -50,7 +50,8 @@ def run(cfg: DictConfig) -> dict:
             continue
         models[name] = compile_law(spec, protocol)
         if n_fit < models[name].n_free:
-            raise FitInputError(f"law {name} has {models[name].n_free} free parameters but only {n_fit} fit rows")
+            raise FitInputError(f"law {name} has {models[name].n_free} free parameters but only {n_fit} fit rows"
+                                + (" (fit fewer laws, e.g. law=chinchilla)" if len(specs) > 1 else ""))
     if not models:
         raise FitInputError("no selected law can be fitted to this data: " + "; ".join(skipped.values()))
     do_isoflop = cfg.isoflop.enabled is True or (cfg.isoflop.enabled == "auto" and "budget" in table.data)
@@ -85,6 +86,17 @@ def run(cfg: DictConfig) -> dict:
         plots.draw_all(Path(cfg.out), table, fits, iso)
     print(f"wrote {path}")
     return doc
+
+
+def fit_sweep(sweep: str, results_dir: str | Path, out: str | Path, overrides: tuple[str, ...] = ()) -> dict:
+    """Fit our own sweep from Python (e.g. a demo script): ``scaling-fit source=results source.sweep=<sweep>
+    results_dir=<dir> out=<dir>`` without the command line."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="fit", overrides=["source=results", f"source.sweep={sweep}",
+                                                    f"results_dir={results_dir}", f"out={out}", *overrides])
+    return run(cfg)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="fit", version_base="1.3")

@@ -18,26 +18,31 @@ from fit.sources import Table  # noqa: E402
 STYLES = ["-", "--", ":", "-."]
 
 
-def _budget_groups(D: np.ndarray) -> dict[str, np.ndarray]:
-    keys = np.array([f"{d:.2g}" for d in D])
-    return {k: keys == k for k in sorted(set(keys), key=float)}
+def _budget_groups(N: np.ndarray, D: np.ndarray) -> tuple[str, dict[str, np.ndarray]]:
+    """Rows per token budget: equal D, or equal D/N when budgets scale with size (e.g. 20N tokens)."""
+    by_d = np.array([f"{d:.2g}" for d in D])
+    if len(set(by_d)) <= 8:
+        return "D", {k: by_d == k for k in sorted(set(by_d), key=float)}
+    by_ratio = np.array([f"{r:.1g}" for r in D / N])
+    return "D/N", {k: by_ratio == k for k in sorted(set(by_ratio), key=float)}
 
 
 def loss_vs_n(table: Table, fits: Mapping[str, LawFit], path: Path) -> None:
     data = table.data
     fig, ax = plt.subplots(figsize=(7, 5))
-    groups = _budget_groups(data["D"].to_numpy())
+    kind, groups = _budget_groups(data["N"].to_numpy(), data["D"].to_numpy())
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(groups)))
     n_grid = np.geomspace(data["N"].min(), data["N"].max(), 100)
     for color, (key, rows) in zip(colors, groups.items()):
         sub = data[rows]
-        ax.scatter(sub["N"], sub["loss"], color=color, s=14, label=f"D~{key}" if len(groups) <= 12 else None)
+        ax.scatter(sub["N"], sub["loss"], color=color, s=14, label=f"{kind}~{key}" if len(groups) <= 12 else None)
+        d_grid = n_grid * float(key) if kind == "D/N" else np.full_like(n_grid, sub["D"].median())
         for style, (name, f) in zip(STYLES, fits.items()):
-            inputs = {x: np.full_like(n_grid, sub[x].median()) for x in f.spec.law.inputs if x != "N"}
-            ax.plot(n_grid, f.constants.predict(N=n_grid, **inputs), style, color=color, lw=1)
+            inputs = {x: np.full_like(n_grid, sub[x].median()) for x in f.spec.law.inputs if x not in ("N", "D")}
+            ax.plot(n_grid, f.constants.predict(N=n_grid, D=d_grid, **inputs), style, color=color, lw=1)
     for style, name in zip(STYLES, fits):
         ax.plot([], [], style, color="k", label=name)
-    ax.set(xscale="log", xlabel="N (parameters)", ylabel="loss", title="loss vs N per token budget (R at median)")
+    ax.set(xscale="log", xlabel="N (parameters)", ylabel="loss", title=f"loss vs N per token budget ({kind}; other inputs at median)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -76,14 +81,14 @@ def residuals(table: Table, fits: Mapping[str, LawFit], path: Path) -> None:
 
 def loss_vs_aspect(table: Table, fits: Mapping[str, LawFit], path: Path) -> None:
     data = table.data
-    groups = [g for g, sub in data.groupby("group") if sub["R"].nunique() >= 2]
-    if not groups:
+    data = data.assign(budget_key=[f"{d:.2g}" for d in data["D"]])
+    series = [(key, sub) for key, sub in data.groupby(["group", "budget_key"]) if sub["R"].nunique() >= 2]
+    if not series:
         return
     fig, ax = plt.subplots(figsize=(7, 5))
-    colors = plt.cm.tab10(np.arange(len(groups)) % 10)
-    for color, g in zip(colors, groups):
-        sub = data[data["group"] == g]
-        ax.scatter(sub["R"], sub["loss"], color=color, s=16, label=str(g))
+    colors = plt.cm.tab20(np.arange(len(series)) % 20)
+    for color, ((g, d), sub) in zip(colors, series):
+        ax.scatter(sub["R"], sub["loss"], color=color, s=16, label=f"{g}, D~{d}" if len(series) <= 20 else None)
         r_grid = np.geomspace(sub["R"].min(), sub["R"].max(), 50)
         for style, (name, f) in zip(STYLES, fits.items()):
             inputs = {x: np.full_like(r_grid, sub[x].median()) for x in f.spec.law.inputs if x != "R"}

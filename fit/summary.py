@@ -49,9 +49,17 @@ def comparison(fits: Mapping[str, LawFit]) -> str:
     for key, label in keys:
         lines.append(f"   {label:<26}" + "".join(f"{_num(fits[n].metrics[key], 4):>{width}}" for n in names))
     groups = sorted({g for f in fits.values() for g in f.metrics["spearman"]})
-    for g in groups:
-        cells = "".join(f"{_num(fits[n].metrics['spearman'].get(g), 3):>{width}}" for n in names)
-        lines.append(f"   {'Spearman ' + g:<26}" + cells)
+    if len(groups) <= 12:
+        for g in groups:
+            cells = "".join(f"{_num(fits[n].metrics['spearman'].get(g), 3):>{width}}" for n in names)
+            lines.append(f"   {'Spearman ' + g:<26}" + cells)
+    elif groups:
+        for label, reduce in (("mean", np.mean), ("min", np.min)):
+            cells = ""
+            for n in names:
+                rhos = [v for v in fits[n].metrics["spearman"].values() if v is not None]
+                cells += f"{_num(float(reduce(rhos)) if rhos else None, 3):>{width}}"
+            lines.append(f"   {f'Spearman {label} ({len(groups)} groups)':<26}" + cells)
     return "\n".join(lines)
 
 

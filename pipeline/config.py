@@ -1,6 +1,6 @@
 """Typed structured configs of ``scaling-train``: the schema that ``conf/train.yaml`` and its groups fill in.
 
-Registered in Hydra's ConfigStore as ``train_schema``; any key not declared here is an error before anything runs,
+Registered in Hydra's ConfigStore as ``train_schema`` when this module is imported; any key not declared here is an error before anything runs,
 and every value is type-checked. The YAML presets under ``conf/`` hold the values.
 """
 
@@ -127,5 +127,4 @@ class TrainAppConf:
     sweep: SweepConf = field(default_factory=SweepConf)
 
 
-def register() -> None:
-    ConfigStore.instance().store(name="train_schema", node=TrainAppConf)
+ConfigStore.instance().store(name="train_schema", node=TrainAppConf)

@@ -44,15 +44,16 @@ class LitGPT(L.LightningModule):
         x, y = batch
         _, loss = self.forward_model(x, y)
         self.tokens_local += x.numel()
-        if self.global_step % self.check_every == 0 or self.global_step == self.total_steps - 1:
+        step = self.global_step
+        if step % self.check_every == 0 or step == self.total_steps - 1:  # not every step: .item() syncs a GPU
             value = loss.item()
             self.last_train_loss = value
             if not math.isfinite(value) or value > self.diverge_loss:
-                raise DivergenceError(f"diverged at step {self.global_step}: training loss {value:.4g} "
+                raise DivergenceError(f"diverged at step {step}: training loss {value:.4g} "
                                       f"(threshold train.diverge_loss={self.diverge_loss})")
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/tokens", float(self.tokens_resumed + self.tokens_local * self.trainer.world_size))
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+            self.log_dict({"train/loss": value, "train/lr": self.lr_schedulers().get_last_lr()[0],
+                           "train/tokens": float(self.tokens_resumed + self.tokens_local * self.trainer.world_size)},
+                          prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -28,10 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 from fit.constants import CONF_DIR
 from models.gpt import GPT, GPTConfig, non_embedding_params, resolve_shape
 from pipeline import records
-from pipeline.config import register
+from pipeline.sweep import mark_running
+from pipeline import config  # noqa: F401  (registers the train_schema structured config)
 
 log = logging.getLogger("scaling.train")
-register()
 # A resumed run's sampler continues where the checkpoint stopped (pipeline.data.GlobalBatches); Lightning cannot see
 # that and warns that the dataloader is not resumable.
 warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
@@ -166,6 +166,7 @@ def run(cfg: DictConfig) -> dict:
     record = _record_head(cfg, spec, corpus)
     wandb_logger = _wandb_logger(cfg, spec)
     status = "failed"
+    marker = mark_running(cfg.results.dir, spec.sweep, spec.run_id)
     try:
         record.update(_train(cfg, spec, datamodule, corpus, wandb_logger))
         status = "ok"
@@ -177,6 +178,7 @@ def run(cfg: DictConfig) -> dict:
         record["traceback"] = traceback.format_exc(limit=20)
         log.error("run %s failed: %s", spec.run_id, record["error"])
     finally:
+        marker.unlink(missing_ok=True)
         if status != "interrupted":
             record.update(status=status, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             record["timing"]["wall_s"] = time.time() - started
@@ -218,21 +220,14 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
 
     from pipeline.data import bits_per_byte
     from pipeline.latency import measure
-    from pipeline.module import Checkpointing, LitGPT
+    from pipeline.module import Checkpointing
 
     t = cfg.train
     L.seed_everything(t.seed, workers=True, verbose=False)
-    module = LitGPT(spec.model, lr=spec.lr, total_steps=spec.total_steps, warmup_steps=spec.warmup_steps,
-                    min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
-                    diverge_loss=t.diverge_loss, check_every=t.log_every, compile=t.compile)
-    ckpt = checkpoint_path(cfg.results.dir, spec)
-    trainer = L.Trainer(
-        max_steps=spec.total_steps, max_epochs=-1, precision=t.precision, accelerator=t.accelerator,
-        devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, gradient_clip_val=t.grad_clip,
-        logger=wandb_logger or False, callbacks=[Checkpointing(ckpt, t.ckpt_every)], enable_checkpointing=False,
-        val_check_interval=t.val_every or max(1, spec.total_steps // 8), check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, use_distributed_sampler=False, log_every_n_steps=t.log_every, enable_progress_bar=t.progress_bar,
-        enable_model_summary=False, default_root_dir=str(ckpt.parent))
+    module = build_module(t, spec)
+    ckpt = checkpoint_path_for(cfg.results.dir, spec.sweep, spec.run_id)
+    trainer = build_trainer(t, spec, logger=wandb_logger, callbacks=[Checkpointing(ckpt, t.ckpt_every)],
+                            root_dir=ckpt.parent)
     resume = ckpt if ckpt.exists() else None
     if resume:
         log.info("resuming run %s from %s", spec.run_id, resume)
@@ -262,8 +257,31 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
     return out
 
 
-def checkpoint_path(results_dir, spec: RunSpec) -> Path:
-    return records.sweep_dir(results_dir, spec.sweep) / "checkpoints" / f"{spec.run_id}.ckpt"
+def build_module(t, spec: RunSpec):
+    from pipeline.module import LitGPT
+
+    return LitGPT(spec.model, lr=spec.lr, total_steps=spec.total_steps, warmup_steps=spec.warmup_steps,
+                  min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
+                  diverge_loss=t.diverge_loss, check_every=t.log_every, compile=t.compile)
+
+
+def build_trainer(t, spec: RunSpec, logger=None, callbacks=(), root_dir=None, validate: bool = True):
+    """The Lightning Trainer of a run (also used by scripts/bench_train_loop.py, so the benchmark times the same
+    loop): exactly ``total_steps`` optimizer steps, our own checkpointing, validation-curve points."""
+    import lightning as L
+
+    return L.Trainer(
+        max_steps=spec.total_steps, max_epochs=-1, precision=t.precision, accelerator=t.accelerator,
+        devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, gradient_clip_val=t.grad_clip,
+        logger=logger or False, callbacks=list(callbacks), enable_checkpointing=False,
+        val_check_interval=t.val_every or max(1, spec.total_steps // 8), check_val_every_n_epoch=None,
+        limit_val_batches=None if validate else 0, num_sanity_val_steps=0, use_distributed_sampler=False,
+        log_every_n_steps=t.log_every, enable_progress_bar=t.progress_bar, enable_model_summary=False,
+        default_root_dir=str(root_dir) if root_dir else None)
+
+
+def checkpoint_path_for(results_dir, sweep: str, run_id: str) -> Path:
+    return records.sweep_dir(results_dir, sweep) / "checkpoints" / f"{run_id}.ckpt"
 
 
 def _curve_summary(trainer) -> dict:

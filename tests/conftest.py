@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from fit.constants import CONF_DIR
+from pipeline import config  # noqa: F401  (registers the train_schema structured config)
 
 SHARED = Path(os.environ.get("SCALING_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 

@@ -1,0 +1,83 @@
+"""Our own sweep records (source=results), the fit.json export planners consume, and isoFLOP analysis."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fit import isoflop
+from fit.cli import run
+from fit.constants import load_constants, read_fit_json
+from pipeline.records import write_record
+from tests.fit_support import fit_config
+
+
+def _write_sweep(results_dir, sweep="demo"):
+    """A small sweep: 4 sizes x 2 shapes x 2 budgets from the inference-efficient law, plus 2 failed runs."""
+    rng = np.random.default_rng(0)
+    i = 0
+    for n in (2e6, 6e6, 2e7, 6e7):
+        for d_model, n_layers in ((128, 8), (256, 2)):
+            for tokens in (4e7, 2e8):
+                r = d_model / n_layers
+                loss = (1.5 + 300 / n ** 0.35 + 900 / tokens ** 0.3) * (1 + 0.002 * r ** 0.6)
+                write_record(results_dir, {
+                    "run_id": f"r{i}", "sweep": sweep, "status": "ok",
+                    "shape": {"d_model": d_model, "n_layers": n_layers, "aspect_ratio": r},
+                    "params": {"total": n * 1.3, "non_embedding": n}, "tokens": {"budget": tokens, "seen": tokens},
+                    "loss": {"final": loss * np.exp(0.002 * rng.standard_normal())}})
+                i += 1
+    for j in range(2):
+        write_record(results_dir, {"run_id": f"bad{j}", "sweep": sweep, "status": "failed", "error": "OOM"})
+
+
+def test_results_sweep_fits_both_laws(tmp_path, capsys):
+    _write_sweep(tmp_path / "results")
+    out = tmp_path / "fit"
+    doc = run(fit_config("source=results", "source.sweep=demo", f"results_dir={tmp_path / 'results'}",
+                         f"out={out}", "bootstrap.n=20", "protocol.max_starts=1000"))
+    printed = capsys.readouterr().out
+    assert "2 failed runs excluded" in printed and "== comparison" in printed
+    prov = doc["provenance"]
+    assert prov["rows"] == {"total": 16, "fit": 16, "heldout": 0, "excluded_failed": 2}
+    assert prov["n_convention"] == "non_embedding" and prov["sweep"] == "demo"
+    assert set(doc["laws"]) == {"chinchilla", "inference_efficient"}
+    # Spearman within groups of equal size and budget (two shapes each): 8 groups, too small (<3) to rank
+    assert doc["laws"]["inference_efficient"]["metrics"]["r2"] > 0.99
+    for png in ("loss_vs_n.png", "predicted_vs_actual.png", "residuals.png", "loss_vs_aspect_ratio.png"):
+        assert (out / png).stat().st_size > 1000
+    assert len(pd.read_csv(out / "predictions.csv")) == 16
+
+
+def test_fit_json_schema(tmp_path):
+    _write_sweep(tmp_path / "results")
+    run(fit_config("source=results", "source.sweep=demo", f"results_dir={tmp_path / 'results'}",
+                   f"out={tmp_path}", "bootstrap.n=5", "protocol.max_starts=300", "plots=false", "law=chinchilla"))
+    doc = read_fit_json(tmp_path / "fit.json")
+    json.loads((tmp_path / "fit.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    law = doc["laws"]["chinchilla"]
+    assert set(law["params"]) == {"E", "A", "B", "alpha", "beta"} and set(law["ci95"]) == set(law["params"])
+    assert {"mse", "r2", "mse_heldout", "r2_heldout", "max_rel_err_heldout", "spearman"} <= set(law["metrics"])
+    assert law["metrics"]["mse_heldout"] is None            # no held-out rows: null, not NaN
+    assert {"a", "b", "N_opt", "D_opt", "a_ci95"} <= set(law["compute_optimal"])
+    constants = load_constants(tmp_path / "fit.json", "chinchilla")
+    assert constants.predict(N=1e7, D=1e8) == pytest.approx(
+        law["params"]["E"] + law["params"]["A"] / 1e7 ** law["params"]["alpha"]
+        + law["params"]["B"] / 1e8 ** law["params"]["beta"])
+
+
+def test_isoflop_recovers_exponent():
+    """Parabola minima of a Chinchilla law's isoFLOP profiles follow a = beta / (alpha + beta)."""
+    alpha, beta = 0.34, 0.28
+    rows = []
+    for c in np.geomspace(1e18, 1e21, 6):
+        for n in np.geomspace(1e7, 1e11, 25):
+            d = c / (6 * n)
+            rows.append({"N": n, "D": d, "budget": c, "loss": 1.69 + 406.4 / n ** alpha + 410.7 / d ** beta})
+    points = pd.DataFrame(rows)
+    points = points[points.groupby("budget")["loss"].rank(method="first") <= 9]      # 9 sizes around each minimum
+    result = isoflop.analyse(points, min_points=3, n_boot=20, seed=0)
+    assert result["a"] == pytest.approx(beta / (alpha + beta), abs=0.01)
+    assert result["b"] == pytest.approx(alpha / (alpha + beta), abs=0.01)
+    assert isoflop.snap_budgets(np.array([1e18, 1.02e18, 3e18]), 0.05).tolist() == pytest.approx([1.01e18, 1.01e18, 3e18])
