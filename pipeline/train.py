@@ -35,6 +35,11 @@ log = logging.getLogger("scaling.train")
 # A resumed run's sampler continues where the checkpoint stopped (pipeline.data.GlobalBatches); Lightning cannot see
 # that and warns that the dataloader is not resumable.
 warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # torch 2.13 vs Lightning 2.6
+# Hydra 1.3 still merges our conf/hydra/launcher/submitit_*.yaml presets into the plugin's schema of the same name.
+warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema with the same name.*")
+# Lightning's INFO lines (accelerator found, tips, checkpoint loading) drown a sweep's output; warnings still show.
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
 # Config fields that do not change a run's result: they are left out of its run id.
 NOT_IN_RUN_ID = {"train": {"threads", "progress_bar", "log_every", "ckpt_every", "val_every", "compile",

@@ -1,0 +1,69 @@
+"""Every config group of scaling-train composed (and the launchers instantiated); the sweeps' grids checked."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from fit.constants import CONF_DIR
+from pipeline import config  # noqa: F401  (registers the train_schema structured config)
+from pipeline.sweep import grid, plan_points
+from pipeline.train import plan_run
+
+EXTRA = {"data=files": ["data.path=/some/dir"], "data=hub": ["data.name=some/dataset"]}
+
+
+def compose_train(overrides, hydra_config=False):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=hydra_config)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["model", "data", "train", "logger"])
+def test_every_option_composes_and_plans(group):
+    assert options(group)
+    for option in options(group):
+        override = f"{group}={option}"
+        cfg = compose_train([override, *EXTRA.get(override, [])])
+        spec = plan_run(cfg)
+        assert spec.total_steps >= 1 and spec.run_id
+
+
+@pytest.mark.parametrize("launcher, cls", [("basic", "BasicLauncher"), ("joblib", "JoblibLauncher"),
+                                           ("submitit_local", "LocalLauncher"), ("submitit_slurm", "SlurmLauncher")])
+def test_launchers_compose_and_instantiate(launcher, cls):
+    cfg = compose_train([f"hydra/launcher={launcher}"], hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(cls)
+    if launcher != "basic":  # Hydra refuses to instantiate its own basic launcher from config
+        assert type(instantiate(cfg.hydra.launcher)).__name__ == cls
+    if launcher == "submitit_slurm":
+        assert cfg.hydra.launcher.max_num_timeout > 0 and cfg.hydra.launcher.gpus_per_node == 1
+
+
+@pytest.mark.parametrize("sweep", options("sweep"))
+def test_every_sweep_expands_to_valid_points(sweep):
+    cfg = compose_train([f"sweep={sweep}"], hydra_config=True)
+    points = plan_points(grid(cfg.hydra.sweeper.get("params"), [f"sweep={sweep}"]), check_data=False)
+    assert points and not [p.error for p in points if p.error]
+    assert len({p.run_id for p in points}) == len(points)
+
+
+def test_demo_sweep_can_teach_both_laws():
+    cfg = compose_train(["sweep=demo"], hydra_config=True)
+    points = plan_points(grid(cfg.hydra.sweeper.params, ["sweep=demo"]), check_data=False)
+    assert len(points) >= 24
+    n = [p.n_params for p in points]
+    d = [p.tokens for p in points]
+    assert max(n) / min(n) >= 10 and max(d) / min(d) >= 10
+    sizes = {}
+    for p, overrides in zip(points, [p.overrides for p in points]):
+        size = next(o for o in overrides if o.startswith("model.params="))
+        sizes.setdefault(size, {"R": set(), "D": set()})
+        sizes[size]["R"].add(p.shape.split()[-1])
+        sizes[size]["D"].add(next(o for o in overrides if o.startswith("train.tokens_per_param=")))
+    assert len(sizes) >= 3
+    assert all(len(s["R"]) >= 4 and len(s["D"]) >= 2 for s in sizes.values())

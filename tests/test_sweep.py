@@ -1,0 +1,133 @@
+"""Sweeps through real Hydra multiruns (basic launcher and submitit_local), resume after SIGTERM, failures that
+do not stop the sweep, re-launches that train nothing new, the status command, and concurrent record writers."""
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import records
+from pipeline.sweep import format_status, status
+from pipeline.train import run
+from tests.test_train import wandb_summary
+
+BIN = Path(sys.executable).parent
+
+
+def cli(*args, timeout=400, env=None):
+    out = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **(env or {})})
+    return out
+
+
+@pytest.fixture
+def sweep_args(tmp_path, token_cache):
+    return [f"results.dir={tmp_path / 'results'}", f"data.cache_dir={token_cache}"]
+
+
+def test_smoke_multirun_then_relaunch_trains_nothing(sweep_args, tmp_path):
+    out = cli("scaling-train", "-m", "sweep=smoke", *sweep_args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = records.load_table(tmp_path / "results", "smoke")
+    assert len(table) == 4 and set(table.status) == {"ok"}
+    assert sorted(table.n_layers.tolist()) == [1, 1, 4, 4]
+    assert table.aspect_ratio.nunique() == 4 and (table.tokens_seen == table.tokens_budget).all()
+    # every run is mirrored to W&B offline, tagged with its sweep and shape
+    wandb_runs = list((tmp_path / "results" / "smoke" / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 4
+    tags = wandb_summary(wandb_runs[0])["tags"]
+    assert "sweep:smoke" in tags and any(t.startswith("R") for t in tags)
+
+    mtimes = {p: p.stat().st_mtime for p in (tmp_path / "results" / "smoke").glob("*.json")}
+    again = cli("scaling-train", "-m", "sweep=smoke", *sweep_args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("is already ok") == 4  # nothing trained
+    assert {p: p.stat().st_mtime for p in mtimes} == mtimes
+    assert len(list((tmp_path / "results" / "smoke" / "wandb").glob("offline-run-*"))) == 4
+
+    name, planned = status(["sweep=smoke", *sweep_args])
+    assert name == "smoke" and [p.state for p in planned] == ["done"] * 4
+    text = format_status(name, planned)
+    assert "4 points: 4 done" in text and "left 0" in text
+
+
+def test_submitit_local_two_jobs_one_forced_to_fail(sweep_args, tmp_path):
+    # two points: the same tiny model, once with a divergence threshold no run can meet
+    out = cli("scaling-train", "-m", "sweep=smoke", "hydra/launcher=submitit_local", "model.params=1e4",
+              "model.n_layers=1", "train.diverge_loss=100,0.5", "logger=none", *sweep_args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = records.load_table(tmp_path / "results", "smoke")
+    assert len(table) == 2
+    failed = table[table.status == "failed"]
+    assert len(failed) == 1 and "diverged" in failed.error.iloc[0]
+    assert (table.status == "ok").sum() == 1  # its sibling finished
+    assert list((tmp_path / "results" / "smoke" / "hydra").rglob(".submitit"))  # it really went through submitit
+
+
+def test_invalid_point_stops_the_sweep_before_any_job(sweep_args, tmp_path):
+    out = cli("scaling-train", "-m", "sweep=smoke", "train.tokens_per_param=4,1e6", *sweep_args)
+    assert out.returncode != 0
+    assert "sweep points are invalid; nothing was launched" in out.stderr
+    assert "exceeds the" in out.stderr
+    assert not list((tmp_path / "results").rglob("*.json"))
+
+
+def test_sigterm_then_relaunch_resumes_from_checkpoint(compose_train, tmp_path, token_cache):
+    results = tmp_path / "results"
+    args = ["model.n_layers=2", "model.d_model=32", "model.head_dim=16", "model.seq_len=32", "train.tokens=400000",
+            "train.batch_size=8", "train.ckpt_every=20", "train.progress_bar=false", "logger=none",
+            "latency.enabled=false", "train.threads=1", "data.eval_tokens=4096"]
+    proc = subprocess.Popen([str(BIN / "scaling-train"), *args, f"results.dir={results}",
+                             f"data.cache_dir={token_cache}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpts = results / "default" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(ckpts.glob("*.ckpt")):
+        time.sleep(0.5)
+    assert list(ckpts.glob("*.ckpt")), "no periodic checkpoint appeared"
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert not list((results / "default").glob("*.json")), "an interrupted run must not write a record"
+    name, planned = status(args + [f"results.dir={results}", f"data.cache_dir={token_cache}"])
+    assert [p.state for p in planned] == ["interrupted"]
+
+    cfg = compose_train(*args)  # the same run, in-process now; results.dir is the same tmp_path/results
+    resumed = run(cfg)
+    assert resumed["status"] == "ok"
+    assert 0 < resumed["timing"]["resumed_from_tokens"] < resumed["tokens"]["budget"]
+    straight = run(compose_train(*args, f"results.dir={tmp_path / 'straight'}"))
+    assert straight["timing"]["resumed_from_tokens"] == 0
+    assert resumed["tokens"]["seen"] == straight["tokens"]["seen"] == straight["tokens"]["budget"]
+    assert resumed["loss"]["final"] == pytest.approx(straight["loss"]["final"], abs=0.02)
+
+
+def _write_many(results_dir: str, writer: int) -> None:
+    for i in range(150):
+        run_id = f"r{i % 30:03d}"  # both writers keep rewriting the same 30 records
+        records.write_record(results_dir, {"run_id": run_id, "sweep": "race", "status": "ok", "writer": writer,
+                                           "loss": {"final": float(i)}, "padding": "x" * 20000})
+
+
+def test_concurrent_writers_never_corrupt_a_record(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_many, args=(str(tmp_path), w)) for w in (1, 2)]
+    for p in procs:
+        p.start()
+    seen = 0
+    while any(p.is_alive() for p in procs):  # read while they write: never a partial file
+        for path in (tmp_path / "race").glob("r*.json"):
+            json.loads(path.read_text())
+            seen += 1
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    files = sorted((tmp_path / "race").glob("*.json"))
+    assert len(files) == 30 and seen > 0
+    assert all(json.loads(f.read_text())["writer"] in (1, 2) for f in files)
+    assert not list((tmp_path / "race").glob(".*tmp"))
