@@ -39,6 +39,7 @@ class LitGPT(L.LightningModule):
         self.tokens_resumed = 0  # training tokens of earlier attempts, from the checkpoint (all ranks)
         self.tokens_local = 0  # training tokens this process has seen in this attempt
         self.last_train_loss = float("nan")
+        self.val_curve: list[tuple[int, float]] = []  # (training tokens seen, validation-curve loss)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -60,6 +61,11 @@ class LitGPT(L.LightningModule):
         x, y = batch
         _, loss = self.forward_model(x, y)
         self.log("val/loss", loss, prog_bar=True, batch_size=x.size(0))
+
+    def on_validation_epoch_end(self):
+        if "val/loss" in self.trainer.callback_metrics:
+            tokens = self.tokens_resumed + self.tokens_local * self.trainer.world_size
+            self.val_curve.append((tokens, float(self.trainer.callback_metrics["val/loss"])))
 
     @torch.inference_mode()
     def heldout_loss(self, loader) -> float:
@@ -91,9 +97,11 @@ class LitGPT(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["tokens_seen"] = self.tokens_seen()
+        checkpoint["val_curve"] = self.val_curve
 
     def on_load_checkpoint(self, checkpoint):
         self.tokens_resumed = checkpoint.get("tokens_seen", 0)
+        self.val_curve = [tuple(p) for p in checkpoint.get("val_curve", [])]
 
 
 class Checkpointing(Callback):

@@ -40,6 +40,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "tokens_seen": ("tokens", "seen"),
     "flops_per_token": ("flops", "per_token"),
     "flops_total": ("flops", "total"),
+    "flops_budget": ("flops", "budget"),
     "loss": ("loss", "final"),
     "loss_bpb": ("loss", "bits_per_byte"),
     "loss_min_val": ("loss", "min_val"),

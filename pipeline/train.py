@@ -209,7 +209,7 @@ def _record_head(cfg, spec: RunSpec, corpus) -> dict:
         "params": counts,
         "tokens": {"budget": spec.tokens, "seen": 0},
         "flops": {"per_token": counts_model.flops_per_token(), "total": counts_model.flops_per_token() * spec.tokens,
-                  "six_nd": 6 * counts["non_embedding"] * spec.tokens},
+                  "six_nd": 6 * counts["non_embedding"] * spec.tokens, "budget": cfg.train.flops},
         "optim": {"batch_size": spec.batch_size, "lr": spec.lr, "total_steps": spec.total_steps,
                   "warmup_steps": spec.warmup_steps},
         "data": {k: corpus.meta.get(k) for k in ("corpus", "source", "corpus_hash", "tokenizer", "vocab_size",
@@ -248,7 +248,7 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
     out = {
         "tokens": {"budget": spec.tokens, "seen": tokens_seen},
         "loss": {"final": loss, "bits_per_byte": bits_per_byte(loss, corpus), "eval_tokens": cfg.data.eval_tokens,
-                 "train_last": module.last_train_loss, **_curve_summary(trainer)},
+                 "train_last": module.last_train_loss, **_curve_summary(module.val_curve)},
         "timing": {"threads": spec.threads, "train_s": train_s,
                    "tokens_per_s": (tokens_seen - module.tokens_resumed) / train_s if train_s else None,
                    "resumed_from_tokens": module.tokens_resumed},
@@ -289,12 +289,12 @@ def checkpoint_path_for(results_dir, sweep: str, run_id: str) -> Path:
     return records.sweep_dir(results_dir, sweep) / "checkpoints" / f"{run_id}.ckpt"
 
 
-def _curve_summary(trainer) -> dict:
-    metrics = trainer.callback_metrics
-    summary = {}
-    if "val/loss" in metrics:
-        summary["last_val"] = float(metrics["val/loss"])
-    return summary
+def _curve_summary(curve: list[tuple[int, float]]) -> dict:
+    """The validation curve (on data.val_curve_tokens held-out tokens) as (tokens, loss) points, and its extremes."""
+    if not curve:
+        return {"curve": []}
+    return {"curve": [[int(t), float(v)] for t, v in curve], "last_val": curve[-1][1],
+            "min_val": min(v for _, v in curve)}
 
 
 def _project_version() -> str:
