@@ -25,6 +25,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "status": ("status",),
     "error": ("error",),
     "seed": ("seed",),
+    "group": ("group",),
     "n_layers": ("shape", "n_layers"),
     "d_model": ("shape", "d_model"),
     "n_heads": ("shape", "n_heads"),

@@ -202,6 +202,7 @@ def _record_head(cfg, spec: RunSpec, corpus) -> dict:
     counts = counts_model.param_counts()
     return {
         "run_id": spec.run_id, "sweep": spec.sweep, "status": "running", "error": None, "seed": cfg.train.seed,
+        "group": _group(cfg, counts["non_embedding"], spec.tokens),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "shape": {"n_layers": c.n_layers, "d_model": c.d_model, "n_heads": c.n_heads, "head_dim": c.head_dim,
                   "ffn_hidden": c.ffn_hidden, "vocab_size": c.vocab_size, "seq_len": c.seq_len,
@@ -218,6 +219,16 @@ def _record_head(cfg, spec: RunSpec, corpus) -> dict:
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "lightning": lightning.__version__, "project": _project_version()},
     }
+
+
+def _group(cfg, non_embedding: int, tokens: int) -> str:
+    """Runs of one size class and token budget (shapes that differ only in aspect ratio share it): the sweep's
+    declared target where it has one, else the run's own N and D to two significant figures."""
+    m, t = cfg.model, cfg.train
+    size = f"N~{m.params:g}" if m.params is not None else f"N~{non_embedding:.2g}"
+    budget = (f"D/N={t.tokens_per_param:g}" if t.tokens_per_param is not None else
+              f"C={t.flops:g}" if t.flops is not None else f"D~{tokens:.2g}")
+    return f"{size} {budget}"
 
 
 def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
