@@ -21,8 +21,16 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The demo sweep on 2 parallel jobs (1 thread each), then fit (held out: the largest size, to measure
+# extrapolation), select and verify a shape, plan, and report. Every stage is a command a user can run alone.
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py results.dir=$(DEMO_DIR)
+	$(BIN)/scaling-train -m sweep=demo hydra/launcher=joblib hydra.launcher.n_jobs=2 results.dir=$(DEMO_DIR)
+	$(BIN)/scaling-sweep-status sweep=demo results.dir=$(DEMO_DIR)
+	$(BIN)/scaling-fit source=results source.sweep=demo results_dir=$(DEMO_DIR) out=$(DEMO_DIR)/demo/fit \
+		'source.fit_rows="params_non_embedding < 1e5"'
+	$(BIN)/scaling-plan constants=$(DEMO_DIR)/demo/fit/fit.json objective=cost target.chinchilla_params=1e6 \
+		demand.tokens=1e10 out=$(DEMO_DIR)/demo/plan
+	$(BIN)/scaling-report sweep=demo results_dir=$(DEMO_DIR)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_train_loop.py

@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fit import export, isoflop, summary
+from fit import export, isoflop, schema, summary  # noqa: F401 - schema registers conf/fit.yaml's typed schema
 from fit.constants import CONF_DIR
 from fit.fitlaw import compile_law, fit_law
 from fit.laws import load_laws
@@ -43,8 +43,11 @@ def run(cfg: DictConfig) -> dict:
     for name, spec in specs.items():
         missing = [x for x in spec.law.inputs if not table.has(x)]
         if missing:
-            hint = " (R = d_model / n_layers: set source.columns.d_model and n_layers, or source.columns.R)" \
-                if "R" in missing else ""
+            hint = ""
+            if "R" in missing:
+                hint = table.provenance.get("R_dropped") or \
+                    "R = d_model / n_layers: set source.columns.d_model and n_layers, or source.columns.R"
+                hint = f" ({hint})"
             skipped[name] = f"needs input(s) {missing} the data lacks{hint}"
             print(f"skipping law {name}: {skipped[name]}")
             continue

@@ -1,6 +1,7 @@
 """The fitted-constant export, ``fit.json`` (schema_version 1), and the per-row predictions table.
 
-Each law entry is ``LawConstants.to_dict()`` (formula, inputs, params, ci95) plus ``not_identified``, ``ties``,
+Each law entry is ``LawConstants.to_dict()`` (formula, inputs, params, ci95) plus ``not_identified`` (a list of
+parameter names) and ``not_identified_why`` (name -> reason), ``ties``,
 ``fit`` (protocol, objective, starts), ``bootstrap``, ``metrics`` and, for laws with a closed-form frontier,
 ``compute_optimal``. Planners read it with ``fit.constants.load_constants(path, law)``.
 """
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import pandas as pd
 
 from fit.constants import SCHEMA_VERSION, write_json_atomic
 from fit.fitlaw import LawFit
@@ -37,7 +37,8 @@ def _clean(obj):
 def law_entry(f: LawFit, protocol: Mapping[str, Any]) -> dict:
     entry = f.constants.to_dict()
     entry.update({
-        "not_identified": f.not_identified,
+        "not_identified": sorted(f.not_identified, key=list(f.spec.law.params).index),
+        "not_identified_why": f.not_identified,
         "ties": f.ties,
         "fit": {"protocol": protocol["name"], "method": protocol["method"], "objective": f.result.objective,
                 "starts": f.result.n_starts, "grid": f.result.n_grid, "reached_best": f.result.n_best,

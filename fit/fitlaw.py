@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -78,6 +78,6 @@ def fit_law(model: CompiledLaw, table: Table, protocol, n_boot: int, seed: int, 
                 allocation[f"{key}_ci95"] = [np.asarray(lo).tolist(), np.asarray(hi).tolist()]
 
     return LawFit(spec=spec, model=model, result=result, constants=constants,
-                  not_identified=not_identified(model, result.theta, ci95), metrics=metrics, pred=pred,
+                  not_identified=not_identified(model, result.theta, ci95, log_inputs), metrics=metrics, pred=pred,
                   pred_ci=pred_ci, n_boot=len(samples), n_boot_failed=failed,
                   ties=tie_label(spec, list(protocol.get("ties") or [])), compute_optimal=allocation)

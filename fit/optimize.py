@@ -12,7 +12,6 @@ scipy's ``curve_fit`` does (Bian et al. 2025).
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -41,12 +40,13 @@ def huber_objective(model: CompiledLaw, log_inputs: Mapping[str, np.ndarray], y:
 
     def fg(theta, rows=None):
         pred, jac = model.predict_jac(theta, log_inputs)
-        w = 1.0 if weights is None else weights[rows]
         with np.errstate(all="ignore"):
             r = np.log(pred) - log_y
             c = np.clip(r, -delta, delta)          # Huber: c * (r - c/2) is r^2/2 inside delta, linear outside
-            f = (w * c * (r - 0.5 * c)).sum(1)
-            g = w * c / pred
+            loss, g = c * (r - 0.5 * c), c / pred
+            if weights is not None:
+                loss, g = weights[rows] * loss, weights[rows] * g
+            f = loss.sum(1)
             grad = np.stack([np.einsum("kn,kn->k", g, j) for j in jac], axis=1)
         bad = ~np.isfinite(f) | ~np.isfinite(grad).all(1)
         f[bad] = np.inf
@@ -67,7 +67,8 @@ def lbfgs_batch(fg, x0: np.ndarray, lower: np.ndarray, upper: np.ndarray, memory
     iters = np.zeros(k, dtype=int)
     rows = np.flatnonzero(np.isfinite(f_out))              # the rows still running; state below is theirs only
     x, f, g = x_out[rows], f_out[rows], g[rows]
-    s_hist, y_hist, rho = np.zeros((len(rows), memory, p)), np.zeros((len(rows), memory, p)), np.zeros((len(rows), memory))
+    s_hist, y_hist = np.zeros((len(rows), memory, p)), np.zeros((len(rows), memory, p))
+    rho = np.zeros((len(rows), memory))
     scale = 1.0 / np.maximum(np.linalg.norm(g, axis=1), 1e-300)      # first step of unit length, as scipy
     for it in range(max_iter):
         if rows.size == 0:
@@ -120,18 +121,6 @@ def lbfgs_batch(fg, x0: np.ndarray, lower: np.ndarray, upper: np.ndarray, memory
     return x_out, f_out, iters
 
 
-def lbfgs_threads(fg, x0: np.ndarray, lower, upper, workers: int = 2, **kwargs):
-    """``lbfgs_batch`` on ``workers`` slices of the starts in threads (numpy releases the GIL in its array loops)."""
-    chunks = [c for c in np.array_split(np.arange(len(x0)), max(1, workers)) if c.size]
-
-    def run(chunk):
-        return lbfgs_batch(lambda x, rows: fg(x, chunk[rows]), x0[chunk], lower, upper, **kwargs)
-
-    with ThreadPoolExecutor(len(chunks)) as pool:
-        parts = list(pool.map(run, chunks))
-    return tuple(np.concatenate(arrays) for arrays in zip(*parts))
-
-
 def polish(fg, x0: np.ndarray, lower: np.ndarray, upper: np.ndarray):
     """Refine one start with scipy's L-BFGS-B and exact gradients, to tight tolerances."""
     def fun(x):
@@ -164,7 +153,7 @@ def fit_huber_grid(model: CompiledLaw, log_inputs, y, protocol) -> FitResult:
     lower, upper = model.theta_bounds()
     starts, n_grid = start_grid(model, protocol.grid, list(protocol.grid_default), int(protocol.max_starts),
                                 int(protocol.seed))
-    x, f, _ = lbfgs_threads(fg, starts, lower, upper, workers=int(protocol.workers), max_iter=int(protocol.max_iter))
+    x, f, _ = lbfgs_batch(fg, starts, lower, upper, max_iter=int(protocol.max_iter))
     if not np.isfinite(f).any():
         raise RuntimeError(f"law {model.spec.name!r}: no start gave a finite objective")
     best = int(np.argmin(f))
@@ -216,8 +205,7 @@ def refit(model: CompiledLaw, log_inputs, y, protocol, theta0: np.ndarray, weigh
     if protocol.method == "huber_grid":
         fg = huber_objective(model, log_inputs, y, float(protocol.delta), weights=weights)
         lower, upper = model.theta_bounds()
-        x, f, _ = lbfgs_threads(fg, np.tile(theta0, (len(weights), 1)), lower, upper, workers=int(protocol.workers),
-                                max_iter=int(protocol.max_iter))
+        x, f, _ = lbfgs_batch(fg, np.tile(theta0, (len(weights), 1)), lower, upper, max_iter=int(protocol.max_iter))
         x[~np.isfinite(f)] = np.nan
         return x
     out = np.full((len(weights), model.n_free), np.nan)

@@ -42,7 +42,8 @@ def loss_vs_n(table: Table, fits: Mapping[str, LawFit], path: Path) -> None:
             ax.plot(n_grid, f.constants.predict(N=n_grid, D=d_grid, **inputs), style, color=color, lw=1)
     for style, name in zip(STYLES, fits):
         ax.plot([], [], style, color="k", label=name)
-    ax.set(xscale="log", xlabel="N (parameters)", ylabel="loss", title=f"loss vs N per token budget ({kind}; other inputs at median)")
+    ax.set(xscale="log", xlabel="N (parameters)", ylabel="loss",
+           title=f"loss vs N per token budget ({kind}; other inputs at median)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

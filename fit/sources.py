@@ -135,8 +135,8 @@ def load(src: Mapping[str, Any]) -> Table:
     if "R" in data and (~np.isfinite(data["R"]) | (data["R"] <= 0)).any():
         data = data.drop(columns="R")        # laws needing R are then skipped with a message
         info["R_dropped"] = "aspect ratio missing or non-positive in some rows"
-    if "group" in columns:
-        data["group"] = raw[columns["group"]].astype(str).to_numpy()
+    if "group" in columns and raw[columns["group"]].notna().any():
+        data["group"] = raw[columns["group"]].fillna("none").astype(str).to_numpy()
     elif "R" in data:
         data["group"] = _groups_of_equal_size(data["N"].to_numpy(), data["D"].to_numpy())
 

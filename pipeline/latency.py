@@ -20,10 +20,14 @@ import time
 from pathlib import Path
 
 import hydra
+import pandas as pd
 import torch
 
-from fit.constants import CONF_DIR
-from models.gpt import GPT, GPTConfig
+from fit.constants import CONF_DIR, read_fit_json, write_json_atomic
+from fit.latency_model import LatencyModel, fit_latency, merge_into_fit_json
+from models.gpt import GPT, GPTConfig, resolve_shape
+from pipeline.config import LatencyConf
+from pipeline.records import iter_records, load_table
 
 
 def _sync(device: torch.device) -> None:
@@ -104,13 +108,12 @@ def _device_name(device: torch.device) -> str:
 
 # ----- scaling-latency: measure shapes without training them, fit the latency model ---------------------------
 
-def protocol_defaults(results_dir: str | None = None, sweep: str | None = None) -> dict:
-    """The training runs' latency protocol: a sweep's records' (the first one that has it), else the schema's."""
-    from pipeline.config import LatencyConf
-    from pipeline.records import iter_records
+PROTOCOL = ("prompt_len", "decode_tokens", "batch_sizes", "warmup", "repeats", "threads")
 
-    protocol = {k: getattr(LatencyConf(), k) for k in ("prompt_len", "decode_tokens", "batch_sizes", "warmup",
-                                                       "repeats")}
+def protocol_defaults(results_dir: str | None = None, sweep: str | None = None) -> dict:
+    """The training runs' latency protocol (and threads): a sweep's records' (the first one that has it), else the
+    schema's defaults."""
+    protocol = {k: getattr(LatencyConf(), k) for k in PROTOCOL if k != "threads"}
     if sweep:
         for record in iter_records(results_dir, sweep):
             measured = record.get("latency") or {}
@@ -123,9 +126,6 @@ def protocol_defaults(results_dir: str | None = None, sweep: str | None = None) 
 
 def shapes_to_measure(cfg) -> list[GPTConfig]:
     """The model configs of ``cfg.shapes`` (grid, pairs, a sweep's records), without duplicates, in order."""
-    from models.gpt import resolve_shape
-    from pipeline.records import load_table
-
     a, s = cfg.arch, cfg.shapes
 
     def config(**shape) -> GPTConfig:
@@ -160,7 +160,6 @@ def measure_shapes(configs: list[GPTConfig], protocol: dict, device: str = "cpu"
     (median over ``rounds`` interleaved rounds)."""
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           ("cpu" if device == "auto" else device))
-    keys = ("prompt_len", "decode_tokens", "batch_sizes", "warmup", "repeats")
     if protocol["prompt_len"] + protocol["decode_tokens"] > min(c.seq_len for c in configs):
         raise ValueError(f"measure.prompt_len + measure.decode_tokens = "
                          f"{protocol['prompt_len'] + protocol['decode_tokens']} exceeds the shortest seq_len "
@@ -170,7 +169,8 @@ def measure_shapes(configs: list[GPTConfig], protocol: dict, device: str = "cpu"
     for r in range(max(1, int(rounds))):
         for i, c in enumerate(configs):
             model = GPT(c).to(device)
-            result = measure(model, *(protocol[k] for k in keys[:3]), protocol["warmup"], protocol["repeats"])
+            result = measure(model, protocol["prompt_len"], protocol["decode_tokens"], protocol["batch_sizes"],
+                             protocol["warmup"], protocol["repeats"])
             samples[(i, r)] = result
             del model
             log(f"  [{r * len(configs) + i + 1}/{len(configs) * max(1, int(rounds))}] n_layers={c.n_layers} "
@@ -198,18 +198,11 @@ def measure_shapes(configs: list[GPTConfig], protocol: dict, device: str = "cpu"
 
 def run_latency(cfg) -> dict:
     """The whole ``scaling-latency`` job: measure, write latency.csv, fit, write latency.json and merge into ``fit``."""
-    import pandas as pd
-
-    from fit.constants import read_fit_json, write_json_atomic
-    from fit.latency_model import fit_latency, merge_into_fit_json
-
     if cfg.fit:
         read_fit_json(cfg.fit)  # a missing or invalid fit.json stops the run before measuring
     configs = shapes_to_measure(cfg)
     protocol = protocol_defaults(cfg.results_dir, cfg.shapes.sweep)
-    protocol.update({k: v for k, v in cfg.measure.items() if v is not None and k in protocol})
-    if cfg.measure.threads is not None:
-        protocol["threads"] = cfg.measure.threads
+    protocol.update({k: v for k, v in cfg.measure.items() if v is not None and k in PROTOCOL})
     protocol["batch_sizes"] = [int(b) for b in protocol["batch_sizes"]]
     if protocol.get("threads"):
         torch.set_num_threads(int(protocol["threads"]))
@@ -230,24 +223,24 @@ def run_latency(cfg) -> dict:
     if cfg.fit:
         merge_into_fit_json(cfg.fit, section)
     print(format_latency(table, section))
-    print(f"wrote {out / 'latency.csv'}, {out / 'latency.json'}" + (f"; latency section of {cfg.fit}" if cfg.fit else ""))
+    print(f"wrote {out / 'latency.csv'}, {out / 'latency.json'}"
+          + (f"; the latency section of {cfg.fit}" if cfg.fit else ""))
     return section
 
 
 def format_latency(table, section: dict) -> str:
     """The measurements beside the model's predictions, the coefficients and the held-out errors."""
-    from fit.latency_model import LatencyModel
-
     model = LatencyModel.from_dict(section)
     lines = [f"== latency on {section['device']} ({section['threads']} threads, {section['dtype']}): "
              f"ms = {section['form']}",
              f"   {'n_layers':>8} {'d_model':>7} {'R':>7} {'N (non-emb)':>11} {'batch':>5} {'decode ms/tok':>13} "
              f"{'model':>8} {'prefill ms':>10} {'model':>8}"]
     for row in table.itertuples():
-        lines.append(f"   {row.n_layers:>8} {row.d_model:>7} {row.aspect_ratio:>7.3g} {row.params_non_embedding:>11.3g} "
-                     f"{row.batch:>5} {row.decode_ms_per_token:>13.4g} "
-                     f"{model.predict(row.n_layers, row.d_model, 'decode_ms_per_token', row.batch):>8.4g} "
-                     f"{row.prefill_ms:>10.4g} {model.predict(row.n_layers, row.d_model, 'prefill_ms', row.batch):>8.4g}")
+        decode, prefill = (model.predict(row.n_layers, row.d_model, q, row.batch)
+                           for q in ("decode_ms_per_token", "prefill_ms"))
+        lines.append(f"   {row.n_layers:>8} {row.d_model:>7} {row.aspect_ratio:>7.3g} "
+                     f"{row.params_non_embedding:>11.3g} {row.batch:>5} {row.decode_ms_per_token:>13.4g} "
+                     f"{decode:>8.4g} {row.prefill_ms:>10.4g} {prefill:>8.4g}")
     for batch, models in section["by_batch"].items():
         for quantity, c in models.items():
             err = section["heldout"][batch][quantity]

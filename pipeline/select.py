@@ -17,12 +17,14 @@ from typing import Callable
 import hydra
 import numpy as np
 import pandas as pd
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fit import select as selection
 from fit.constants import CONF_DIR, write_json_atomic
-from fit.latency_model import FORM, LatencyModel, load_latency
+from fit.latency_model import FORM, LatencyModel, MissingLatency, load_latency
 from models.gpt import GPT, GPTConfig, non_embedding_params
+from pipeline.latency import measure_shapes, protocol_defaults
 
 SELECTION_SCHEMA_VERSION = 1
 CONVENTIONS = ("total", "non_embedding")
@@ -43,8 +45,9 @@ def param_counter(arch, convention: str) -> Callable[[int, int], float]:
     an untied head included), both from ``models.gpt``."""
     if convention == "non_embedding":
         return lambda n_layers, d_model: non_embedding_params(n_layers, d_model, arch.ffn_ratio)
-    if convention == "total":  # GPT's own count needs only the config: no weights are built
-        return lambda n_layers, d_model: GPT.param_counts(SimpleNamespace(config=gpt_config(arch, n_layers, d_model)))["total"]
+    if convention == "total":  # GPT's own count reads only the config: called on it, no weights are built
+        return lambda n_layers, d_model: GPT.param_counts(
+            SimpleNamespace(config=gpt_config(arch, n_layers, d_model)))["total"]
     raise ValueError(f"the fit's N convention is {convention!r}: set n_convention=total or non_embedding (what the "
                      f"N the law was fitted on counts)")
 
@@ -75,10 +78,6 @@ def measure_candidates(shapes: pd.DataFrame, arch, protocol: dict, batch: int,
                        device: str = "cpu") -> tuple[np.ndarray, str]:
     """Decode ms/token of every shape, measured here on randomly initialised weights (``pipeline.latency``), and
     the device's name."""
-    import torch
-
-    from pipeline.latency import measure_shapes
-
     if protocol.get("threads"):
         torch.set_num_threads(int(protocol["threads"]))
     configs = [gpt_config(arch, r.n_layers, r.d_model) for r in shapes.itertuples()]
@@ -91,19 +90,17 @@ def latency_source(cfg: DictConfig, fit_path: Path) -> LatencyModel | None:
     path = Path(cfg.latency) if cfg.latency else fit_path
     try:
         return load_latency(path)
-    except ValueError:
+    except MissingLatency:
         if cfg.select.measure:
             return None
-        raise ValueError(f"{path} has no latency section: run scaling-latency fit={path}, give "
-                         f"latency=<latency.json>, or measure here with select.measure=true") from None
+        raise MissingLatency(f"{path} has no latency section: run scaling-latency fit={path}, give "
+                             f"latency=<latency.json>, or measure here with select.measure=true") from None
 
 
 def predicted_latency(cfg: DictConfig, shapes: pd.DataFrame, model: LatencyModel | None) -> tuple[np.ndarray, dict]:
     """Decode ms/token per shape (measured or modelled) and a record of where it came from."""
     batch = cfg.select.batch if cfg.select.batch is not None else (model.batch_size if model else 1)
     if cfg.select.measure:
-        from pipeline.latency import protocol_defaults
-
         protocol = protocol_defaults()
         if model is not None:
             protocol.update({k: model.meta[k] for k in ("prompt_len", "decode_tokens", "warmup", "repeats", "threads")
@@ -118,9 +115,10 @@ def predicted_latency(cfg: DictConfig, shapes: pd.DataFrame, model: LatencyModel
     size = shapes.n_layers * shapes.d_model ** 2
     extrapolated = bool(measured) and bool((size > measured["n_layers"][1] * measured["d_model"][1] ** 2).any()
                                            or (shapes.n_layers > measured["n_layers"][1]).any())
-    return np.asarray(ms), {"source": "model", "device": model.device, "batch": int(batch), "form": FORM, "coefficients": model.model("decode_ms_per_token", batch).to_dict(),
-        "heldout": model.heldout.get(int(batch), {}).get("decode_ms_per_token"),
-        "measured_shapes": measured, "extrapolated": extrapolated}
+    return np.asarray(ms), {"source": "model", "device": model.device, "batch": int(batch), "form": FORM,
+                            "coefficients": model.model("decode_ms_per_token", batch).to_dict(),
+                            "heldout": model.heldout.get(int(batch), {}).get("decode_ms_per_token"),
+                            "measured_shapes": measured, "extrapolated": extrapolated}
 
 
 def run(cfg: DictConfig) -> dict:
@@ -177,11 +175,12 @@ def format_report(result: dict, table: pd.DataFrame, top: int) -> str:
     front = pd.DataFrame(result["pareto"])
     lines.append(selection.format_table(front, result["chosen"]))
     c, b = result["chosen"], result["best_loss"]
-    rule = (f"lowest predicted loss within {result['latency_budget_ms']:g} ms/token" if result["rule"] == "latency_budget"
-            else f"fastest within {100 * result['loss_tolerance']:g}% of the best predicted loss "
+    rule = (f"lowest predicted loss within {result['latency_budget_ms']:g} ms/token"
+            if result["rule"] == "latency_budget" else f"fastest within {100 * result['loss_tolerance']:g}% of the best predicted loss "
                  f"({b['loss']:.4f} -> limit {result['loss_limit']:.4f})")
     lines += [f"== selected ({rule}; {result['eligible']} eligible): n_layers={c['n_layers']} d_model={c['d_model']} "
-              f"heads={c['n_heads']} R={c['R']:.4g} N={c['N']:.4g}: loss {c['loss']:.4f}, {c['latency_ms']:.4g} ms/token",
+              f"heads={c['n_heads']} R={c['R']:.4g} N={c['N']:.4g}: loss {c['loss']:.4f}, "
+              f"{c['latency_ms']:.4g} ms/token",
               f"   vs the best predicted loss (n_layers={b['n_layers']} d_model={b['d_model']} R={b['R']:.4g}): "
               f"{result['speedup_vs_best_loss']:.2f}x faster, loss +{100 * result['loss_increase_vs_best']:.2f}%"]
     return "\n".join(lines)

@@ -37,7 +37,7 @@ log = logging.getLogger("scaling.train")
 warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # torch 2.13 vs Lightning 2.6
 # Hydra 1.3 still merges our conf/hydra/launcher/submitit_*.yaml presets into the plugin's schema of the same name.
-warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema with the same name.*")
+warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name.*")
 # Lightning's INFO lines (accelerator found, tips, checkpoint loading) drown a sweep's output; warnings still show.
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import hydra
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig
 
 from fit.constants import CONF_DIR, read_fit_json, write_json_atomic
 from pipeline import select as select_cli
+from pipeline.latency import measure_shapes, protocol_defaults
 from pipeline.records import load_table
 
 N_COLUMN = {"non_embedding": "params_non_embedding", "total": "params_total"}
@@ -83,10 +85,6 @@ def train_both(cfg: DictConfig, shapes: dict[str, dict], tokens: int, out: Path)
 
 def remeasure(cfg: DictConfig, shapes: dict[str, dict]) -> dict[str, float]:
     """Decode ms/token (batch 1) of both shapes, measured back to back in interleaved rounds, same protocol."""
-    import torch
-
-    from pipeline.latency import measure_shapes, protocol_defaults
-
     protocol = protocol_defaults(cfg.results_dir, cfg.fitted_sweep)
     torch.set_num_threads(int(cfg.threads))
     configs = [select_cli.gpt_config(cfg.arch, s["n_layers"], s["d_model"]) for s in shapes.values()]
@@ -96,6 +94,7 @@ def remeasure(cfg: DictConfig, shapes: dict[str, dict]) -> dict[str, float]:
 
 
 def run(cfg: DictConfig) -> dict:
+    """Select at the verification size, train both shapes, re-measure, compare; returns verification.json."""
     fit_path = Path(str(cfg.fit))
     convention = read_fit_json(fit_path).get("provenance", {}).get("n_convention")
     ref = sweep_reference(cfg, convention)

@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 from scipy.optimize import minimize
-from scipy.special import logsumexp
 
 from fit.laws import CompiledLaw, LawSpec
 from fit.optimize import fit_huber_grid, huber_objective
@@ -35,8 +34,9 @@ def load_epoch() -> pd.DataFrame:
 
 
 def plain_objective(x, log_n, log_d, log_y, delta):
+    """Epoch AI's objective as their notebook writes it: log of the sum of the three exponentials, Huber, summed."""
     e, a, b, alpha, beta = x
-    pred = logsumexp([np.full_like(log_n, e), a - alpha * log_n, b - beta * log_d], axis=0)
+    pred = np.log(np.exp(a - alpha * log_n) + np.exp(b - beta * log_d) + np.exp(e))
     r = pred - log_y
     return np.sum(np.where(np.abs(r) <= delta, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta)))
 
@@ -49,10 +49,12 @@ def main():
 
     data = load_epoch()
     protocol = OmegaConf.load(ROOT / "conf" / "protocol" / "default.yaml")
-    spec = LawSpec.from_config("chinchilla", OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "law" / "chinchilla.yaml"))["chinchilla"])
+    law_conf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "law" / "chinchilla.yaml"))
+    spec = LawSpec.from_config("chinchilla", law_conf["chinchilla"])
     log_inputs = {"N": np.log(data["N"].to_numpy()), "D": np.log(data["D"].to_numpy())}
     y = data["loss"].to_numpy()
-    print(f"Epoch AI Chinchilla data: {len(y)} points; Huber delta {protocol.delta} on log loss, summed")
+    print(f"Epoch AI Chinchilla data: {len(y)} points; Huber delta {protocol.delta} on log loss, summed; "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (other work on the machine slows both)")
 
     t0 = time.perf_counter()
     model = CompiledLaw(spec, ties=[], log_space=True)
@@ -68,10 +70,14 @@ def main():
     every = list(itertools.product(grid.E, grid.A, grid.B, grid.alpha, grid.beta))
     pick = np.random.default_rng(args.seed).permutation(len(every))[:args.sample] if args.sample else range(len(every))
     starts = [every[i] for i in sorted(pick)]
-    t0 = time.perf_counter()
-    results = [minimize(plain_objective, np.array(s), args=(log_inputs["N"], log_inputs["D"], np.log(y), protocol.delta),
-                        method="L-BFGS-B") for s in starts]
-    t_plain = time.perf_counter() - t0
+    data_args = (log_inputs["N"], log_inputs["D"], np.log(y), protocol.delta)
+    results, seconds = [], []
+    with np.errstate(all="ignore"):      # the plain objective overflows at some trial points, as in the original
+        for s in starts:
+            t0 = time.perf_counter()
+            results.append(minimize(plain_objective, np.array(s), args=data_args, method="L-BFGS-B"))
+            seconds.append(time.perf_counter() - t0)
+    t_plain, seconds = sum(seconds), np.sort(seconds)[::-1]
     best = min(results, key=lambda r: r.fun)
     full = len(every)
     t_plain_full = t_plain * full / len(starts)
@@ -79,11 +85,16 @@ def main():
     label = "measured" if len(starts) == full else f"EXTRAPOLATED from {len(starts)} random starts"
     print(f"plain scipy loop: {t_plain:.2f} s for {len(starts)} starts; full grid {t_plain_full:.1f} s ({label}); "
           f"{reached} reached its best objective {best.fun:.10g}")
+    top = max(1, len(seconds) // 100)
+    print(f"  per start: median {np.median(seconds) * 1e3:.1f} ms, slowest {seconds[0]:.2f} s; the slowest 1% take "
+          f"{seconds[:top].sum() / t_plain:.0%} of the loop (a sample extrapolates well only if that is small)")
     bv = dict(zip(["E", "A", "B", "alpha", "beta"], [*np.exp(best.x[:3]), *best.x[3:]]))
     print("  " + ", ".join(f"{k}={v:.5g}" for k, v in bv.items()))
     same = abs(best.fun - ours.objective) <= 1e-6 * ours.objective
-    print(f"speed-up: {t_plain_full / t_ours:.0f}x; same optimum: {'yes' if same else 'NO'} "
-          f"(objective {ours.objective:.10g} vs {best.fun:.10g}; batched is {'lower' if ours.objective < best.fun else 'not lower'})")
+    lower = "lower" if ours.objective < best.fun else "not lower"
+    print(f"load average now {os.getloadavg()[0]:.1f}; speed-up: {t_plain_full / t_ours:.0f}x; "
+          f"same optimum: {'yes' if same else 'NO'} (objective {ours.objective:.10g} vs {best.fun:.10g}; "
+          f"batched is {lower})")
     print("Epoch AI reported (Huber-likelihood fit with a fitted scale): "
           + ", ".join(f"{k}={v}" for k, v in EPOCH_REPORTED.items()))
     th = model.theta(EPOCH_REPORTED)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
+import fit.schema  # noqa: F401 - registers conf/fit.yaml's typed schema, as fit.cli does
 from fit.constants import CONF_DIR
 
 

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -67,9 +68,13 @@ def test_unknown_law_or_protocol():
 
 
 def test_cli_prints_one_line(tmp_path):
+    """Through the installed console script when there is one (it runs fit.cli as a module, not a file)."""
     path = _csv(tmp_path, _runs().assign(loss=3.0))
-    proc = subprocess.run([sys.executable, "-m", "fit.cli", "source=csv", f"source.path={path}",
-                           f"out={tmp_path / 'out'}"], capture_output=True, text=True, cwd=tmp_path)
+    script = Path(sys.executable).parent / "scaling-fit"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "fit.cli"]
+    proc = subprocess.run([*command, "source=csv", f"source.path={path}", f"out={tmp_path / 'out'}"],
+                          capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["scaling-fit: error: the loss is constant over the fit rows: nothing to fit"]
+    message = "scaling-fit: error: the loss is constant over the fit rows: nothing to fit"
+    assert proc.stderr.strip().splitlines() == [message]
     assert not (tmp_path / "outputs").exists()
