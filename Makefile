@@ -26,10 +26,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/scaling-train -m sweep=demo hydra/launcher=joblib hydra.launcher.n_jobs=2 results.dir=$(DEMO_DIR)
 	$(BIN)/scaling-sweep-status sweep=demo results.dir=$(DEMO_DIR)
-	$(BIN)/scaling-fit source=results source.sweep=demo results_dir=$(DEMO_DIR) out=$(DEMO_DIR)/demo/fit \
-		'source.fit_rows="params_non_embedding < 1e5"'
-	$(BIN)/scaling-plan constants=$(DEMO_DIR)/demo/fit/fit.json objective=cost target.chinchilla_params=1e6 \
-		demand.tokens=1e10 out=$(DEMO_DIR)/demo/plan
+	$(BIN)/scaling-fit source=results source.sweep=demo results_dir=$(DEMO_DIR) out=$(DEMO_DIR)/fit/demo \
+		'source.fit_rows="params_non_embedding < 1e5"' 'protocol.ties=[[alpha,beta]]'
+	$(BIN)/scaling-latency shapes.sweep=demo results_dir=$(DEMO_DIR) fit=$(DEMO_DIR)/fit/demo/fit.json \
+		out=$(DEMO_DIR)/latency/demo
+	$(BIN)/scaling-verify results_dir=$(DEMO_DIR) fitted_sweep=demo fit=$(DEMO_DIR)/fit/demo/fit.json
+	$(BIN)/scaling-plan constants=$(DEMO_DIR)/fit/demo/fit.json objective=cost target.chinchilla_params=1e6 \
+		demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo
 	$(BIN)/scaling-report sweep=demo results_dir=$(DEMO_DIR)
 
 bench: $(STAMP)

@@ -8,6 +8,8 @@ parameter names) and ``not_identified_why`` (name -> reason), ``ties``,
 
 from __future__ import annotations
 
+import json
+
 import math
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -70,8 +72,19 @@ def document(table: Table, fits: Mapping[str, LawFit], protocol: Mapping[str, An
 
 
 def write(out: str | Path, doc: dict, table: Table, fits: Mapping[str, LawFit]) -> Path:
-    """fit.json and predictions.csv (every row, each law's prediction and bootstrap 95% interval)."""
+    """fit.json and predictions.csv (every row, each law's prediction and bootstrap 95% interval).
+
+    A ``latency`` section already in ``<out>/fit.json`` (written by ``scaling-latency``: a property of the device,
+    not of the loss data) is carried over, so refitting the laws does not drop it."""
     out = Path(out)
+    previous = out / "fit.json"
+    if previous.is_file() and "latency" not in doc:
+        try:
+            latency = json.loads(previous.read_text()).get("latency")
+        except (OSError, ValueError):
+            latency = None
+        if latency is not None:
+            doc = {**doc, "latency": latency}
     path = write_json_atomic(out / "fit.json", doc)
     rows = table.data.copy()
     for name, f in fits.items():

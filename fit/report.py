@@ -63,7 +63,7 @@ def sweep_section(results_dir: str, sweep: str) -> str:
     return head + body + "\n"
 
 
-def fit_section(fit_dir: Path) -> str:
+def fit_section(fit_dir: Path, report_dir: Path) -> str:
     doc = _load(fit_dir / "fit.json")
     if doc is None:
         return f"## Fit\n\nNo `{fit_dir}/fit.json`: run `scaling-fit`.\n"
@@ -89,27 +89,29 @@ def fit_section(fit_dir: Path) -> str:
                               "mean Spearman", "groups"], metric_rows))
     figures = sorted(p.name for p in fit_dir.glob("*.png"))
     if figures:
-        out.append("\n" + "\n".join(f"![{f}]({os.path.relpath(fit_dir / f, fit_dir.parent)})" for f in figures))
+        out.append("\n" + "\n".join(f"![{f}]({os.path.relpath(fit_dir / f, report_dir)})" for f in figures))
     return "\n".join(out) + "\n"
 
 
 def verify_section(path: Path) -> str:
     doc = _load(path)
     if doc is None:
-        return f"## Selection, verified\n\nNo `{path}`: run the selection verification.\n"
-    summary = doc.get("summary") or doc.get("verdict") or ""
-    shapes = doc.get("shapes") or doc.get("runs") or {}
-    rows = []
-    for name, s in (shapes.items() if isinstance(shapes, dict) else enumerate(shapes)):
-        rows.append([s.get("name", name), s.get("n_layers"), s.get("d_model"), s.get("aspect_ratio"),
-                     s.get("params_non_embedding") or s.get("N"), s.get("predicted_loss"), s.get("measured_loss"),
-                     s.get("predicted_decode_ms_per_token"), s.get("measured_decode_ms_per_token")])
-    table = _table(["shape", "L", "d", "R", "N", "predicted loss", "measured loss", "predicted decode ms/tok",
-                    "measured decode ms/tok"], rows) if rows else "```\n" + json.dumps(doc, indent=1)[:3000] + "\n```"
-    return f"## Selection, verified\n\n{summary}\n\n{table}\n\nFrom `{path}`.\n"
+        return f"## Selection, verified\n\nNo `{path}`: run `scaling-verify`.\n"
+    rows = [[label, m["n_layers"], m["d_model"], m["R"], m["N"], m["loss_predicted"], m["loss_measured"],
+             m["latency_predicted_ms"], m["latency_remeasured_ms"]] for label, m in doc["models"].items()]
+    c = doc["claim"]
+    verdict = ("The selection is the conventional shape at this size: no Morph claim to check." if c["same_shape"] else
+               f"Morph vs conventional: {c['speedup_measured']:.2f}x faster measured ({c['speedup_predicted']:.2f}x "
+               f"predicted), loss x{c['loss_ratio_measured']:.4f} measured (x{c['loss_ratio_predicted']:.4f} "
+               f"predicted). The Morph claim (faster at nearly equal loss, tolerance {doc['loss_tolerance']:g}) "
+               f"**{'held' if c['held'] else 'did not hold'}**.")
+    return (f"## Selection, verified\n\nAt N = {_fmt(doc['target_N'])} ({doc['n_convention']}), D = "
+            f"{_fmt(doc['tokens'])} tokens, both shapes trained for real. {verdict}\n\n"
+            + _table(["model", "L", "d", "R", "N", "predicted loss", "measured loss", "predicted decode ms/tok",
+                      "measured decode ms/tok"], rows) + f"\n\nFrom `{path}`.\n")
 
 
-def plan_section(path: Path) -> str:
+def plan_section(path: Path, report_dir: Path) -> str:
     doc = _load(path)
     if doc is None:
         return f"## Plan\n\nNo `{path}`: run `scaling-plan`.\n"
@@ -121,7 +123,7 @@ def plan_section(path: Path) -> str:
         text += "\n\nOptimal / Chinchilla-style: " + ", ".join(f"{k} {_fmt(v)}" for k, v in ratios.items())
     figure = path.parent / "plan.png"
     if figure.exists():
-        text += f"\n\n![plan]({os.path.relpath(figure, path.parent.parent)})"
+        text += f"\n\n![plan]({os.path.relpath(figure, report_dir)})"
     return f"## Plan\n\n{text}\n\nFrom `{path}`.\n"
 
 
@@ -129,8 +131,8 @@ def write_report(cfg: DictConfig) -> Path:
     out = Path(cfg.out)
     parts = [f"# Scaling report: sweep `{cfg.sweep}`\n\nWritten {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by "
              "`scaling-report`; every number below is copied from the files each stage wrote.\n",
-             sweep_section(cfg.results_dir, cfg.sweep), fit_section(Path(cfg.fit_dir)),
-             verify_section(Path(cfg.verify)), plan_section(Path(cfg.plan))]
+             sweep_section(cfg.results_dir, cfg.sweep), fit_section(Path(cfg.fit_dir), out.parent),
+             verify_section(Path(cfg.verify)), plan_section(Path(cfg.plan), out.parent)]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text("\n".join(parts))
