@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(BIN)/scaling-verify results_dir=$(DEMO_DIR) fitted_sweep=demo fit=$(DEMO_DIR)/fit/demo/fit.json
 	$(BIN)/scaling-plan constants=$(DEMO_DIR)/fit/demo/fit.json objective=cost target.chinchilla_params=1e6 \
 		demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo
-	$(BIN)/scaling-report sweep=demo results_dir=$(DEMO_DIR)
+	$(BIN)/scaling-report sweep_name=demo results_dir=$(DEMO_DIR)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_train_loop.py

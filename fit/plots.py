@@ -82,14 +82,14 @@ def residuals(table: Table, fits: Mapping[str, LawFit], path: Path) -> None:
 
 def loss_vs_aspect(table: Table, fits: Mapping[str, LawFit], path: Path) -> None:
     data = table.data
-    data = data.assign(budget_key=[f"{d:.2g}" for d in data["D"]])
+    data = data.assign(budget_key=[f"{d / n:.2g}" for d, n in zip(data["D"], data["N"])])  # tokens per parameter
     series = [(key, sub) for key, sub in data.groupby(["group", "budget_key"]) if sub["R"].nunique() >= 2]
     if not series:
         return
     fig, ax = plt.subplots(figsize=(7, 5))
     colors = plt.cm.tab20(np.arange(len(series)) % 20)
     for color, ((g, d), sub) in zip(colors, series):
-        ax.scatter(sub["R"], sub["loss"], color=color, s=16, label=f"{g}, D~{d}" if len(series) <= 20 else None)
+        ax.scatter(sub["R"], sub["loss"], color=color, s=16, label=f"{g}, D/N~{d}" if len(series) <= 20 else None)
         r_grid = np.geomspace(sub["R"].min(), sub["R"].max(), 50)
         for style, (name, f) in zip(STYLES, fits.items()):
             inputs = {x: np.full_like(r_grid, sub[x].median()) for x in f.spec.law.inputs if x != "R"}

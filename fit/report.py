@@ -129,9 +129,9 @@ def plan_section(path: Path, report_dir: Path) -> str:
 
 def write_report(cfg: DictConfig) -> Path:
     out = Path(cfg.out)
-    parts = [f"# Scaling report: sweep `{cfg.sweep}`\n\nWritten {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by "
+    parts = [f"# Scaling report: sweep `{cfg.sweep_name}`\n\nWritten {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by "
              "`scaling-report`; every number below is copied from the files each stage wrote.\n",
-             sweep_section(cfg.results_dir, cfg.sweep), fit_section(Path(cfg.fit_dir), out.parent),
+             sweep_section(cfg.results_dir, cfg.sweep_name), fit_section(Path(cfg.fit_dir), out.parent),
              verify_section(Path(cfg.verify)), plan_section(Path(cfg.plan), out.parent)]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

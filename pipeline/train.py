@@ -38,8 +38,6 @@ warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # torch 2.13 vs Lightning 2.6
 # Hydra 1.3 still merges our conf/hydra/launcher/submitit_*.yaml presets into the plugin's schema of the same name.
 warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name.*")
-# Lightning's INFO lines (accelerator found, tips, checkpoint loading) drown a sweep's output; warnings still show.
-logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
 # Config fields that do not change a run's result: they are left out of its run id.
 NOT_IN_RUN_ID = {"train": {"threads", "progress_bar", "log_every", "ckpt_every", "val_every", "compile",
@@ -239,6 +237,9 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
     from pipeline.module import Checkpointing
 
     t = cfg.train
+    # Lightning's INFO lines (accelerator found, tips, checkpoint loading) drown a sweep's output; warnings still
+    # show. Set here, after Lightning's import has set its own level.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = build_module(t, spec)
     ckpt = checkpoint_path_for(cfg.results.dir, spec.sweep, spec.run_id)
