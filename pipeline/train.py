@@ -237,9 +237,6 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
     from pipeline.module import Checkpointing
 
     t = cfg.train
-    # Lightning's INFO lines (accelerator found, tips, checkpoint loading) drown a sweep's output; warnings still
-    # show. Set here, after Lightning's import has set its own level.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = build_module(t, spec)
     ckpt = checkpoint_path_for(cfg.results.dir, spec.sweep, spec.run_id)
@@ -287,6 +284,9 @@ def build_trainer(t, spec: RunSpec, logger=None, callbacks=(), root_dir=None, va
     loop): exactly ``total_steps`` optimizer steps, our own checkpointing, validation-curve points."""
     import lightning as L
 
+    # Lightning's INFO lines (accelerator found, tips, checkpoint loading) drown a sweep's output; warnings still
+    # show. Set here, after Lightning's own import has set its level.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     return L.Trainer(
         max_steps=spec.total_steps, max_epochs=-1, precision=t.precision, accelerator=t.accelerator,
         devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, gradient_clip_val=t.grad_clip,
@@ -344,8 +344,7 @@ def _wandb_logger(cfg, spec: RunSpec):
 
 
 def _size_class(n: float) -> str:
-    exp = int(math.floor(math.log10(n)))
-    return f"{n / 10 ** exp:.0f}e{exp}"
+    return f"{n:.0e}".replace("e+0", "e").replace("e+", "e")  # 98624 -> "1e5"
 
 
 def _finish_wandb(wandb_logger, record: dict, status: str) -> None:
