@@ -48,6 +48,10 @@ class GPTConfig:
     def aspect_ratio(self) -> float:
         return aspect_ratio(self.d_model, self.n_layers)
 
+    @property
+    def non_embedding_params(self) -> int:
+        return non_embedding_params(self.n_layers, self.d_model, self.ffn_ratio)
+
     def __post_init__(self):
         for name in ("n_layers", "d_model", "n_heads", "vocab_size", "seq_len"):
             if int(getattr(self, name)) < 1:
@@ -225,7 +229,7 @@ class GPT(nn.Module):
         """Total, non-embedding and embedding parameter counts (see module docstring)."""
         c = self.config
         embedding = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2) + c.seq_len * c.d_model
-        non_embedding = non_embedding_params(c.n_layers, c.d_model, c.ffn_ratio)
+        non_embedding = c.non_embedding_params
         return {"total": non_embedding + embedding, "non_embedding": non_embedding, "embedding": embedding}
 
     def flops_per_token(self) -> int:

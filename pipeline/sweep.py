@@ -75,7 +75,7 @@ def plan_points(points: list[list[str]], check_data: bool = True) -> list[Point]
             spec = plan_run(cfg)
             point.run_id, point.tokens = spec.run_id, spec.tokens
             m = spec.model
-            point.n_params = records_params(m)
+            point.n_params = m.non_embedding_params
             point.flops = _flops(m) * spec.tokens
             point.shape = f"L{m.n_layers} d{m.d_model} R{m.aspect_ratio:g}"
             if check_data:
@@ -91,12 +91,6 @@ def plan_points(points: list[list[str]], check_data: bool = True) -> list[Point]
             point.error = str(e)
         planned.append(point)
     return planned
-
-
-def records_params(model) -> int:
-    from models.gpt import non_embedding_params
-
-    return non_embedding_params(model.n_layers, model.d_model, model.ffn_ratio)
 
 
 def _flops(model) -> int:

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fit.constants import CONF_DIR
-from models.gpt import GPT, GPTConfig, non_embedding_params, resolve_shape
+from models.gpt import GPT, GPTConfig, resolve_shape
 from pipeline import records
 from pipeline.sweep import mark_running
 from pipeline import config  # noqa: F401  (registers the train_schema structured config)
@@ -89,7 +89,7 @@ def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
         _positive(f"train.{k}", t[k])
     if not 0 <= t.warmup_frac < 1 or not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError("train.warmup_frac must lie in [0, 1) and train.min_lr_ratio in [0, 1]")
-    non_embedding = _non_embedding(model)
+    non_embedding = model.non_embedding_params
     tokens = t.tokens if t.tokens is not None else (
         t.tokens_per_param * non_embedding if t.tokens_per_param is not None else t.flops / (6 * non_embedding))
     sequences = int(tokens // model.seq_len)
@@ -115,10 +115,6 @@ def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
     return RunSpec(run_id=records.run_id_for(payload), sweep=cfg.sweep.name, model=model,
                    tokens=sequences * model.seq_len, batch_size=batch, lr=lr, total_steps=total_steps,
                    warmup_steps=int(round(t.warmup_frac * total_steps)), threads=t.threads or default_threads())
-
-
-def _non_embedding(model: GPTConfig) -> int:
-    return non_embedding_params(model.n_layers, model.d_model, model.ffn_ratio)
 
 
 def _vocab_size(data_cfg) -> int:
@@ -333,7 +329,7 @@ def _wandb_logger(cfg, spec: RunSpec):
     save_dir.mkdir(parents=True, exist_ok=True)
     c = spec.model
     tags = [f"sweep:{spec.sweep}", f"L{c.n_layers}", f"d{c.d_model}", f"R{c.aspect_ratio:g}",
-            f"N{_size_class(_non_embedding(c))}"]
+            f"N{_size_class(c.non_embedding_params)}"]
     if cfg.train.tokens_per_param is not None:
         tags.append(f"tpp{cfg.train.tokens_per_param:g}")
     config = OmegaConf.to_container(cfg, resolve=True)
