@@ -21,6 +21,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import lightning as L
 import numpy as np
@@ -100,9 +101,12 @@ def _load_files(files: list[Path], cfg) -> list[str]:
     return [t for t in ds[cfg.text_field] if t]
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 5.0) -> bool:
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the hub endpoint (``HF_ENDPOINT``, as huggingface_hub reads it) accepts a connection."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
         return True
     except OSError:
         return False
