@@ -318,6 +318,16 @@ def unique_windows(n_tokens: int, seq_len: int) -> int:
     return max(0, (n_tokens - 1) // seq_len)
 
 
+def check_budget(corpus: Corpus, tokens: int, seq_len: int) -> int:
+    """The corpus's number of distinct training windows; a budget needing more is an error (no epoch repeats)."""
+    available = unique_windows(corpus.meta["train_tokens"], seq_len)
+    if tokens > available * seq_len:
+        raise DataError(f"token budget {tokens:,} exceeds the {available * seq_len:,} unique training tokens of "
+                        f"corpus {corpus.meta['corpus']!r} at seq_len={seq_len}; lower train.tokens or use a larger "
+                        "corpus (runs never repeat data)")
+    return available
+
+
 class TokenDataModule(L.LightningDataModule):
     """Serves exactly ``train_sequences`` distinct training windows, in a seeded order, starting after the windows
     that earlier (interrupted) attempts of the same run already consumed; and a fixed held-out slice."""
@@ -327,11 +337,7 @@ class TokenDataModule(L.LightningDataModule):
         super().__init__()
         self.corpus, self.seq_len, self.batch_size = corpus, seq_len, batch_size
         self.train_sequences, self.seed, self.num_workers = train_sequences, seed, num_workers
-        available = unique_windows(corpus.meta["train_tokens"], seq_len)
-        if train_sequences > available:
-            raise DataError(f"token budget {train_sequences * seq_len:,} exceeds the {available * seq_len:,} unique "
-                            f"training tokens of corpus {corpus.meta['corpus']!r} at seq_len={seq_len}; lower "
-                            "train.tokens or use a larger corpus (runs never repeat data)")
+        available = check_budget(corpus, train_sequences * seq_len, seq_len)
         n_eval = eval_tokens // seq_len
         if n_eval < 1 or n_eval > unique_windows(corpus.meta["val_tokens"], seq_len):
             raise DataError(f"data.eval_tokens={eval_tokens:,} needs between {seq_len} and "

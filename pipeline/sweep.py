@@ -63,7 +63,7 @@ class Point:
 
 def plan_points(points: list[list[str]], check_data: bool = True) -> list[Point]:
     """Compose and plan every point; with ``check_data``, also check each token budget against its corpus."""
-    from pipeline.data import DataError, TokenDataModule, prepare_corpus, unique_windows
+    from pipeline.data import DataError, check_budget, prepare_corpus
     from pipeline.train import ConfigError, plan_run
 
     corpora: dict[str, object] = {}
@@ -82,11 +82,7 @@ def plan_points(points: list[list[str]], check_data: bool = True) -> list[Point]
                 key = repr(sorted(cfg.data.items()))
                 if key not in corpora:
                     corpora[key] = prepare_corpus(cfg.data)
-                corpus = corpora[key]
-                available = unique_windows(corpus.meta["train_tokens"], m.seq_len) * m.seq_len
-                if spec.tokens > available:
-                    raise DataError(f"token budget {spec.tokens:,} exceeds the {available:,} unique training tokens "
-                                    f"of corpus {corpus.meta['corpus']!r}")
+                check_budget(corpora[key], spec.tokens, m.seq_len)
         except (ConfigError, DataError, ValueError) as e:
             point.error = str(e)
         planned.append(point)

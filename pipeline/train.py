@@ -107,6 +107,9 @@ def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
         lr = t.lr * t.lr_ref_width / model.d_model
     else:
         raise ConfigError(f"train.lr_rule={t.lr_rule!r}: choose constant or inverse_width")
+    lat = cfg.latency
+    if lat.enabled and lat.prompt_len + lat.decode_tokens > model.seq_len:
+        raise ConfigError(f"latency.prompt_len + latency.decode_tokens must not exceed model.seq_len={model.seq_len}")
     total_steps = math.ceil(sequences / batch)
     payload = {"model": asdict(model), "tokens": sequences * model.seq_len, "batch_size": batch,
                **{g: {k: v for k, v in OmegaConf.to_container(cfg[g], resolve=True).items()
@@ -159,9 +162,6 @@ def run(cfg: DictConfig) -> dict:
     spec = plan_run(cfg, vocab_size=corpus.vocab_size)
     datamodule = TokenDataModule(corpus, spec.model.seq_len, spec.batch_size, spec.tokens // spec.model.seq_len,
                                  cfg.data.eval_tokens, cfg.data.val_curve_tokens, cfg.train.seed, cfg.data.num_workers)
-    if cfg.latency.enabled and cfg.latency.prompt_len + cfg.latency.decode_tokens > spec.model.seq_len:
-        raise ConfigError(f"latency.prompt_len + latency.decode_tokens must not exceed model.seq_len={spec.model.seq_len}")
-
     record = _record_head(cfg, spec, corpus)
     wandb_logger = _wandb_logger(cfg, spec)
     status = "failed"
