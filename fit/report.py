@@ -16,8 +16,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from fit.constants import CONF_DIR
-from pipeline.records import load_table
+from scaling_lab.conf import CONF_DIR
+from scaling_lab.fit.io.store import load_table
 
 
 def _fmt(x, digits: int = 4) -> str:

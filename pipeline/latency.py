@@ -23,11 +23,14 @@ import hydra
 import pandas as pd
 import torch
 
-from fit.constants import CONF_DIR, read_fit_json, write_json_atomic
-from fit.latency_model import LatencyModel, fit_latency, merge_into_fit_json
-from models.gpt import GPT, GPTConfig, resolve_shape
-from pipeline.config import LatencyConf
-from pipeline.records import iter_records, load_table
+from scaling_lab.conf import CONF_DIR
+from scaling_lab.fit.io.fitfile import read_fit_json
+from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.fit.latency import LatencyModel, fit_latency, merge_into_fit_json
+from scaling_lab.models.gpt import GPT
+from scaling_lab.models.shapes import GPTConfig, resolve_shape
+from scaling_lab.pipeline.config import LatencyConf
+from scaling_lab.fit.io.store import iter_records, load_table
 
 
 def _sync(device: torch.device) -> None:
@@ -179,8 +182,7 @@ def measure_shapes(configs: list[GPTConfig], protocol: dict, device: str = "cpu"
     rows = []
     for i, c in enumerate(configs):
         results = [samples[(i, r)] for r in range(max(1, int(rounds)))]
-        with torch.device("meta"):
-            counts = GPT(c).param_counts()
+        counts = c.param_counts()
         for b in results[0]["batch_sizes"]:
             per = [res["by_batch"][str(b)] for res in results]
             rows.append({

@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from models.gpt import GPT, GPTConfig
+from scaling_lab.models.gpt import GPT
+from scaling_lab.models.shapes import GPTConfig
 
 
 class DivergenceError(RuntimeError):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import hydra
@@ -20,11 +19,12 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fit import select as selection
-from fit.constants import CONF_DIR, write_json_atomic
-from fit.latency_model import FORM, LatencyModel, MissingLatency, load_latency
-from models.gpt import GPT, GPTConfig, non_embedding_params
-from pipeline.latency import measure_shapes, protocol_defaults
+from scaling_lab.fit import selection
+from scaling_lab.conf import CONF_DIR
+from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.fit.latency import FORM, LatencyModel, MissingLatency, load_latency
+from scaling_lab.models.shapes import GPTConfig, non_embedding_params
+from scaling_lab.pipeline.latency import measure_shapes, protocol_defaults
 
 SELECTION_SCHEMA_VERSION = 1
 CONVENTIONS = ("total", "non_embedding")
@@ -45,9 +45,8 @@ def param_counter(arch, convention: str) -> Callable[[int, int], float]:
     an untied head included), both from ``models.gpt``."""
     if convention == "non_embedding":
         return lambda n_layers, d_model: non_embedding_params(n_layers, d_model, arch.ffn_ratio)
-    if convention == "total":  # GPT's own count reads only the config: called on it, no weights are built
-        return lambda n_layers, d_model: GPT.param_counts(
-            SimpleNamespace(config=gpt_config(arch, n_layers, d_model)))["total"]
+    if convention == "total":
+        return lambda n_layers, d_model: gpt_config(arch, n_layers, d_model).param_counts()["total"]
     raise ValueError(f"the fit's N convention is {convention!r}: set n_convention=total or non_embedding (what the "
                      f"N the law was fitted on counts)")
 

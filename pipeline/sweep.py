@@ -10,12 +10,8 @@ store (``scaling-sweep-status``). Launching, skipping finished points and resumi
 from __future__ import annotations
 
 import math
-import os
-import socket
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -24,9 +20,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fit.constants import CONF_DIR, write_json_atomic
-from pipeline import config  # noqa: F401  (registers the train_schema structured config)
-from pipeline import records
+from scaling_lab.conf import CONF_DIR
+from scaling_lab.pipeline import config  # noqa: F401  (registers the train_schema structured config)
+from scaling_lab.fit.io import store
+from scaling_lab.pipeline.runspec import ConfigError, plan_run
 
 
 def grid(params: dict, overrides: list[str]) -> list[list[str]]:
@@ -63,8 +60,7 @@ class Point:
 
 def plan_points(points: list[list[str]], check_data: bool = True) -> list[Point]:
     """Compose and plan every point; with ``check_data``, also check each token budget against its corpus."""
-    from pipeline.data import DataError, check_budget, prepare_corpus
-    from pipeline.train import ConfigError, plan_run
+    from scaling_lab.pipeline.data import DataError, check_budget, prepare_corpus
 
     corpora: dict[str, object] = {}
     planned = []
@@ -76,7 +72,7 @@ def plan_points(points: list[list[str]], check_data: bool = True) -> list[Point]
             point.run_id, point.tokens = spec.run_id, spec.tokens
             m = spec.model
             point.n_params = m.non_embedding_params
-            point.flops = _flops(m) * spec.tokens
+            point.flops = m.flops_per_token * spec.tokens
             point.shape = f"L{m.n_layers} d{m.d_model} R{m.aspect_ratio:g}"
             if check_data:
                 key = repr(sorted(cfg.data.items()))
@@ -87,14 +83,6 @@ def plan_points(points: list[list[str]], check_data: bool = True) -> list[Point]
             point.error = str(e)
         planned.append(point)
     return planned
-
-
-def _flops(model) -> int:
-    from models.gpt import GPT
-    import torch
-
-    with torch.device("meta"):
-        return GPT(model).flops_per_token()
 
 
 class CheckSweep(Callback):
@@ -117,43 +105,21 @@ class CheckSweep(Callback):
 
 # ----- run state -----------------------------------------------------------------------------------------------
 
-def marker_path(results_dir, sweep: str, run_id: str) -> Path:
-    return records.sweep_dir(results_dir, sweep) / "running" / f"{run_id}.json"
-
-
-def mark_running(results_dir, sweep: str, run_id: str) -> Path:
-    """Note that this process is training ``run_id`` (removed when the run ends, however it ends)."""
-    return write_json_atomic(marker_path(results_dir, sweep, run_id),
-                             {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
-
-
-def _alive(marker: dict) -> bool:
-    if marker.get("host") != socket.gethostname():
-        return True  # another node's run: trust its marker
-    try:
-        os.kill(int(marker["pid"]), 0)
-        return True
-    except (OSError, ValueError, KeyError):
-        return False
-
-
 def point_states(cfg_results_dir: str, sweep: str, planned: list[Point]) -> list[Point]:
     import json
-
-    from pipeline.train import checkpoint_path_for  # noqa: PLC0415 (pipeline.train imports this module)
 
     for p in planned:
         if p.error:
             p.state = "invalid"
             continue
-        p.record = records.read_record(records.record_path(cfg_results_dir, sweep, p.run_id))
-        marker = marker_path(cfg_results_dir, sweep, p.run_id)
+        p.record = store.read_record(store.record_path(cfg_results_dir, sweep, p.run_id))
+        marker = store.marker_path(cfg_results_dir, sweep, p.run_id)
         if p.record and p.record.get("status") in ("ok", "failed"):
             p.state = "done" if p.record["status"] == "ok" else "failed"
             p.loss = (p.record.get("loss") or {}).get("final")
-        elif marker.exists() and _alive(json.loads(marker.read_text())):
+        elif marker.exists() and store.claim_alive(json.loads(marker.read_text())):
             p.state = "running"
-        elif checkpoint_path_for(cfg_results_dir, sweep, p.run_id).exists():
+        elif store.checkpoint_path(cfg_results_dir, sweep, p.run_id).exists():
             p.state = "interrupted"
         else:
             p.state = "pending"

@@ -17,7 +17,6 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,11 +24,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fit.constants import CONF_DIR
-from models.gpt import GPT, GPTConfig, resolve_shape
-from pipeline import records
-from pipeline.sweep import mark_running
-from pipeline import config  # noqa: F401  (registers the train_schema structured config)
+from scaling_lab.conf import CONF_DIR
+from scaling_lab.fit.io import store
+from scaling_lab.pipeline.runspec import ConfigError, RunSpec, plan_run
+from scaling_lab.pipeline import config  # noqa: F401  (registers the train_schema structured config)
 
 log = logging.getLogger("scaling.train")
 # A resumed run's sampler continues where the checkpoint stopped (pipeline.data.GlobalBatches); Lightning cannot see
@@ -39,123 +37,20 @@ warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).
 # Hydra 1.3 still merges our conf/hydra/launcher/submitit_*.yaml presets into the plugin's schema of the same name.
 warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name.*")
 
-# Config fields that do not change a run's result: they are left out of its run id.
-NOT_IN_RUN_ID = {"train": {"threads", "progress_bar", "log_every", "ckpt_every", "val_every", "compile",
-                           "accelerator", "devices", "strategy", "num_nodes"},
-                 "data": {"cache_dir", "num_workers", "val_curve_tokens", "streaming"}}
-
-
-class ConfigError(ValueError):
-    """Bad configuration: raised before any compute is spent."""
-
-
-@dataclass
-class RunSpec:
-    """Everything a run needs, resolved from the config and checked."""
-
-    run_id: str
-    sweep: str
-    model: GPTConfig
-    tokens: int  # the training token budget, a whole number of sequences
-    batch_size: int
-    lr: float
-    total_steps: int
-    warmup_steps: int
-    threads: int
-
-
-def _positive(name: str, value) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{name} must be a positive number, got {value!r}")
-
-
-def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
-    """Resolve shape, token budget, batch size, learning rate and steps; every bad value fails here."""
-    m, t = cfg.model, cfg.train
-    try:
-        shape = resolve_shape(n_layers=m.n_layers, d_model=m.d_model, aspect_ratio=m.aspect_ratio, params=m.params,
-                              n_heads=m.n_heads, head_dim=m.head_dim, ffn_ratio=m.ffn_ratio)
-        model = GPTConfig(**shape, vocab_size=vocab_size or _vocab_size(cfg.data), seq_len=m.seq_len,
-                          ffn_ratio=m.ffn_ratio, tie_embeddings=m.tie_embeddings)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    budgets = {k: t[k] for k in ("tokens", "tokens_per_param", "flops") if t[k] is not None}
-    if len(budgets) != 1:
-        raise ConfigError(f"give exactly one token budget of train.tokens, train.tokens_per_param, train.flops; "
-                          f"got {sorted(budgets) or 'none'}")
-    for k, v in budgets.items():
-        _positive(f"train.{k}", v)
-    for k in ("batch_size", "lr", "max_batch_size", "batch_ref_tokens"):
-        _positive(f"train.{k}", t[k])
-    if not 0 <= t.warmup_frac < 1 or not 0 <= t.min_lr_ratio <= 1:
-        raise ConfigError("train.warmup_frac must lie in [0, 1) and train.min_lr_ratio in [0, 1]")
-    non_embedding = model.non_embedding_params
-    tokens = t.tokens if t.tokens is not None else (
-        t.tokens_per_param * non_embedding if t.tokens_per_param is not None else t.flops / (6 * non_embedding))
-    sequences = int(tokens // model.seq_len)
-    if sequences < 1:
-        raise ConfigError(f"token budget {tokens:,.0f} is less than one sequence of model.seq_len={model.seq_len}")
-    batch = t.batch_size
-    if t.batch_rule == "sqrt_tokens":
-        batch = int(round(t.batch_size * math.sqrt(tokens / t.batch_ref_tokens)))
-    elif t.batch_rule != "constant":
-        raise ConfigError(f"train.batch_rule={t.batch_rule!r}: choose constant or sqrt_tokens")
-    batch = max(1, min(batch, t.max_batch_size, sequences))
-    if t.lr_rule == "constant":
-        lr = t.lr
-    elif t.lr_rule == "inverse_width":
-        lr = t.lr * t.lr_ref_width / model.d_model
-    else:
-        raise ConfigError(f"train.lr_rule={t.lr_rule!r}: choose constant or inverse_width")
-    lat = cfg.latency
-    if lat.enabled and lat.prompt_len + lat.decode_tokens > model.seq_len:
-        raise ConfigError(f"latency.prompt_len + latency.decode_tokens must not exceed model.seq_len={model.seq_len}")
-    total_steps = math.ceil(sequences / batch)
-    payload = {"model": asdict(model), "tokens": sequences * model.seq_len, "batch_size": batch,
-               **{g: {k: v for k, v in OmegaConf.to_container(cfg[g], resolve=True).items()
-                      if k not in NOT_IN_RUN_ID.get(g, ())} for g in ("data", "train")}}
-    payload["model"].pop("vocab_size")  # fixed by data.tokenizer, which is in the payload
-    return RunSpec(run_id=records.run_id_for(payload), sweep=cfg.sweep.name, model=model,
-                   tokens=sequences * model.seq_len, batch_size=batch, lr=lr, total_steps=total_steps,
-                   warmup_steps=int(round(t.warmup_frac * total_steps)), threads=t.threads or default_threads())
-
-
-def _vocab_size(data_cfg) -> int:
-    return 257 if data_cfg.tokenizer == "bytes" else int(data_cfg.bpe_vocab_size)
-
-
-def default_threads() -> int:
-    """The machine's cores divided among the jobs the Hydra launcher runs at once (joblib n_jobs, or the cpus a
-    submitit task asked for), so parallel sweep jobs split the cores instead of fighting over them."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        launcher = HydraConfig.get().launcher
-    except (ValueError, ImportError):
-        return cores
-    if launcher.get("cpus_per_task"):
-        return int(launcher.cpus_per_task)
-    if launcher.get("n_jobs"):
-        jobs = cores if launcher.n_jobs < 0 else launcher.n_jobs
-        return max(1, cores // max(1, jobs))
-    return cores
-
-
 # ----- the run -------------------------------------------------------------------------------------------------
 
 def run(cfg: DictConfig) -> dict:
     """Train (or skip, or resume) the run ``cfg`` describes; returns its record."""
     started = time.time()
     spec = plan_run(cfg)
-    path = records.record_path(cfg.results.dir, spec.sweep, spec.run_id)
-    previous = records.read_record(path)
+    path = store.record_path(cfg.results.dir, spec.sweep, spec.run_id)
+    previous = store.read_record(path)
     if previous and (previous["status"] == "ok" or not cfg.sweep.retry_failed):
         log.info("run %s is already %s (%s); skipping%s", spec.run_id, previous["status"], path,
                  "" if previous["status"] == "ok" else " (sweep.retry_failed=true re-runs it)")
         return previous
 
-    from pipeline.data import TokenDataModule, prepare_corpus
+    from scaling_lab.pipeline.data import TokenDataModule, prepare_corpus
 
     torch.set_num_threads(spec.threads)
     corpus = prepare_corpus(cfg.data)
@@ -165,7 +60,7 @@ def run(cfg: DictConfig) -> dict:
     record = _record_head(cfg, spec, corpus)
     wandb_logger = _wandb_logger(cfg, spec)
     status = "failed"
-    marker = mark_running(cfg.results.dir, spec.sweep, spec.run_id)
+    marker = store.mark_running(cfg.results.dir, spec.sweep, spec.run_id)
     try:
         record.update(_train(cfg, spec, datamodule, corpus, wandb_logger))
         status = "ok"
@@ -181,7 +76,7 @@ def run(cfg: DictConfig) -> dict:
         if status != "interrupted":
             record.update(status=status, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             record["timing"]["wall_s"] = time.time() - started
-            records.write_record(cfg.results.dir, record)
+            store.write_record(cfg.results.dir, record)
             log.info("record: %s", path)
         _finish_wandb(wandb_logger, record, status)
     return record
@@ -191,9 +86,7 @@ def _record_head(cfg, spec: RunSpec, corpus) -> dict:
     import lightning
 
     c = spec.model
-    with torch.device("meta"):
-        counts_model = GPT(c)
-    counts = counts_model.param_counts()
+    counts = c.param_counts()
     return {
         "run_id": spec.run_id, "sweep": spec.sweep, "status": "running", "error": None, "seed": cfg.train.seed,
         "group": _group(cfg, counts["non_embedding"], spec.tokens),
@@ -203,7 +96,7 @@ def _record_head(cfg, spec: RunSpec, corpus) -> dict:
                   "aspect_ratio": c.aspect_ratio, "tie_embeddings": c.tie_embeddings},
         "params": counts,
         "tokens": {"budget": spec.tokens, "seen": 0},
-        "flops": {"per_token": counts_model.flops_per_token(), "total": counts_model.flops_per_token() * spec.tokens,
+        "flops": {"per_token": c.flops_per_token, "total": c.flops_per_token * spec.tokens,
                   "six_nd": 6 * counts["non_embedding"] * spec.tokens, "budget": cfg.train.flops},
         "optim": {"batch_size": spec.batch_size, "lr": spec.lr, "total_steps": spec.total_steps,
                   "warmup_steps": spec.warmup_steps},
@@ -228,14 +121,14 @@ def _group(cfg, non_embedding: int, tokens: int) -> str:
 def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
     import lightning as L
 
-    from pipeline.data import bits_per_byte
-    from pipeline.latency import measure
-    from pipeline.module import Checkpointing
+    from scaling_lab.pipeline.data import bits_per_byte
+    from scaling_lab.pipeline.latency import measure
+    from scaling_lab.pipeline.module import Checkpointing
 
     t = cfg.train
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = build_module(t, spec)
-    ckpt = checkpoint_path_for(cfg.results.dir, spec.sweep, spec.run_id)
+    ckpt = store.checkpoint_path(cfg.results.dir, spec.sweep, spec.run_id)
     trainer = build_trainer(t, spec, logger=wandb_logger, callbacks=[Checkpointing(ckpt, t.ckpt_every)],
                             root_dir=ckpt.parent)
     resume = ckpt if ckpt.exists() else None
@@ -268,7 +161,7 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
 
 
 def build_module(t, spec: RunSpec):
-    from pipeline.module import LitGPT
+    from scaling_lab.pipeline.module import LitGPT
 
     return LitGPT(spec.model, lr=spec.lr, total_steps=spec.total_steps, warmup_steps=spec.warmup_steps,
                   min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
@@ -291,10 +184,6 @@ def build_trainer(t, spec: RunSpec, logger=None, callbacks=(), root_dir=None, va
         limit_val_batches=None if validate else 0, num_sanity_val_steps=0, use_distributed_sampler=False,
         log_every_n_steps=t.log_every, enable_progress_bar=t.progress_bar, enable_model_summary=False,
         default_root_dir=str(root_dir) if root_dir else None)
-
-
-def checkpoint_path_for(results_dir, sweep: str, run_id: str) -> Path:
-    return records.sweep_dir(results_dir, sweep) / "checkpoints" / f"{run_id}.ckpt"
 
 
 def _curve_summary(curve: list[tuple[int, float]]) -> dict:
@@ -325,7 +214,7 @@ def _wandb_logger(cfg, spec: RunSpec):
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    save_dir = Path(w.dir or records.sweep_dir(cfg.results.dir, spec.sweep))
+    save_dir = Path(w.dir or store.sweep_dir(cfg.results.dir, spec.sweep))
     save_dir.mkdir(parents=True, exist_ok=True)
     c = spec.model
     tags = [f"sweep:{spec.sweep}", f"L{c.n_layers}", f"d{c.d_model}", f"R{c.aspect_ratio:g}",
@@ -350,7 +239,7 @@ def _finish_wandb(wandb_logger, record: dict, status: str) -> None:
 
     try:
         run = wandb_logger.experiment
-        flat = records.flatten(record)
+        flat = store.flatten(record)
         run.summary.update({k: v for k, v in flat.items() if isinstance(v, (int, float, str)) and v is not None})
         record_dir = Path(run.dir).parent
         log.info("W&B run (%s): %s", run.settings.mode, record_dir)
@@ -368,7 +257,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"{record['status']}: run {record['run_id']} loss={_fmt(record.get('loss', {}).get('final'))} "
-          f"record={records.record_path(cfg.results.dir, record['sweep'], record['run_id'])}")
+          f"record={store.record_path(cfg.results.dir, record['sweep'], record['run_id'])}")
 
 
 def _fmt(x) -> str:

@@ -24,10 +24,12 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from fit.constants import CONF_DIR, read_fit_json, write_json_atomic
-from pipeline import select as select_cli
-from pipeline.latency import measure_shapes, protocol_defaults
-from pipeline.records import load_table
+from scaling_lab.conf import CONF_DIR
+from scaling_lab.fit.io.fitfile import read_fit_json
+from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.pipeline import select as select_cli
+from scaling_lab.pipeline.latency import measure_shapes, protocol_defaults
+from scaling_lab.fit.io.store import load_table
 
 N_COLUMN = {"non_embedding": "params_non_embedding", "total": "params_total"}
 

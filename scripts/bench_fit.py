@@ -19,8 +19,8 @@ import pandas as pd
 from omegaconf import OmegaConf
 from scipy.optimize import minimize
 
-from fit.laws import CompiledLaw, LawSpec
-from fit.optimize import fit_huber_grid, huber_objective
+from scaling_lab.fit.laws.spec import CompiledLaw, LawSpec
+from scaling_lab.fit.fitting.optimize import fit_huber_grid, huber_objective
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH_REPORTED = {"E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}

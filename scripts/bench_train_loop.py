@@ -5,7 +5,7 @@
 Both loops train the same freshly initialised model on the same batches with the same AdamW, warmup-cosine
 schedule and gradient clipping, for the same number of steps; they alternate (plain, Lightning, plain, Lightning...)
 so that machine noise hits both alike, and the figure reported is the ratio of their median tokens/s, measured in
-this run. Model-FLOPs utilisation is the model's training FLOPs per second (GPT.flops_per_token) over the peak this
+this run. Model-FLOPs utilisation is the model's training FLOPs per second (GPTConfig.flops_per_token) over the peak this
 machine measures here, right now, for a square fp32 matmul at the same thread count.
 """
 
@@ -18,10 +18,11 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 
-from fit.constants import CONF_DIR
-from pipeline import config  # noqa: F401  (registers the train_schema structured config)
-from pipeline.data import TokenDataModule, prepare_corpus
-from pipeline.train import build_module, build_trainer, plan_run
+from scaling_lab.conf import CONF_DIR
+from scaling_lab.pipeline import config  # noqa: F401  (registers the train_schema structured config)
+from scaling_lab.pipeline.data import TokenDataModule, prepare_corpus
+from scaling_lab.pipeline.runspec import plan_run
+from scaling_lab.pipeline.train import build_module, build_trainer
 
 DEFAULTS = ["model.n_layers=2", "model.d_model=64", "model.head_dim=16", "train.tokens=1_000_000",
             "train.threads=1", "train.progress_bar=false", "logger=none"]
@@ -86,10 +87,7 @@ def main(argv: list[str]) -> None:
                                          cfg.data.eval_tokens, cfg.data.val_curve_tokens, cfg.train.seed)
             times[name].append(loop(cfg.train, spec, datamodule))
     peak = matmul_peak(spec.threads)
-    with torch.device("meta"):
-        from models.gpt import GPT
-
-        flops_per_token = GPT(m).flops_per_token()
+    flops_per_token = m.flops_per_token
     print(f"matmul peak (fp32, 1024^3, {spec.threads} thread(s)): {peak / 1e9:.1f} GFLOP/s")
     rates = {}
     for name, ts in times.items():

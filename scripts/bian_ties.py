@@ -12,8 +12,8 @@ from tempfile import TemporaryDirectory
 
 from hydra import compose, initialize_config_dir
 
-from fit.cli import run
-from fit.constants import CONF_DIR
+from scaling_lab.fit.fitting.cli import run
+from scaling_lab.conf import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SCALING_SHARED", ROOT.parent / "shared"))

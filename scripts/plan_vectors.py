@@ -12,8 +12,8 @@ import tempfile
 
 from hydra import compose, initialize_config_dir
 
-from fit.constants import CONF_DIR
-from fit.plan_cli import load_chinchilla, run
+from scaling_lab.conf import CONF_DIR
+from scaling_lab.fit.plan.cli import load_chinchilla, run
 
 VECTORS = {
     "compute-optimal": ["target.loss=1.947", "demand.tokens=2e12"],

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fit.constants import CONF_DIR
-from pipeline import config  # noqa: F401  (registers the train_schema structured config)
+from scaling_lab.conf import CONF_DIR
+from scaling_lab.pipeline import config  # noqa: F401  (registers the train_schema structured config)
 
 SHARED = Path(os.environ.get("SCALING_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-import fit.schema  # noqa: F401 - registers conf/fit.yaml's typed schema, as fit.cli does
-from fit.constants import CONF_DIR
+import scaling_lab.fit.fitting.schema  # noqa: F401 - registers conf/fit.yaml's typed schema, as fit.cli does
+from scaling_lab.conf import CONF_DIR
 
 
 

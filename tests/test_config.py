@@ -1,15 +1,14 @@
 """Every config group of scaling-train composed (and the launchers instantiated); the sweeps' grids checked."""
 
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from fit.constants import CONF_DIR
-from pipeline import config  # noqa: F401  (registers the train_schema structured config)
-from pipeline.sweep import grid, plan_points
-from pipeline.train import plan_run
+from scaling_lab.conf import CONF_DIR
+from scaling_lab.pipeline import config  # noqa: F401  (registers the train_schema structured config)
+from scaling_lab.pipeline.sweep import grid, plan_points
+from scaling_lab.pipeline.runspec import plan_run
 
 EXTRA = {"data=files": ["data.path=/some/dir"], "data=hub": ["data.name=some/dataset"]}
 

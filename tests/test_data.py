@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.config import DataConf
-from pipeline.data import DataError, TokenDataModule, prepare_corpus, stdlib_files
+from scaling_lab.pipeline.config import DataConf
+from scaling_lab.pipeline.data import DataError, TokenDataModule, prepare_corpus, stdlib_files
 from tests.conftest import shared_path
 
 

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from hydra.errors import MissingConfigException
 
-from fit.cli import run
-from fit.sources import FitInputError
+from scaling_lab.fit.fitting.cli import run
+from scaling_lab.fit.fitting.sources import FitInputError
 from tests.fit_support import fit_config
 
 

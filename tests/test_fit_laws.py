@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from fit.laws import CompiledLaw, load_laws, tie_map
-from fit.optimize import huber_objective, lbfgs_batch, polish
+from scaling_lab.fit.laws.spec import CompiledLaw, load_laws, tie_map
+from scaling_lab.fit.fitting.optimize import huber_objective, lbfgs_batch, polish
 from tests.fit_support import fit_config
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fit.cli import run
+from scaling_lab.fit.fitting.cli import run
 from tests.fit_support import fit_config, shared_reference
 
 BIAN = ["source=csv", "source.columns.N=N_params", "source.columns.D=D_tokens", "source.columns.R=aspect_ratio_R",

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fit import isoflop
-from fit.cli import run
-from fit.constants import load_constants, read_fit_json
-from pipeline.records import write_record
+from scaling_lab.fit.fitting import isoflop
+from scaling_lab.fit.fitting.cli import run
+from scaling_lab.fit.io.fitfile import load_constants, read_fit_json
+from scaling_lab.fit.io.store import write_record
 from tests.fit_support import fit_config
 
 

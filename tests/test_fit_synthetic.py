@@ -2,11 +2,10 @@
 
 import json
 
-import numpy as np
 import pytest
 
-from fit.cli import run
-from fit.constants import load_constants
+from scaling_lab.fit.fitting.cli import run
+from scaling_lab.fit.io.fitfile import load_constants
 from tests.fit_support import fit_config, synthetic_sweep
 
 CHINCHILLA = {"E": 1.8, "A": 400.0, "B": 2000.0, "alpha": 0.34, "beta": 0.37}

@@ -10,12 +10,14 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fit import plan
-from fit.constants import CONF_DIR, read_fit_json, write_json_atomic
-from fit.latency_model import (LatencyModel, LinearLatency, fit_latency, fit_linear, load_latency,
+from scaling_lab.fit.plan import planner as plan
+from scaling_lab.conf import CONF_DIR
+from scaling_lab.fit.io.fitfile import read_fit_json
+from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.fit.latency import (LatencyModel, LinearLatency, fit_latency, fit_linear, load_latency,
                                merge_into_fit_json)
-from pipeline import records
-from pipeline.latency import run_latency
+from scaling_lab.fit.io import store
+from scaling_lab.pipeline.latency import run_latency
 
 TRUE = {1: LinearLatency(0.2, 0.15, 5e-6), 8: LinearLatency(0.4, 0.2, 1.5e-5)}
 SHAPES = [(L, d) for L in (1, 2, 4, 8, 16) for d in (16, 48, 128, 256)]
@@ -134,7 +136,7 @@ def test_scaling_latency_measures_writes_csv_and_merges_section(tmp_path, capsys
 
 def test_scaling_latency_takes_a_sweeps_shapes_and_protocol(tmp_path):
     for L, d in ((1, 16), (2, 16), (1, 24)):
-        records.write_record(tmp_path / "res", {
+        store.write_record(tmp_path / "res", {
             "run_id": f"r{L}{d}", "sweep": "s", "status": "ok",
             "shape": {"n_layers": L, "d_model": d, "n_heads": d // 8, "head_dim": 8, "ffn_hidden": 4 * d,
                       "vocab_size": 257, "seq_len": 32, "aspect_ratio": d / L},

@@ -4,13 +4,14 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.gpt import GPT, GPTConfig, aspect_ratio, non_embedding_params, resolve_shape
+from scaling_lab.models.gpt import GPT
+from scaling_lab.models.shapes import GPTConfig, aspect_ratio, non_embedding_params, resolve_shape
 
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_param_counts_match_numel(tie):
     model = GPT(GPTConfig(n_layers=3, d_model=48, n_heads=3, vocab_size=300, seq_len=40, tie_embeddings=tie))
-    counts = model.param_counts()
+    counts = model.config.param_counts()
     assert counts["total"] == sum(p.numel() for p in model.parameters())  # tied weights counted once
     embedding = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("wte", "wpe", "head")))
     assert counts["embedding"] == embedding
@@ -20,7 +21,7 @@ def test_param_counts_match_numel(tie):
 def test_param_counts_match_hand_count():
     # 2 layers, d=64, ffn 256: per layer 4*64*64 + 2*64*256 + 2*64 = 49,280; + final norm 64
     assert non_embedding_params(2, 64, 4.0) == 2 * 49_280 + 64
-    counts = GPT(GPTConfig(n_layers=2, d_model=64, n_heads=2, vocab_size=257, seq_len=128)).param_counts()
+    counts = GPTConfig(n_layers=2, d_model=64, n_heads=2, vocab_size=257, seq_len=128).param_counts()
     assert counts == {"total": 98_624 + 257 * 64 + 128 * 64, "non_embedding": 98_624, "embedding": 257 * 64 + 128 * 64}
 
 
@@ -40,7 +41,7 @@ def test_flops_per_token_matches_counted_flops():
         ((q @ k.transpose(-1, -2)) @ v).sum().backward()
     attention = L * counter.get_total_flops()
     assert attention == 12 * L * T * d * batch * T
-    assert model.flops_per_token() * batch * T == weights + attention
+    assert cfg.flops_per_token * batch * T == weights + attention
 
 
 def test_aspect_ratio_has_one_meaning():

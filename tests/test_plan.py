@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from fit import plan
-from fit.constants import LawConstants
+from scaling_lab.fit.plan import planner as plan
+from scaling_lab.fit.laws.law import LawConstants
 
 FORMULA = "E + A / N**alpha + B / D**beta"
 SARDANA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.336, "beta": 0.283}

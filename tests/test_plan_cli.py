@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fit import plan_cli
-from fit.constants import CONF_DIR, LawConstants, write_json_atomic
+from scaling_lab.fit.plan import cli as plan_cli
+from scaling_lab.conf import CONF_DIR
+from scaling_lab.fit.laws.law import LawConstants
+from scaling_lab.fit.io.files import write_json_atomic
 
 KEYS = ("N", "D", "train_flops", "inference_flops", "total_flops", "total_cost")
 # Sardana et al. 2024's cost vector (/work/shared/reference/sardana2024.md)

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fit import plan, plan_cli
-from fit.constants import CONF_DIR, LawConstants, write_json_atomic
+from scaling_lab.fit.plan import planner as plan
+from scaling_lab.fit.plan import cli as plan_cli
+from scaling_lab.conf import CONF_DIR
+from scaling_lab.fit.laws.law import LawConstants
+from scaling_lab.fit.io.files import write_json_atomic
 
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.336, "beta": 0.283}
 IE_FORMULA = "(E + A / N**alpha + B / D**beta) * (1 + epsilon * R**gamma)"

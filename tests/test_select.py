@@ -12,13 +12,16 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fit import select as selection
-from fit.cli import run as fit_run
-from fit.constants import CONF_DIR, LawConstants, write_json_atomic
-from fit.latency_model import merge_into_fit_json
-from models.gpt import non_embedding_params
-from pipeline import records, verify
-from pipeline import select as select_cli
+from scaling_lab.fit import selection
+from scaling_lab.fit.fitting.cli import run as fit_run
+from scaling_lab.conf import CONF_DIR
+from scaling_lab.fit.laws.law import LawConstants
+from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.fit.latency import merge_into_fit_json
+from scaling_lab.models.shapes import non_embedding_params
+from scaling_lab.fit.io import store
+from scaling_lab.pipeline import verify
+from scaling_lab.pipeline import select as select_cli
 from tests.conftest import shared_path
 
 IE_FORMULA = "(E + A / N**alpha + B / D**beta) * (1 + epsilon * R**gamma)"
@@ -277,7 +280,7 @@ def test_conventional_is_nearest_the_median_aspect_ratio():
 def test_verification_trains_both_and_compares(tmp_path, token_cache):
     results = tmp_path / "res"
     for i, (L, d) in enumerate(itertools.product((1, 2), (16, 24))):
-        records.write_record(results, {
+        store.write_record(results, {
             "run_id": f"r{i}", "sweep": "toy", "status": "ok",
             "shape": {"n_layers": L, "d_model": d, "aspect_ratio": d / L},
             "params": {"non_embedding": non_embedding_params(L, d, 4.0), "total": 0},
@@ -297,7 +300,7 @@ def test_verification_trains_both_and_compares(tmp_path, token_cache):
     assert set(result["models"]) == {"morph", "conventional"}
     for m in result["models"].values():
         assert m["loss_measured"] > 0 and m["latency_remeasured_ms"] > 0 and m["loss_predicted"] > 0
-    trained = records.load_table(results, "verify")
+    trained = store.load_table(results, "verify")
     assert (trained.status == "ok").all() and len(trained) == (1 if result["claim"]["same_shape"] else 2)
     assert {"held", "faster", "nearly_equal_loss", "speedup_measured"} <= set(result["claim"])
     assert (results / "verify" / "check" / "verification.json").is_file()

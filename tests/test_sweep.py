@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import records
-from pipeline.sweep import format_status, status
-from pipeline.train import run
+from scaling_lab.fit.io import store
+from scaling_lab.pipeline.sweep import format_status, status
+from scaling_lab.pipeline.train import run
 from tests.test_train import wandb_summary
 
 BIN = Path(sys.executable).parent
@@ -34,7 +34,7 @@ def sweep_args(tmp_path, token_cache):
 def test_smoke_multirun_then_relaunch_trains_nothing(sweep_args, tmp_path):
     out = cli("scaling-train", "-m", "sweep=smoke", *sweep_args)
     assert out.returncode == 0, out.stderr[-3000:]
-    table = records.load_table(tmp_path / "results", "smoke")
+    table = store.load_table(tmp_path / "results", "smoke")
     assert len(table) == 4 and set(table.status) == {"ok"}
     assert sorted(table.n_layers.tolist()) == [1, 1, 4, 4]
     assert table.aspect_ratio.nunique() == 4 and (table.tokens_seen == table.tokens_budget).all()
@@ -62,7 +62,7 @@ def test_submitit_local_two_jobs_one_forced_to_fail(sweep_args, tmp_path):
     out = cli("scaling-train", "-m", "sweep=smoke", "hydra/launcher=submitit_local", "model.params=1e4",
               "model.n_layers=1", "train.diverge_loss=100,0.5", "logger=none", *sweep_args)
     assert out.returncode == 0, out.stderr[-3000:]
-    table = records.load_table(tmp_path / "results", "smoke")
+    table = store.load_table(tmp_path / "results", "smoke")
     assert len(table) == 2
     failed = table[table.status == "failed"]
     assert len(failed) == 1 and "diverged" in failed.error.iloc[0]
@@ -110,7 +110,7 @@ def test_sigterm_then_relaunch_resumes_from_checkpoint(compose_train, tmp_path, 
 def _write_many(results_dir: str, writer: int) -> None:
     for i in range(150):
         run_id = f"r{i % 30:03d}"  # both writers keep rewriting the same 30 records
-        records.write_record(results_dir, {"run_id": run_id, "sweep": "race", "status": "ok", "writer": writer,
+        store.write_record(results_dir, {"run_id": run_id, "sweep": "race", "status": "ok", "writer": writer,
                                            "loss": {"final": float(i)}, "padding": "x" * 20000})
 
 

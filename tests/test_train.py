@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from pipeline import records
-from pipeline.data import DataError
-from pipeline.module import warmup_cosine
-from pipeline.train import ConfigError, run
+from scaling_lab.fit.io import store
+from scaling_lab.pipeline.data import DataError
+from scaling_lab.pipeline.module import warmup_cosine
+from scaling_lab.pipeline.runspec import ConfigError
+from scaling_lab.pipeline.train import run
 
 SECRET = "wandb-test-key-0123456789abcdef0123456789abcdef"
 
@@ -44,9 +45,9 @@ def test_tiny_run_end_to_end(compose_train, monkeypatch):
     assert record["versions"]["torch"] and record["data"]["corpus_hash"] and record["data"]["python"]
 
     results = Path(cfg.results.dir)
-    path = records.record_path(results, "unit", record["run_id"])
+    path = store.record_path(results, "unit", record["run_id"])
     assert json.loads(path.read_text())["loss"]["final"] == record["loss"]["final"]
-    table = records.load_table(results, "unit")
+    table = store.load_table(results, "unit")
     assert len(table) == 1 and table.loc[0, "status"] == "ok" and table.loc[0, "loss"] == record["loss"]["final"]
     assert not list(results.rglob("*.ckpt"))  # a finished run leaves no checkpoint behind
 
@@ -70,7 +71,7 @@ def test_divergence_is_recorded_as_failed(compose_train):
     cfg = compose_train("train.diverge_loss=0.5", "logger=none", "sweep.name=unit")
     record = run(cfg)
     assert record["status"] == "failed" and "diverged" in record["error"]
-    table = records.load_table(cfg.results.dir, "unit")
+    table = store.load_table(cfg.results.dir, "unit")
     assert list(table.status) == ["failed"]
 
 

@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from fit.constants import LawConstants, read_fit_json
+from scaling_lab.fit.laws.law import LawConstants
+from scaling_lab.fit.io.fitfile import read_fit_json
 
 LAW = "inference_efficient"
 SHAPE_INPUTS = ("N", "D", "R")

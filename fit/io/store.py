@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from fit.constants import write_json_atomic
+from scaling_lab.fit.io.files import write_json_atomic
 
 RECORD_VERSION = 1
 
@@ -117,3 +120,29 @@ def load_table(results_dir: str | Path, sweep: str) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     return table.sort_values(["params_non_embedding", "tokens_budget", "aspect_ratio"], na_position="last",
                              ignore_index=True)
+
+
+# ----- run state: a running marker while a process trains a run, its checkpoint while it is unfinished ---------
+
+def checkpoint_path(results_dir: str | Path, sweep: str, run_id: str) -> Path:
+    return sweep_dir(results_dir, sweep) / "checkpoints" / f"{run_id}.ckpt"
+
+
+def marker_path(results_dir, sweep: str, run_id: str) -> Path:
+    return sweep_dir(results_dir, sweep) / "running" / f"{run_id}.json"
+
+
+def mark_running(results_dir, sweep: str, run_id: str) -> Path:
+    """Note that this process is training ``run_id`` (removed when the run ends, however it ends)."""
+    return write_json_atomic(marker_path(results_dir, sweep, run_id),
+                             {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
+
+
+def claim_alive(marker: dict) -> bool:
+    if marker.get("host") != socket.gethostname():
+        return True  # another node's run: trust its marker
+    try:
+        os.kill(int(marker["pid"]), 0)
+        return True
+    except (OSError, ValueError, KeyError):
+        return False

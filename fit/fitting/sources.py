@@ -57,7 +57,7 @@ def _read_csv(path: str) -> pd.DataFrame:
 
 
 def _read_results(src: Mapping[str, Any]) -> tuple[pd.DataFrame, dict]:
-    from pipeline.records import load_table   # torch-free; imported here so CSV users need no pipeline
+    from scaling_lab.fit.io.store import load_table   # torch-free; imported here so CSV users need no pipeline
 
     sweep = src.get("sweep")
     if not sweep or sweep == "???":

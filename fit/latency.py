@@ -38,7 +38,8 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import nnls
 
-from fit.constants import read_fit_json, write_json_atomic
+from scaling_lab.fit.io.fitfile import read_fit_json
+from scaling_lab.fit.io.files import write_json_atomic
 
 MODEL = "linear"
 FORM = "intercept + per_layer*n_layers + per_layer_d2*n_layers*d_model^2"

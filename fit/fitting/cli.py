@@ -14,11 +14,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fit import export, isoflop, schema, summary  # noqa: F401 - schema registers conf/fit.yaml's typed schema
-from fit.constants import CONF_DIR
-from fit.fitlaw import compile_law, fit_law
-from fit.laws import load_laws
-from fit.sources import FitInputError, load
+from scaling_lab.fit.fitting import export  # noqa: F401 - schema registers conf/fit.yaml's typed schema
+from scaling_lab.fit.fitting import isoflop  # noqa: F401 - schema registers conf/fit.yaml's typed schema
+from scaling_lab.fit.fitting import schema  # noqa: F401 - schema registers conf/fit.yaml's typed schema
+from scaling_lab.fit.fitting import summary  # noqa: F401 - schema registers conf/fit.yaml's typed schema
+from scaling_lab.conf import CONF_DIR
+from scaling_lab.fit.fitting.fitlaw import compile_law, fit_law
+from scaling_lab.fit.laws.spec import load_laws
+from scaling_lab.fit.fitting.sources import FitInputError, load
 
 
 def _plain(node) -> dict:
@@ -85,7 +88,7 @@ def run(cfg: DictConfig) -> dict:
     doc = export.document(table, fits, _plain(cfg.protocol), skipped, iso, int(cfg.bootstrap.seed))
     path = export.write(cfg.out, doc, table, fits)
     if cfg.plots:
-        from fit import plots      # matplotlib only when drawing
+        from scaling_lab.fit.fitting import plots      # matplotlib only when drawing
         plots.draw_all(Path(cfg.out), table, fits, iso)
     print(f"wrote {path}")
     return doc

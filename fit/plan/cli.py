@@ -24,8 +24,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from fit import plan as planner
-from fit.constants import CONF_DIR, LawConstants, read_fit_json, write_json_atomic
+from scaling_lab.fit.plan import planner
+from scaling_lab.conf import CONF_DIR
+from scaling_lab.fit.laws.law import LawConstants
+from scaling_lab.fit.io.fitfile import read_fit_json
+from scaling_lab.fit.io.files import write_json_atomic
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)

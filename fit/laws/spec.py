@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import sympy as sp
 
-from fit.constants import Law
+from scaling_lab.fit.laws.law import Law
 
 # Formula names that map to sympy functions (the numpy side is fit.constants._FUNCTIONS).
 _SYMPY_FUNCTIONS = {"exp": sp.exp, "log": sp.log, "sqrt": sp.sqrt, "abs": sp.Abs, "minimum": sp.Min,

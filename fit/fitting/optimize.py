@@ -18,7 +18,7 @@ from typing import Mapping
 import numpy as np
 from scipy.optimize import least_squares, minimize
 
-from fit.laws import CompiledLaw
+from scaling_lab.fit.laws.spec import CompiledLaw
 
 
 @dataclass

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
-from fit.constants import LawConstants
+from scaling_lab.fit.laws.law import LawConstants
 
 CHINCHILLA_PARAMS = ("E", "A", "B", "alpha", "beta")
 OBJECTIVES = ("flops", "cost")

@@ -18,9 +18,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fit.constants import SCHEMA_VERSION, write_json_atomic
-from fit.fitlaw import LawFit
-from fit.sources import Table
+from scaling_lab.fit.io.fitfile import SCHEMA_VERSION
+from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.fit.fitting.fitlaw import LawFit
+from scaling_lab.fit.fitting.sources import Table
 
 
 def _clean(obj):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fit.laws import CompiledLaw
-from fit.optimize import refit
+from scaling_lab.fit.laws.spec import CompiledLaw
+from scaling_lab.fit.fitting.optimize import refit
 
 
 def resample_counts(n_rows: int, n: int, seed: int) -> np.ndarray:

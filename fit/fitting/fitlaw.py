@@ -7,13 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from fit.allocation import frontier
-from fit.bootstrap import bootstrap, not_identified, percentile_ci
-from fit.constants import LawConstants
-from fit.laws import CompiledLaw, LawSpec, tie_label
-from fit.metrics import law_metrics
-from fit.optimize import FitResult, fit
-from fit.sources import Table
+from scaling_lab.fit.laws.chinchilla import frontier
+from scaling_lab.fit.fitting.bootstrap import bootstrap, not_identified, percentile_ci
+from scaling_lab.fit.laws.law import LawConstants
+from scaling_lab.fit.laws.spec import CompiledLaw, LawSpec, tie_label
+from scaling_lab.fit.fitting.metrics import law_metrics
+from scaling_lab.fit.fitting.optimize import FitResult, fit
+from scaling_lab.fit.fitting.sources import Table
 
 
 @dataclass

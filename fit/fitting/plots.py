@@ -12,8 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fit.fitlaw import LawFit  # noqa: E402
-from fit.sources import Table  # noqa: E402
+from scaling_lab.fit.fitting.fitlaw import LawFit  # noqa: E402
+from scaling_lab.fit.fitting.sources import Table  # noqa: E402
 
 STYLES = ["-", "--", ":", "-."]
 

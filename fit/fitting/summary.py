@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fit.fitlaw import LawFit
+from scaling_lab.fit.fitting.fitlaw import LawFit
 
 
 def _num(x, digits: int = 4) -> str:
