@@ -24,16 +24,16 @@ test: $(STAMP)
 # The demo sweep on 2 parallel jobs (1 thread each), then fit (held out: the largest size, to measure
 # extrapolation), select and verify a shape, plan, and report. Every stage is a command a user can run alone.
 demo: $(STAMP)
-	$(BIN)/scaling-train -m sweep=demo hydra/launcher=joblib hydra.launcher.n_jobs=2 results.dir=$(DEMO_DIR)
-	$(BIN)/scaling-sweep-status sweep=demo results.dir=$(DEMO_DIR)
-	$(BIN)/scaling-fit source=results source.sweep=demo results_dir=$(DEMO_DIR) out=$(DEMO_DIR)/fit/demo \
+	$(BIN)/scaling-train -m sweep=demo hydra/launcher=joblib hydra.launcher.n_jobs=2 results_dir=$(DEMO_DIR)
+	$(BIN)/scaling-sweep-status sweep=demo results_dir=$(DEMO_DIR)
+	$(BIN)/scaling-fit sweep=demo results_dir=$(DEMO_DIR) out=$(DEMO_DIR)/fit/demo \
 		'source.fit_rows="params_non_embedding < 1e5"' 'protocol.ties=[[alpha,beta]]'
-	$(BIN)/scaling-latency shapes.sweep=demo results_dir=$(DEMO_DIR) fit=$(DEMO_DIR)/fit/demo/fit.json \
+	$(BIN)/scaling-latency sweep=demo results_dir=$(DEMO_DIR) constants=$(DEMO_DIR)/fit/demo/fit.json \
 		out=$(DEMO_DIR)/latency/demo
-	$(BIN)/scaling-verify results_dir=$(DEMO_DIR) fitted_sweep=demo fit=$(DEMO_DIR)/fit/demo/fit.json
+	$(BIN)/scaling-verify results_dir=$(DEMO_DIR) sweep=demo constants=$(DEMO_DIR)/fit/demo/fit.json
 	$(BIN)/scaling-plan constants=$(DEMO_DIR)/fit/demo/fit.json objective=cost target.chinchilla_params=1e6 \
 		demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo
-	$(BIN)/scaling-report sweep_name=demo results_dir=$(DEMO_DIR)
+	$(BIN)/scaling-report sweep=demo results_dir=$(DEMO_DIR)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_train_loop.py

@@ -40,6 +40,7 @@ from scipy.optimize import nnls
 
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.conf import UserError
 
 MODEL = "linear"
 FORM = "intercept + per_layer*n_layers + per_layer_d2*n_layers*d_model^2"
@@ -200,7 +201,7 @@ def fit_latency(table: pd.DataFrame, meta: Mapping[str, Any] | None = None, batc
     return LatencyModel(by_batch=by_batch, heldout=heldout, batch_size=batch_size, meta=info)
 
 
-class MissingLatency(ValueError):
+class MissingLatency(UserError):
     """The file has no latency section."""
 
 
@@ -212,7 +213,7 @@ def load_latency(path: str | Path) -> LatencyModel:
     doc = json.loads(path.read_text())
     section = doc.get("latency") if "laws" in doc else doc
     if not section:
-        raise MissingLatency(f"{path} has no latency section: run scaling-latency fit={path}")
+        raise MissingLatency(f"{path} has no latency section: run scaling-latency constants={path}")
     return LatencyModel.from_dict(section)
 
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from scaling_lab.conf import CONF_DIR
+from scaling_lab.conf import command
 from scaling_lab.fit.io.store import load_table
 
 
@@ -129,9 +127,9 @@ def plan_section(path: Path, report_dir: Path) -> str:
 
 def write_report(cfg: DictConfig) -> Path:
     out = Path(cfg.out)
-    parts = [f"# Scaling report: sweep `{cfg.sweep_name}`\n\nWritten {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by "
+    parts = [f"# Scaling report: sweep `{cfg.sweep}`\n\nWritten {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by "
              "`scaling-report`; every number below is copied from the files each stage wrote.\n",
-             sweep_section(cfg.results_dir, cfg.sweep_name), fit_section(Path(cfg.fit_dir), out.parent),
+             sweep_section(cfg.results_dir, cfg.sweep), fit_section(Path(cfg.constants).parent, out.parent),
              verify_section(Path(cfg.verify)), plan_section(Path(cfg.plan), out.parent)]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -140,15 +138,12 @@ def write_report(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="report", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
-    try:
-        path = write_report(cfg)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"scaling-report: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"report: {path}")
+def _report(cfg: DictConfig) -> None:
+    print(f"report: {write_report(cfg)}")
 
 
-def main() -> None:
-    _main()
+main = command("scaling-report", "report", _report, errors=(OSError, KeyError))
+
+
+if __name__ == "__main__":
+    main()

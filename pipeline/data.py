@@ -29,12 +29,14 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from scaling_lab.conf import UserError
+
 EOT = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".py": "text", ".jsonl": "json", ".json": "json",
                  ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad data configuration: raised before any training starts."""
 
 

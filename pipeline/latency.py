@@ -7,7 +7,7 @@ range relative to the median). On CUDA every timing is bracketed by ``torch.cuda
 
 ``scaling-latency`` (``main``, configuration ``conf/latency_cli.yaml``) measures any list of shapes this way, writes
 ``<out>/latency.csv``, fits the latency model (``fit/latency_model.py``) and writes its section to
-``<out>/latency.json`` and, with ``fit=<fit.json>``, into that file.
+``<out>/latency.json`` and, with ``constants=<fit.json>``, into that file.
 """
 
 from __future__ import annotations
@@ -15,21 +15,19 @@ from __future__ import annotations
 import contextlib
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-import hydra
 import pandas as pd
 import torch
 
-from scaling_lab.conf import CONF_DIR
+from scaling_lab.conf import command
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
 from scaling_lab.fit.latency import LatencyModel, fit_latency, merge_into_fit_json
 from scaling_lab.models.gpt import GPT
 from scaling_lab.models.shapes import GPTConfig, resolve_shape
-from scaling_lab.pipeline.config import LatencyConf
+from scaling_lab.conf.train_schema import LatencyConf
 from scaling_lab.fit.io.store import iter_records, load_table
 
 
@@ -128,7 +126,7 @@ def protocol_defaults(results_dir: str | None = None, sweep: str | None = None) 
 
 
 def shapes_to_measure(cfg) -> list[GPTConfig]:
-    """The model configs of ``cfg.shapes`` (grid, pairs, a sweep's records), without duplicates, in order."""
+    """The model configs of ``cfg.shapes`` (grid, pairs) and of ``cfg.sweep``'s records, without duplicates, in order."""
     a, s = cfg.arch, cfg.shapes
 
     def config(**shape) -> GPTConfig:
@@ -141,11 +139,11 @@ def shapes_to_measure(cfg) -> list[GPTConfig]:
         if len(pair) != 2:
             raise ValueError(f"shapes.pairs holds [n_layers, d_model] pairs; got {list(pair)}")
         configs.append(config(n_layers=int(pair[0]), d_model=int(pair[1])))
-    if s.sweep:
-        table = load_table(cfg.results_dir, s.sweep)
+    if cfg.sweep:
+        table = load_table(cfg.results_dir, cfg.sweep)
         table = table[table.status == "ok"]
         if table.empty:
-            raise ValueError(f"no finished runs in {cfg.results_dir}/{s.sweep}")
+            raise ValueError(f"no finished runs in {cfg.results_dir}/{cfg.sweep}")
         for row in table.drop_duplicates(["n_layers", "d_model", "n_heads", "ffn_hidden", "vocab_size",
                                           "seq_len"]).itertuples():
             configs.append(GPTConfig(n_layers=int(row.n_layers), d_model=int(row.d_model), n_heads=int(row.n_heads),
@@ -153,7 +151,7 @@ def shapes_to_measure(cfg) -> list[GPTConfig]:
                                      ffn_ratio=row.ffn_hidden / row.d_model, tie_embeddings=a.tie_embeddings))
     unique = list({repr(c): c for c in configs}.values())  # equal configs have equal reprs
     if not unique:
-        raise ValueError("no shapes to measure: give shapes.n_layers and shapes.params, shapes.pairs or shapes.sweep")
+        raise ValueError("no shapes to measure: give shapes.n_layers and shapes.params, shapes.pairs or sweep")
     return unique
 
 
@@ -199,11 +197,11 @@ def measure_shapes(configs: list[GPTConfig], protocol: dict, device: str = "cpu"
 
 
 def run_latency(cfg) -> dict:
-    """The whole ``scaling-latency`` job: measure, write latency.csv, fit, write latency.json and merge into ``fit``."""
-    if cfg.fit:
-        read_fit_json(cfg.fit)  # a missing or invalid fit.json stops the run before measuring
+    """The whole ``scaling-latency`` job: measure, write latency.csv, fit, write latency.json and merge into ``constants``."""
+    if cfg.constants:
+        read_fit_json(cfg.constants)  # a missing or invalid fit.json stops the run before measuring
     configs = shapes_to_measure(cfg)
-    protocol = protocol_defaults(cfg.results_dir, cfg.shapes.sweep)
+    protocol = protocol_defaults(cfg.results_dir, cfg.sweep)
     protocol.update({k: v for k, v in cfg.measure.items() if v is not None and k in PROTOCOL})
     protocol["batch_sizes"] = [int(b) for b in protocol["batch_sizes"]]
     if protocol.get("threads"):
@@ -222,11 +220,11 @@ def run_latency(cfg) -> dict:
     model = fit_latency(table, meta, cfg.latency_model.batch_size, cfg.latency_model.extrapolate_frac)
     section = model.to_dict()
     write_json_atomic(out / "latency.json", section)
-    if cfg.fit:
-        merge_into_fit_json(cfg.fit, section)
+    if cfg.constants:
+        merge_into_fit_json(cfg.constants, section)
     print(format_latency(table, section))
     print(f"wrote {out / 'latency.csv'}, {out / 'latency.json'}"
-          + (f"; the latency section of {cfg.fit}" if cfg.fit else ""))
+          + (f"; the latency section of {cfg.constants}" if cfg.constants else ""))
     return section
 
 
@@ -257,12 +255,7 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="latency_cli", version_base="1.3")
-def main(cfg) -> None:
-    try:
-        run_latency(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"scaling-latency: error: {err}")
+main = command("scaling-latency", "latency_cli", run_latency, errors=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

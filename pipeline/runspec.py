@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scaling_lab.fit.io import store
 from scaling_lab.models.shapes import GPTConfig, resolve_shape
+from scaling_lab.conf import UserError
 
 # Config fields that do not change a run's result: they are left out of its run id.
 NOT_IN_RUN_ID = {"train": {"threads", "progress_bar", "log_every", "ckpt_every", "val_every", "compile",
@@ -21,7 +22,7 @@ NOT_IN_RUN_ID = {"train": {"threads", "progress_bar", "log_every", "ckpt_every",
                  "data": {"cache_dir", "num_workers", "val_curve_tokens", "streaming"}}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """Bad configuration: raised before any compute is spent."""
 
 

@@ -9,18 +9,16 @@ ranking, front and rules are ``fit/select.py``; ``run(cfg)`` is the whole job. C
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Callable
 
-import hydra
 import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from scaling_lab.fit import selection
-from scaling_lab.conf import CONF_DIR
+from scaling_lab.conf import command
 from scaling_lab.fit.io.files import write_json_atomic
 from scaling_lab.fit.latency import FORM, LatencyModel, MissingLatency, load_latency
 from scaling_lab.models.shapes import GPTConfig, non_embedding_params
@@ -92,7 +90,7 @@ def latency_source(cfg: DictConfig, fit_path: Path) -> LatencyModel | None:
     except MissingLatency:
         if cfg.select.measure:
             return None
-        raise MissingLatency(f"{path} has no latency section: run scaling-latency fit={path}, give "
+        raise MissingLatency(f"{path} has no latency section: run scaling-latency constants={path}, give "
                              f"latency=<latency.json>, or measure here with select.measure=true") from None
 
 
@@ -122,7 +120,7 @@ def predicted_latency(cfg: DictConfig, shapes: pd.DataFrame, model: LatencyModel
 
 def run(cfg: DictConfig) -> dict:
     """Enumerate, predict, rank, select; print and write ``selection.json``; returns its content."""
-    fit_path = Path(str(cfg.fit))
+    fit_path = Path(str(cfg.constants))
     constants, provenance = selection.load_law(fit_path, cfg.law)
     convention = cfg.n_convention or provenance.get("n_convention")
     count = param_counter(cfg.arch, convention)
@@ -185,12 +183,7 @@ def format_report(result: dict, table: pd.DataFrame, top: int) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="select", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"scaling-select: error: {err}")
+main = command("scaling-select", "select", run, errors=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Sweeps as first-class, restartable objects.
 
-A sweep is declared in ``conf/sweep/<name>.yaml`` as Hydra sweeper params and launched with
+A sweep is declared in ``conf/launch/sweep/<name>.yaml`` as Hydra sweeper params and launched with
 ``scaling-train -m sweep=<name>``. This module expands a sweep's grid exactly as Hydra's basic sweeper does, checks
 every point before any job starts (``CheckSweep``, a Hydra callback), and reads each point's state from the results
 store (``scaling-sweep-status``). Launching, skipping finished points and resuming interrupted ones happen in
@@ -21,7 +21,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from scaling_lab.conf import CONF_DIR
-from scaling_lab.pipeline import config  # noqa: F401  (registers the train_schema structured config)
 from scaling_lab.fit.io import store
 from scaling_lab.pipeline.runspec import ConfigError, plan_run
 
@@ -131,7 +130,7 @@ def status(overrides: list[str]) -> tuple[str, list[Point]]:
     cfg = _compose_with_hydra(overrides)
     points = grid(cfg.hydra.sweeper.get("params"), overrides)
     planned = plan_points(points, check_data=False)
-    return cfg.sweep.name, point_states(cfg.results.dir, cfg.sweep.name, planned)
+    return cfg.sweep.name, point_states(cfg.results_dir, cfg.sweep.name, planned)
 
 
 def format_status(name: str, planned: list[Point]) -> str:
@@ -160,7 +159,7 @@ def format_status(name: str, planned: list[Point]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """scaling-sweep-status sweep=<name> [results.dir=...] [other overrides the sweep was launched with]"""
+    """scaling-sweep-status sweep=<name> [results_dir=...] [other overrides the sweep was launched with]"""
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in args):
         print(main.__doc__)

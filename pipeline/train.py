@@ -13,21 +13,18 @@ import logging
 import math
 import os
 import platform
-import sys
 import time
 import traceback
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from scaling_lab.conf import CONF_DIR
+from scaling_lab.conf import command
 from scaling_lab.fit.io import store
 from scaling_lab.pipeline.runspec import ConfigError, RunSpec, plan_run
-from scaling_lab.pipeline import config  # noqa: F401  (registers the train_schema structured config)
 
 log = logging.getLogger("scaling.train")
 # A resumed run's sampler continues where the checkpoint stopped (pipeline.data.GlobalBatches); Lightning cannot see
@@ -43,7 +40,7 @@ def run(cfg: DictConfig) -> dict:
     """Train (or skip, or resume) the run ``cfg`` describes; returns its record."""
     started = time.time()
     spec = plan_run(cfg)
-    path = store.record_path(cfg.results.dir, spec.sweep, spec.run_id)
+    path = store.record_path(cfg.results_dir, spec.sweep, spec.run_id)
     previous = store.read_record(path)
     if previous and (previous["status"] == "ok" or not cfg.sweep.retry_failed):
         log.info("run %s is already %s (%s); skipping%s", spec.run_id, previous["status"], path,
@@ -60,7 +57,7 @@ def run(cfg: DictConfig) -> dict:
     record = _record_head(cfg, spec, corpus)
     wandb_logger = _wandb_logger(cfg, spec)
     status = "failed"
-    marker = store.mark_running(cfg.results.dir, spec.sweep, spec.run_id)
+    marker = store.mark_running(cfg.results_dir, spec.sweep, spec.run_id)
     try:
         record.update(_train(cfg, spec, datamodule, corpus, wandb_logger))
         status = "ok"
@@ -76,7 +73,7 @@ def run(cfg: DictConfig) -> dict:
         if status != "interrupted":
             record.update(status=status, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             record["timing"]["wall_s"] = time.time() - started
-            store.write_record(cfg.results.dir, record)
+            store.write_record(cfg.results_dir, record)
             log.info("record: %s", path)
         _finish_wandb(wandb_logger, record, status)
     return record
@@ -128,7 +125,7 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
     t = cfg.train
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = build_module(t, spec)
-    ckpt = store.checkpoint_path(cfg.results.dir, spec.sweep, spec.run_id)
+    ckpt = store.checkpoint_path(cfg.results_dir, spec.sweep, spec.run_id)
     trainer = build_trainer(t, spec, logger=wandb_logger, callbacks=[Checkpointing(ckpt, t.ckpt_every)],
                             root_dir=ckpt.parent)
     resume = ckpt if ckpt.exists() else None
@@ -214,7 +211,7 @@ def _wandb_logger(cfg, spec: RunSpec):
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    save_dir = Path(w.dir or store.sweep_dir(cfg.results.dir, spec.sweep))
+    save_dir = Path(w.dir or store.sweep_dir(cfg.results_dir, spec.sweep))
     save_dir.mkdir(parents=True, exist_ok=True)
     c = spec.model
     tags = [f"sweep:{spec.sweep}", f"L{c.n_layers}", f"d{c.d_model}", f"R{c.aspect_ratio:g}",
@@ -249,23 +246,17 @@ def _finish_wandb(wandb_logger, record: dict, status: str) -> None:
 
 # ----- CLI -----------------------------------------------------------------------------------------------------
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        record = run(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def _train_command(cfg: DictConfig) -> None:
+    record = run(cfg)
     print(f"{record['status']}: run {record['run_id']} loss={_fmt(record.get('loss', {}).get('final'))} "
-          f"record={store.record_path(cfg.results.dir, record['sweep'], record['run_id'])}")
+          f"record={store.record_path(cfg.results_dir, record['sweep'], record['run_id'])}")
 
 
 def _fmt(x) -> str:
     return f"{x:.4f}" if isinstance(x, float) else "-"
 
 
-def main() -> None:
-    _hydra_main()
+main = command("scaling-train", "train", _train_command, errors=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

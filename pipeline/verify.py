@@ -1,12 +1,12 @@
 """Verify a selection on our own trained models (the last step of ``make demo`` before planning).
 
-    python -m pipeline.verify results_dir=results fitted_sweep=demo fit=results/fit/demo/fit.json
+    scaling-verify sweep=demo constants=results/fit/demo/fit.json
 
 At N = ``params_factor`` x the sweep's largest model (counted as the fit counts N), ``scaling-select`` (its
 ``run``) picks the Morph shape: the fastest within ``loss_tolerance`` of the best predicted loss. The conventional
 shape is the candidate of that size whose aspect ratio is nearest the sweep's median. Both are trained for real by
 ``scaling-train`` (two processes in parallel, ``threads`` each, the sweep's training protocol from
-``conf/sweep/<train_preset>``, records in ``<results_dir>/<name>/``) on the same D. Their latencies are then
+``conf/launch/sweep/<train_preset>``, records in ``<results_dir>/<name>/``) on the same D. Their latencies are then
 re-measured back to back (interleaved rounds, so both see the same machine load), and predicted vs measured loss and
 latency are written to ``<out>/verification.json`` and printed, with whether the Morph claim (faster at nearly equal
 loss: measured loss within the tolerance of the conventional shape's) held. Configuration: ``conf/verify.yaml``.
@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from scaling_lab.conf import CONF_DIR
+from scaling_lab.conf import command
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
 from scaling_lab.pipeline import select as select_cli
@@ -36,10 +36,10 @@ N_COLUMN = {"non_embedding": "params_non_embedding", "total": "params_total"}
 
 def sweep_reference(cfg: DictConfig, convention: str) -> dict:
     """The sweep's largest N (in the fit's convention) and median aspect ratio."""
-    table = load_table(cfg.results_dir, cfg.fitted_sweep)
+    table = load_table(cfg.results_dir, cfg.sweep)
     table = table[table.status == "ok"]
     if table.empty:
-        raise ValueError(f"no finished runs in {cfg.results_dir}/{cfg.fitted_sweep}")
+        raise ValueError(f"no finished runs in {cfg.results_dir}/{cfg.sweep}")
     if convention not in N_COLUMN:
         raise ValueError(f"the fit's N convention is {convention!r}; verification needs total or non_embedding")
     return {"largest_N": float(table[N_COLUMN[convention]].max()), "median_R": float(table.aspect_ratio.median()),
@@ -53,7 +53,7 @@ def conventional(candidates: pd.DataFrame, aspect_ratio: float, target_n: float)
 
 
 def train_overrides(cfg: DictConfig, shape: dict, tokens: int) -> list[str]:
-    return [f"sweep={cfg.train_preset}", f"sweep.name={cfg.name}", f"results.dir={cfg.results_dir}",
+    return [f"sweep={cfg.train_preset}", f"sweep.name={cfg.name}", f"results_dir={cfg.results_dir}",
             f"model.n_layers={int(shape['n_layers'])}", f"model.d_model={int(shape['d_model'])}",
             "model.params=null", "model.aspect_ratio=null", f"model.head_dim={cfg.arch.head_dim}",
             f"train.tokens={tokens}", "train.tokens_per_param=null", "train.flops=null",
@@ -65,7 +65,7 @@ def train_both(cfg: DictConfig, shapes: dict[str, dict], tokens: int, out: Path)
     jobs = {}
     for label, shape in shapes.items():
         log = open(out / f"train_{label}.log", "w")
-        cmd = [sys.executable, "-m", "pipeline.train", *train_overrides(cfg, shape, tokens)]
+        cmd = [sys.executable, "-m", "scaling_lab.pipeline.train", *train_overrides(cfg, shape, tokens)]
         print(f"training {label}: n_layers={shape['n_layers']} d_model={shape['d_model']} on {tokens:,} tokens "
               f"(log: {log.name})", flush=True)
         jobs[label] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
@@ -87,7 +87,7 @@ def train_both(cfg: DictConfig, shapes: dict[str, dict], tokens: int, out: Path)
 
 def remeasure(cfg: DictConfig, shapes: dict[str, dict]) -> dict[str, float]:
     """Decode ms/token (batch 1) of both shapes, measured back to back in interleaved rounds, same protocol."""
-    protocol = protocol_defaults(cfg.results_dir, cfg.fitted_sweep)
+    protocol = protocol_defaults(cfg.results_dir, cfg.sweep)
     torch.set_num_threads(int(cfg.threads))
     configs = [select_cli.gpt_config(cfg.arch, s["n_layers"], s["d_model"]) for s in shapes.values()]
     rows = measure_shapes(configs, {**protocol, "batch_sizes": [1]}, rounds=cfg.remeasure_rounds,
@@ -97,7 +97,7 @@ def remeasure(cfg: DictConfig, shapes: dict[str, dict]) -> dict[str, float]:
 
 def run(cfg: DictConfig) -> dict:
     """Select at the verification size, train both shapes, re-measure, compare; returns verification.json."""
-    fit_path = Path(str(cfg.fit))
+    fit_path = Path(str(cfg.constants))
     convention = read_fit_json(fit_path).get("provenance", {}).get("n_convention")
     ref = sweep_reference(cfg, convention)
     target_n = cfg.params_factor * ref["largest_N"]
@@ -107,7 +107,7 @@ def run(cfg: DictConfig) -> dict:
     print(f"== verification at N = {cfg.params_factor:g} x {ref['largest_N']:.4g} = {target_n:.4g} "
           f"({convention}), D = {tokens:,} tokens; conventional R = the sweep's median {ref['median_R']:.4g}")
     select_cfg = hydra.compose(config_name="select", overrides=[
-        f"fit={fit_path}", f"budget.params={target_n}",
+        f"constants={fit_path}", f"budget.params={target_n}",
         f"budget.band={cfg.band}", f"budget.tokens={tokens}", f"select.loss_tolerance={cfg.loss_tolerance}",
         f"select.measure={str(cfg.measure).lower()}", f"out={out / 'selection'}"])
     select_cfg.arch = cfg.arch  # the family chosen for the verification (arch=...), not select.yaml's default
@@ -120,7 +120,7 @@ def run(cfg: DictConfig) -> dict:
     if same:
         trained["conventional"] = trained["morph"]
     latency = remeasure(cfg, shapes)
-    result = {"sweep": cfg.fitted_sweep, "fit_json": str(fit_path.resolve()), "n_convention": convention,
+    result = {"sweep": cfg.sweep, "fit_json": str(fit_path.resolve()), "n_convention": convention,
               "reference": ref, "target_N": target_n, "tokens": tokens, "loss_tolerance": cfg.loss_tolerance,
               "latency_source": selection["latency"]["source"], "models": {}}
     for label, shape in shapes.items():
@@ -169,12 +169,7 @@ def format_verification(result: dict) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="verify", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        sys.exit(f"verify: error: {err}")
+main = command("scaling-verify", "verify", run, errors=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

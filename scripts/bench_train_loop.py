@@ -19,7 +19,6 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from scaling_lab.conf import CONF_DIR
-from scaling_lab.pipeline import config  # noqa: F401  (registers the train_schema structured config)
 from scaling_lab.pipeline.data import TokenDataModule, prepare_corpus
 from scaling_lab.pipeline.runspec import plan_run
 from scaling_lab.pipeline.train import build_module, build_trainer

@@ -9,7 +9,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from scaling_lab.conf import CONF_DIR
-from scaling_lab.pipeline import config  # noqa: F401  (registers the train_schema structured config)
 
 SHARED = Path(os.environ.get("SCALING_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -44,6 +43,6 @@ def compose_train(tmp_path, token_cache):
     def _compose(*overrides: str, config_name: str = "train"):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose(config_name=config_name, overrides=[
-                *TINY, f"results.dir={tmp_path / 'results'}", f"data.cache_dir={token_cache}", *overrides])
+                *TINY, f"results_dir={tmp_path / 'results'}", f"data.cache_dir={token_cache}", *overrides])
 
     return _compose

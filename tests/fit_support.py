@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-import scaling_lab.fit.fitting.schema  # noqa: F401 - registers conf/fit.yaml's typed schema, as fit.cli does
 from scaling_lab.conf import CONF_DIR
 
 

@@ -6,7 +6,6 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from scaling_lab.conf import CONF_DIR
-from scaling_lab.pipeline import config  # noqa: F401  (registers the train_schema structured config)
 from scaling_lab.pipeline.sweep import grid, plan_points
 from scaling_lab.pipeline.runspec import plan_run
 
@@ -19,7 +18,8 @@ def compose_train(overrides, hydra_config=False):
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    folder = CONF_DIR / "launch" / group if group == "sweep" else CONF_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("group", ["model", "data", "train", "logger"])

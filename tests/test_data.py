@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from scaling_lab.pipeline.config import DataConf
+from scaling_lab.conf.train_schema import DataConf
 from scaling_lab.pipeline.data import DataError, TokenDataModule, prepare_corpus, stdlib_files
 from tests.conftest import shared_path
 

@@ -71,7 +71,7 @@ def test_cli_prints_one_line(tmp_path):
     """Through the installed console script when there is one (it runs fit.cli as a module, not a file)."""
     path = _csv(tmp_path, _runs().assign(loss=3.0))
     script = Path(sys.executable).parent / "scaling-fit"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "fit.cli"]
+    command = [str(script)]
     proc = subprocess.run([*command, "source=csv", f"source.path={path}", f"out={tmp_path / 'out'}"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2

@@ -35,7 +35,7 @@ def _write_sweep(results_dir, sweep="demo"):
 def test_results_sweep_fits_both_laws(tmp_path, capsys):
     _write_sweep(tmp_path / "results")
     out = tmp_path / "fit"
-    doc = run(fit_config("source=results", "source.sweep=demo", f"results_dir={tmp_path / 'results'}",
+    doc = run(fit_config("source=results", "sweep=demo", f"results_dir={tmp_path / 'results'}",
                          f"out={out}", "bootstrap.n=20", "protocol.max_starts=1000"))
     printed = capsys.readouterr().out
     assert "2 failed runs excluded" in printed and "== comparison" in printed
@@ -52,7 +52,7 @@ def test_results_sweep_fits_both_laws(tmp_path, capsys):
 
 def test_fit_json_schema(tmp_path):
     _write_sweep(tmp_path / "results")
-    run(fit_config("source=results", "source.sweep=demo", f"results_dir={tmp_path / 'results'}",
+    run(fit_config("source=results", "sweep=demo", f"results_dir={tmp_path / 'results'}",
                    f"out={tmp_path}", "bootstrap.n=5", "protocol.max_starts=300", "plots=false", "law=chinchilla"))
     doc = read_fit_json(tmp_path / "fit.json")
     json.loads((tmp_path / "fit.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))

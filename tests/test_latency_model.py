@@ -119,7 +119,7 @@ def test_scaling_latency_measures_writes_csv_and_merges_section(tmp_path, capsys
     fit_json = write_json_atomic(tmp_path / "fit.json", {"schema_version": 1, "laws": {
         "x": {"formula": "E", "inputs": [], "params": {"E": 1.0}}}})
     section = run_latency(latency_config(tmp_path, "shapes.n_layers=[1,2]", "shapes.params=[2e3]",
-                                         "shapes.pairs=[[4,16],[1,32]]", f"fit={fit_json}"))
+                                         "shapes.pairs=[[4,16],[1,32]]", f"constants={fit_json}"))
     table = pd.read_csv(tmp_path / "lat" / "latency.csv")
     assert len(table) == 4 * 2 and set(table.batch) == {1, 2}
     assert (table.d_model % 8 == 0).all() and (table.decode_ms_per_token > 0).all() and (table.prefill_ms > 0).all()
@@ -142,7 +142,7 @@ def test_scaling_latency_takes_a_sweeps_shapes_and_protocol(tmp_path):
                       "vocab_size": 257, "seq_len": 32, "aspect_ratio": d / L},
             "latency": {"prompt_len": 6, "decode_tokens": 3, "batch_sizes": [1], "warmup": 1, "repeats": 2,
                         "threads": 1}})
-    section = run_latency(latency_config(tmp_path, "shapes.n_layers=[]", "shapes.sweep=s",
+    section = run_latency(latency_config(tmp_path, "shapes.n_layers=[]", "sweep=s",
                                          f"results_dir={tmp_path / 'res'}", "measure.prompt_len=null",
                                          "measure.decode_tokens=null", "measure.batch_sizes=null"))
     assert section["prompt_len"] == 6 and section["decode_tokens"] == 3 and list(section["by_batch"]) == ["1"]
@@ -151,7 +151,7 @@ def test_scaling_latency_takes_a_sweeps_shapes_and_protocol(tmp_path):
 
 def test_console_script_bad_input_and_nothing_in_cwd(tmp_path):
     script = Path(sys.executable).with_name("scaling-latency")
-    bad = subprocess.run([str(script), f"fit={tmp_path / 'missing.json'}", "out=lat"], cwd=tmp_path,
+    bad = subprocess.run([str(script), f"constants={tmp_path / 'missing.json'}", "out=lat"], cwd=tmp_path,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "scaling-latency: error: no fit file" in bad.stderr
     assert "Traceback" not in bad.stderr and list(tmp_path.iterdir()) == []

@@ -137,5 +137,5 @@ def test_console_script_writes_only_out(tmp_path):
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["plan.json", "plan.png"]
     bad = subprocess.run([str(script), "target.loss=1.0", "demand.tokens=2e12", "out=q"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 1 and bad.stderr.strip().startswith("scaling-plan: error:")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("scaling-plan: error:")
     assert "Traceback" not in bad.stderr and not (tmp_path / "q").exists()

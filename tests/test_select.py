@@ -153,7 +153,7 @@ def select_config(tmp_path, *overrides):
 
 def test_cli_selects_and_writes(tmp_path, capsys):
     fit_json = write_fit_json(tmp_path / "fit.json")
-    result = select_cli.run(select_config(tmp_path, f"fit={fit_json}", "budget.params=2e5",
+    result = select_cli.run(select_config(tmp_path, f"constants={fit_json}", "budget.params=2e5",
                                           "select.loss_tolerance=0.01"))
     table = pd.read_csv(tmp_path / "sel" / "candidates.csv")
     assert result == json.loads((tmp_path / "sel" / "selection.json").read_text())
@@ -176,7 +176,7 @@ def test_cli_selects_and_writes(tmp_path, capsys):
 
 def test_cli_total_convention_counts_embeddings(tmp_path):
     fit_json = write_fit_json(tmp_path / "fit.json", convention="total")
-    result = select_cli.run(select_config(tmp_path, f"fit={fit_json}", "budget.params=2e5",
+    result = select_cli.run(select_config(tmp_path, f"constants={fit_json}", "budget.params=2e5",
                                           "select.latency_budget_ms=3"))
     table = pd.read_csv(tmp_path / "sel" / "candidates.csv")
     embedding = (257 + 128) * table.d_model  # tied head, learned positions (conf/arch/demo.yaml)
@@ -187,7 +187,7 @@ def test_cli_total_convention_counts_embeddings(tmp_path):
 
 def test_cli_measures_candidates_on_this_device(tmp_path):
     fit_json = write_fit_json(tmp_path / "fit.json", latency=None)
-    result = select_cli.run(select_config(tmp_path, f"fit={fit_json}", "budget.params=3e3", "budget.band=0.3",
+    result = select_cli.run(select_config(tmp_path, f"constants={fit_json}", "budget.params=3e3", "budget.band=0.3",
                                           "arch.n_layers=[1,3]", "select.measure=true", "select.loss_tolerance=0.05",
                                           "select.protocol.prompt_len=8", "select.protocol.decode_tokens=4",
                                           "select.protocol.warmup=1", "select.protocol.repeats=2"))
@@ -208,13 +208,13 @@ def test_cli_measures_candidates_on_this_device(tmp_path):
 def test_cli_bad_input(tmp_path, fit_kwargs, overrides, message):
     fit_json = write_fit_json(tmp_path / "fit.json", **fit_kwargs)
     with pytest.raises(ValueError, match=message):
-        select_cli.run(select_config(tmp_path, f"fit={fit_json}", *overrides))
+        select_cli.run(select_config(tmp_path, f"constants={fit_json}", *overrides))
     assert not (tmp_path / "sel").exists()
 
 
 def test_cli_missing_fit(tmp_path):
     with pytest.raises(FileNotFoundError, match="no fit file"):
-        select_cli.run(select_config(tmp_path, f"fit={tmp_path / 'none.json'}", "budget.params=2e5",
+        select_cli.run(select_config(tmp_path, f"constants={tmp_path / 'none.json'}", "budget.params=2e5",
                                      "select.loss_tolerance=0.01"))
 
 
@@ -239,7 +239,7 @@ def bian_fit(tmp_path_factory):
 
 
 def test_bian_selection_prefers_wide_and_shallow(bian_fit, tmp_path):
-    result = select_cli.run(select_config(tmp_path, f"fit={bian_fit}", "arch=bian2025", "budget.params=1.5e9",
+    result = select_cli.run(select_config(tmp_path, f"constants={bian_fit}", "arch=bian2025", "budget.params=1.5e9",
                                           "budget.tokens=29e9", "select.loss_tolerance=0.01"))
     table = pd.read_csv(tmp_path / "sel" / "candidates.csv")
     chosen, best = result["chosen"], result["best_loss"]
@@ -258,7 +258,7 @@ def test_bian_selection_prefers_wide_and_shallow(bian_fit, tmp_path):
 
 
 def test_bian_1b_shapes_ranked(bian_fit, tmp_path):
-    result = select_cli.run(select_config(tmp_path, f"fit={bian_fit}", "arch=bian2025", "budget.tokens=29e9",
+    result = select_cli.run(select_config(tmp_path, f"constants={bian_fit}", "arch=bian2025", "budget.tokens=29e9",
                                           f"shapes.pairs={BIAN_1B}".replace(" ", ""), "select.loss_tolerance=0.01"))
     table = pd.read_csv(tmp_path / "sel" / "candidates.csv")
     # the paper's measured order (v1 2.896 < v3 2.909 < v8 2.9198 < v6 2.9326), from the law
@@ -291,8 +291,8 @@ def test_verification_trains_both_and_compares(tmp_path, token_cache):
             "latency.prompt_len=8", "latency.decode_tokens=4", "latency.batch_sizes=[1]", "latency.repeats=2",
             "latency.warmup=1", "train.log_every=4"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("verify", overrides=[f"results_dir={results}", "fitted_sweep=toy", "train_preset=demo",
-                                           f"fit={fit_json}", "params_factor=1.0", "tokens_per_param=1",
+        cfg = compose("verify", overrides=[f"results_dir={results}", "sweep=toy", "train_preset=demo",
+                                           f"constants={fit_json}", "params_factor=1.0", "tokens_per_param=1",
                                            "loss_tolerance=0.05", "remeasure_rounds=1",
                                            "train_overrides=[" + ",".join(f"'{o}'" for o in tiny) + "]"])
         result = verify.run(cfg)
@@ -300,10 +300,10 @@ def test_verification_trains_both_and_compares(tmp_path, token_cache):
     assert set(result["models"]) == {"morph", "conventional"}
     for m in result["models"].values():
         assert m["loss_measured"] > 0 and m["latency_remeasured_ms"] > 0 and m["loss_predicted"] > 0
-    trained = store.load_table(results, "verify")
+    trained = store.load_table(results, "toy_verify")
     assert (trained.status == "ok").all() and len(trained) == (1 if result["claim"]["same_shape"] else 2)
     assert {"held", "faster", "nearly_equal_loss", "speedup_measured"} <= set(result["claim"])
-    assert (results / "verify" / "check" / "verification.json").is_file()
+    assert (results / "verify" / "toy" / "verification.json").is_file()
 
 
 def test_console_script_writes_only_out(tmp_path):
@@ -311,12 +311,12 @@ def test_console_script_writes_only_out(tmp_path):
     fit_json = write_fit_json(tmp_path / "fit.json")
     work = tmp_path / "cwd"
     work.mkdir()
-    done = subprocess.run([str(script), f"fit={fit_json}", "budget.params=2e5", "budget.tokens=1e7",
+    done = subprocess.run([str(script), f"constants={fit_json}", "budget.params=2e5", "budget.tokens=1e7",
                            "select.loss_tolerance=0.01", "out=sel"], cwd=work, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in work.iterdir()) == ["sel"]
     assert sorted(p.name for p in (work / "sel").iterdir()) == ["candidates.csv", "selection.json"]
-    bad = subprocess.run([str(script), f"fit={fit_json}", "budget.params=2e5", "budget.tokens=1e7",
+    bad = subprocess.run([str(script), f"constants={fit_json}", "budget.params=2e5", "budget.tokens=1e7",
                           "select.latency_budget_ms=0.001", "out=bad"], cwd=work, capture_output=True, text=True)
     assert bad.returncode != 0 and "scaling-select: error: no shape meets the latency budget" in bad.stderr
     assert "Traceback" not in bad.stderr and not (work / "bad").exists()

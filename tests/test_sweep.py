@@ -28,7 +28,7 @@ def cli(*args, timeout=400, env=None):
 
 @pytest.fixture
 def sweep_args(tmp_path, token_cache):
-    return [f"results.dir={tmp_path / 'results'}", f"data.cache_dir={token_cache}"]
+    return [f"results_dir={tmp_path / 'results'}", f"data.cache_dir={token_cache}"]
 
 
 def test_smoke_multirun_then_relaunch_trains_nothing(sweep_args, tmp_path):
@@ -83,7 +83,7 @@ def test_sigterm_then_relaunch_resumes_from_checkpoint(compose_train, tmp_path, 
     args = ["model.n_layers=2", "model.d_model=32", "model.head_dim=16", "model.seq_len=32", "train.tokens=400000",
             "train.batch_size=8", "train.ckpt_every=20", "train.progress_bar=false", "logger=none",
             "latency.enabled=false", "train.threads=1", "data.eval_tokens=4096"]
-    proc = subprocess.Popen([str(BIN / "scaling-train"), *args, f"results.dir={results}",
+    proc = subprocess.Popen([str(BIN / "scaling-train"), *args, f"results_dir={results}",
                              f"data.cache_dir={token_cache}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ckpts = results / "default" / "checkpoints"
     deadline = time.time() + 240
@@ -94,14 +94,14 @@ def test_sigterm_then_relaunch_resumes_from_checkpoint(compose_train, tmp_path, 
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     assert not list((results / "default").glob("*.json")), "an interrupted run must not write a record"
-    name, planned = status(args + [f"results.dir={results}", f"data.cache_dir={token_cache}"])
+    name, planned = status(args + [f"results_dir={results}", f"data.cache_dir={token_cache}"])
     assert [p.state for p in planned] == ["interrupted"]
 
-    cfg = compose_train(*args)  # the same run, in-process now; results.dir is the same tmp_path/results
+    cfg = compose_train(*args)  # the same run, in-process now; results_dir is the same tmp_path/results
     resumed = run(cfg)
     assert resumed["status"] == "ok"
     assert 0 < resumed["timing"]["resumed_from_tokens"] < resumed["tokens"]["budget"]
-    straight = run(compose_train(*args, f"results.dir={tmp_path / 'straight'}"))
+    straight = run(compose_train(*args, f"results_dir={tmp_path / 'straight'}"))
     assert straight["timing"]["resumed_from_tokens"] == 0
     assert resumed["tokens"]["seen"] == straight["tokens"]["seen"] == straight["tokens"]["budget"]
     assert resumed["loss"]["final"] == pytest.approx(straight["loss"]["final"], abs=0.02)

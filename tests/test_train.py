@@ -44,7 +44,7 @@ def test_tiny_run_end_to_end(compose_train, monkeypatch):
     assert set(lat["by_batch"]["2"]["decode_ms_per_token"]) == {"median", "min", "max", "iqr_rel"}
     assert record["versions"]["torch"] and record["data"]["corpus_hash"] and record["data"]["python"]
 
-    results = Path(cfg.results.dir)
+    results = Path(cfg.results_dir)
     path = store.record_path(results, "unit", record["run_id"])
     assert json.loads(path.read_text())["loss"]["final"] == record["loss"]["final"]
     table = store.load_table(results, "unit")
@@ -71,7 +71,7 @@ def test_divergence_is_recorded_as_failed(compose_train):
     cfg = compose_train("train.diverge_loss=0.5", "logger=none", "sweep.name=unit")
     record = run(cfg)
     assert record["status"] == "failed" and "diverged" in record["error"]
-    table = store.load_table(cfg.results.dir, "unit")
+    table = store.load_table(cfg.results_dir, "unit")
     assert list(table.status) == ["failed"]
 
 
@@ -91,7 +91,7 @@ def test_bad_input_stops_before_training(compose_train, override, error, message
     with pytest.raises(error, match=message):
         run(cfg)
     assert time.time() - start < 10
-    assert not Path(cfg.results.dir).exists() or not list(Path(cfg.results.dir).rglob("*.json"))
+    assert not Path(cfg.results_dir).exists() or not list(Path(cfg.results_dir).rglob("*.json"))
 
 
 def test_unknown_key_is_rejected(compose_train):
@@ -102,7 +102,7 @@ def test_unknown_key_is_rejected(compose_train):
 def test_cli_reports_bad_input_in_one_line(tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     out = subprocess.run([str(Path(sys.executable).parent / "scaling-train"), "model.d_model=100", "model.n_heads=3",
-                          f"results.dir={tmp_path}", "logger=none"], capture_output=True, text=True, env=env,
+                          f"results_dir={tmp_path}", "logger=none"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert out.returncode == 2
     assert "error: model.d_model=100 is not divisible by model.n_heads=3" in out.stderr

@@ -1,6 +1,6 @@
 """``scaling-fit``: fit the configured laws to a sweep or a CSV, print how far each can be trusted, write fit.json.
 
-    scaling-fit source=results source.sweep=demo results_dir=results out=results/fit/demo
+    scaling-fit sweep=demo results_dir=results out=results/fit/demo
     scaling-fit source=csv source.path=runs.csv source.columns.N=params source.columns.D=tokens protocol=bian2025
 
 ``run(cfg)`` does the work (tests call it with a composed config); ``main`` is the Hydra entry point.
@@ -8,17 +8,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from scaling_lab.fit.fitting import export  # noqa: F401 - schema registers conf/fit.yaml's typed schema
-from scaling_lab.fit.fitting import isoflop  # noqa: F401 - schema registers conf/fit.yaml's typed schema
-from scaling_lab.fit.fitting import schema  # noqa: F401 - schema registers conf/fit.yaml's typed schema
-from scaling_lab.fit.fitting import summary  # noqa: F401 - schema registers conf/fit.yaml's typed schema
-from scaling_lab.conf import CONF_DIR
+from scaling_lab.fit.fitting import export, isoflop, summary
+from scaling_lab.conf import CONF_DIR, command
 from scaling_lab.fit.fitting.fitlaw import compile_law, fit_law
 from scaling_lab.fit.laws.spec import load_laws
 from scaling_lab.fit.fitting.sources import FitInputError, load
@@ -95,23 +90,17 @@ def run(cfg: DictConfig) -> dict:
 
 
 def fit_sweep(sweep: str, results_dir: str | Path, out: str | Path, overrides: tuple[str, ...] = ()) -> dict:
-    """Fit our own sweep from Python (e.g. a demo script): ``scaling-fit source=results source.sweep=<sweep>
+    """Fit our own sweep from Python (e.g. a demo script): ``scaling-fit sweep=<sweep>
     results_dir=<dir> out=<dir>`` without the command line."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="fit", overrides=["source=results", f"source.sweep={sweep}",
+        cfg = compose(config_name="fit", overrides=["source=results", f"sweep={sweep}",
                                                     f"results_dir={results_dir}", f"out={out}", *overrides])
     return run(cfg)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="fit", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (FitInputError, FileNotFoundError) as err:
-        print(f"scaling-fit: error: {err}", file=sys.stderr)
-        sys.exit(2)
+main = command("scaling-fit", "fit", run, errors=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

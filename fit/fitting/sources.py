@@ -14,8 +14,10 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from scaling_lab.conf import UserError
 
-class FitInputError(ValueError):
+
+class FitInputError(UserError):
     """Bad input for a fit: the CLI prints the message alone and exits."""
 
 
@@ -61,7 +63,7 @@ def _read_results(src: Mapping[str, Any]) -> tuple[pd.DataFrame, dict]:
 
     sweep = src.get("sweep")
     if not sweep or sweep == "???":
-        raise FitInputError("source=results needs source.sweep=<name>")
+        raise FitInputError("source=results needs sweep=<name>")
     folder = Path(str(src["results_dir"])) / str(sweep)
     if not folder.is_dir():
         raise FitInputError(f"no results for sweep {sweep!r}: {folder} does not exist")

@@ -1,4 +1,4 @@
-"""The results store: one JSON record per run under ``<results.dir>/<sweep>/<run_id>.json``, and the table view.
+"""The results store: one JSON record per run under ``<results_dir>/<sweep>/<run_id>.json``, and the table view.
 
 The store is the source of truth (W&B only mirrors it). Records are written atomically (temp file + rename), so
 two processes writing the same sweep never leave a half-written or mixed record, and a reader never sees one.

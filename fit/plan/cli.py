@@ -14,10 +14,8 @@ Writes ``<out>/plan.json`` and ``<out>/plan.png`` and prints a table. Configurat
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
-import hydra
 import matplotlib
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
@@ -25,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from scaling_lab.fit.plan import planner
-from scaling_lab.conf import CONF_DIR
+from scaling_lab.conf import command
 from scaling_lab.fit.laws.law import LawConstants
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
@@ -269,14 +267,13 @@ def plot(cfg: DictConfig, constants: LawConstants, loss: float, inference: plann
     plt.close(fig)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="plan", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _plan(cfg: DictConfig) -> None:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.out = HydraConfig.get().runtime.output_dir  # <out>/<job number>
-    try:
-        run(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"scaling-plan: error: {err}")
+    run(cfg)
+
+
+main = command("scaling-plan", "plan", _plan, errors=(FileNotFoundError,))
 
 
 if __name__ == "__main__":

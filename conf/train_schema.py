@@ -97,17 +97,12 @@ class WandbConf:
     project: str = "scaling-lab"
     entity: Optional[str] = None
     mode: str = "offline"  # offline | online (needs WANDB_API_KEY) | disabled
-    dir: Optional[str] = None  # default: <results.dir>/<sweep.name>
+    dir: Optional[str] = None  # default: <results_dir>/<sweep.name>
 
 
 @dataclass
 class LoggerConf:
     wandb: Optional[WandbConf] = field(default_factory=WandbConf)  # logger=none sets it to null
-
-
-@dataclass
-class ResultsConf:
-    dir: str = "results"
 
 
 @dataclass
@@ -123,7 +118,7 @@ class TrainAppConf:
     train: TrainConf = field(default_factory=TrainConf)
     latency: LatencyConf = field(default_factory=LatencyConf)
     logger: LoggerConf = field(default_factory=LoggerConf)
-    results: ResultsConf = field(default_factory=ResultsConf)
+    results_dir: str = "results"  # the results folder: records, checkpoints, W&B runs, fits, plans, reports
     sweep: SweepConf = field(default_factory=SweepConf)
 
 

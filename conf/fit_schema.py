@@ -36,6 +36,7 @@ class FitConf:
     protocol: Any = None
     law: Any = None
     results_dir: str = "results"
+    sweep: Optional[str] = None
     out: str = "results/fit"
     bootstrap: BootstrapConf = field(default_factory=BootstrapConf)
     allocation: AllocationConf = field(default_factory=AllocationConf)
