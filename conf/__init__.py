@@ -107,6 +107,8 @@ def command(prog: str, config_name: str, run: Callable[[Any], Any],
             fail(prog, "; ".join(f"{a} is now {b} (write {b}=...)" for a, b in old))
         # Hydra then raises composition errors instead of printing them over several lines with a hint; we print one.
         os.environ["HYDRA_FULL_ERROR"] = "1"
+        if not any(a.startswith("hydra.job.name=") for a in sys.argv[1:]):
+            sys.argv.append(f"hydra.job.name={prog}")  # the log file's name, <prog>.log, not that of this module
         try:
             _hydra_main()
         except (HydraException, OmegaConfBaseException) as err:

@@ -79,7 +79,8 @@ class TrainConf:
     ckpt_every: int = 200  # steps between checkpoints (also on SIGTERM); 0: only on SIGTERM
     diverge_loss: float = 12.0  # a training loss above this (or NaN) fails the run as diverged
     compile: bool = False  # torch.compile the model (slow to start; pays off on large models only)
-    progress_bar: bool = True
+    progress_bar: bool = True  # on a terminal only; otherwise one progress line every progress_every_s
+    progress_every_s: float = 30.0
 
 
 @dataclass

@@ -262,6 +262,10 @@ def prepare_corpus(cfg) -> Corpus:
             tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
+            if not sys.stderr.isatty():  # `datasets` progress bars are carriage-return noise in a log file
+                import datasets
+
+                datasets.disable_progress_bars()
             docs = load_documents(cfg, info)
             tok = ByteTokenizer() if tok_id == "bytes" else BPETokenizer(cfg.bpe_vocab_size, tmp / "tokenizer.json",
                                                                          docs["train"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import lightning as L
@@ -13,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from scaling_lab.models.gpt import GPT
 from scaling_lab.models.shapes import GPTConfig
+from scaling_lab.pipeline.runspec import duration
 
 
 class DivergenceError(RuntimeError):
@@ -103,6 +105,34 @@ class LitGPT(L.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         self.tokens_resumed = checkpoint.get("tokens_seen", 0)
         self.val_curve = [tuple(p) for p in checkpoint.get("val_curve", [])]
+
+
+class Progress(Callback):
+    """One line of progress every ``every_s`` seconds (step, tokens, training loss, tokens/s, time left): for log
+    files and non-terminal output, where a progress bar would write kilobytes of carriage returns."""
+
+    def __init__(self, log, every_s: float = 30.0):
+        self.logger_, self.every_s = log, every_s
+        self.start = self.last = None
+        self.first_step = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = self.last = time.time()
+        self.first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now, step, total = time.time(), trainer.global_step, pl_module.total_steps
+        if now - self.last < self.every_s and step < total:
+            return
+        self.last = now
+        done = step - self.first_step
+        rate = done / (now - self.start) if now > self.start else 0.0
+        left = (total - step) / rate if rate else float("nan")
+        tokens_this_attempt = pl_module.tokens_local * trainer.world_size
+        self.logger_.info("step %d/%d (%.0f%%)  %s tokens  train loss %.4f  %.0f tokens/s  %s left", step, total,
+                      100 * step / total, f"{pl_module.tokens_resumed + tokens_this_attempt:,}",
+                      pl_module.last_train_loss or float("nan"), tokens_this_attempt / max(now - self.start, 1e-9),
+                      duration(left))
 
 
 class Checkpointing(Callback):

@@ -17,7 +17,7 @@ from scaling_lab.models.shapes import GPTConfig, resolve_shape
 from scaling_lab.conf import UserError
 
 # Config fields that do not change a run's result: they are left out of its run id.
-NOT_IN_RUN_ID = {"train": {"threads", "progress_bar", "log_every", "ckpt_every", "val_every", "compile",
+NOT_IN_RUN_ID = {"train": {"threads", "progress_bar", "progress_every_s", "log_every", "ckpt_every", "val_every", "compile",
                            "accelerator", "devices", "strategy", "num_nodes"},
                  "data": {"cache_dir", "num_workers", "val_curve_tokens", "streaming"}}
 
@@ -46,9 +46,24 @@ def _positive(name: str, value) -> None:
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
 
 
+# What each corpus source reads; a setting another source would read is refused rather than silently ignored.
+DATA_KEYS = {"stdlib": set(), "files": {"path", "val_path"}, "hub": {"name", "subset"}}
+
+
+def check_data(data: DictConfig) -> None:
+    if data.source not in DATA_KEYS:
+        raise ConfigError(f"data.source={data.source!r}: choose data=stdlib, data=files or data=hub")
+    for key in sorted(set().union(*DATA_KEYS.values()) - DATA_KEYS[data.source]):
+        if data.get(key) is not None:
+            owner = next(s for s, keys in DATA_KEYS.items() if key in keys)
+            raise ConfigError(f"data.{key} is set but data={data.source} does not read it: add data={owner} "
+                              f"(e.g. scaling-train data={owner} data.{key}=...)")
+
+
 def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
     """Resolve shape, token budget, batch size, learning rate and steps; every bad value fails here."""
     m, t = cfg.model, cfg.train
+    check_data(cfg.data)
     try:
         shape = resolve_shape(n_layers=m.n_layers, d_model=m.d_model, aspect_ratio=m.aspect_ratio, params=m.params,
                               n_heads=m.n_heads, head_dim=m.head_dim, ffn_ratio=m.ffn_ratio)
@@ -95,6 +110,24 @@ def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
     return RunSpec(run_id=store.run_id_for(payload), sweep=cfg.sweep.name, model=model,
                    tokens=sequences * model.seq_len, batch_size=batch, lr=lr, total_steps=total_steps,
                    warmup_steps=int(round(t.warmup_frac * total_steps)), threads=t.threads or default_threads())
+
+
+def duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``42s``; ``?`` when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    h, rem = divmod(int(round(seconds)), 3600)
+    return f"{h}h{rem // 60:02d}m" if h else (f"{rem // 60}m{rem % 60:02d}s" if rem >= 60 else f"{rem}s")
+
+
+def describe(spec: RunSpec) -> str:
+    """The run's plan in one line: shape, N, D, steps and batch, FLOPs."""
+    m = spec.model
+    n, counts = m.non_embedding_params, m.param_counts()
+    return (f"run {spec.run_id} ({spec.sweep}): n_layers={m.n_layers} d_model={m.d_model} heads={m.n_heads} "
+            f"R={m.aspect_ratio:g}; N={n:,} non-embedding ({counts['total']:,} total); D={spec.tokens:,} tokens "
+            f"({spec.tokens / n:.1f} per parameter); {spec.total_steps:,} steps of {spec.batch_size} x {m.seq_len} "
+            f"tokens; {m.flops_per_token * spec.tokens:.3g} training FLOPs; {spec.threads} thread(s)")
 
 
 def _vocab_size(data_cfg) -> int:

@@ -9,7 +9,6 @@ store (``scaling-sweep-status``). Launching, skipping finished points and resumi
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ from omegaconf import DictConfig
 
 from scaling_lab.conf import CONF_DIR
 from scaling_lab.fit.io import store
-from scaling_lab.pipeline.runspec import ConfigError, plan_run
+from scaling_lab.pipeline.runspec import ConfigError, duration, plan_run
 
 
 def grid(params: dict, overrides: list[str]) -> list[list[str]]:
@@ -153,7 +152,7 @@ def format_status(name: str, planned: list[Point]) -> str:
     line = f"FLOPs done {flops_done:.3g}, left {flops_left:.3g}"
     if train_s and flops_left:
         rate = flops_done / train_s
-        line += f"; about {_duration(flops_left / rate)} left at the {rate:.3g} FLOP/s the finished runs reached"
+        line += f"; about {duration(flops_left / rate)} left at the {rate:.3g} FLOP/s the finished runs reached"
     lines.append(line)
     return "\n".join(lines)
 
@@ -170,10 +169,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(format_status(name, planned))
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    h, rem = divmod(int(seconds), 3600)
-    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"

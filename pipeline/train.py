@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import platform
+import sys
 import time
 import traceback
 import warnings
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scaling_lab.conf import command
 from scaling_lab.fit.io import store
-from scaling_lab.pipeline.runspec import ConfigError, RunSpec, plan_run
+from scaling_lab.pipeline.runspec import ConfigError, RunSpec, describe, duration, plan_run
 
 log = logging.getLogger("scaling.train")
 # A resumed run's sampler continues where the checkpoint stopped (pipeline.data.GlobalBatches); Lightning cannot see
@@ -55,6 +56,7 @@ def run(cfg: DictConfig) -> dict:
     datamodule = TokenDataModule(corpus, spec.model.seq_len, spec.batch_size, spec.tokens // spec.model.seq_len,
                                  cfg.data.eval_tokens, cfg.data.val_curve_tokens, cfg.train.seed, cfg.data.num_workers)
     record = _record_head(cfg, spec, corpus)
+    log.info("%s%s", describe(spec), _estimate(cfg, spec))
     wandb_logger = _wandb_logger(cfg, spec)
     status = "failed"
     marker = store.mark_running(cfg.results_dir, spec.sweep, spec.run_id)
@@ -105,6 +107,17 @@ def _record_head(cfg, spec: RunSpec, corpus) -> dict:
     }
 
 
+def _estimate(cfg, spec: RunSpec) -> str:
+    """About how long the run will train, at the training FLOP/s the sweep's finished runs reached (none yet: the
+    progress lines give the time left once training starts)."""
+    done = [r for r in store.iter_records(cfg.results_dir, spec.sweep) if r.get("status") == "ok"]
+    flops = sum((r.get("flops") or {}).get("total") or 0 for r in done)
+    seconds = sum((r.get("timing") or {}).get("train_s") or 0 for r in done)
+    if not flops or not seconds:
+        return ""
+    return f"; about {duration(spec.model.flops_per_token * spec.tokens * seconds / flops)} at this sweep's rate"
+
+
 def _group(cfg, non_embedding: int, tokens: int) -> str:
     """Runs of one size class and token budget (shapes that differ only in aspect ratio share it): the sweep's
     declared target where it has one, else the run's own N and D to two significant figures."""
@@ -120,14 +133,16 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
 
     from scaling_lab.pipeline.data import bits_per_byte
     from scaling_lab.pipeline.latency import measure
-    from scaling_lab.pipeline.module import Checkpointing
+    from scaling_lab.pipeline.module import Checkpointing, Progress
 
     t = cfg.train
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = build_module(t, spec)
     ckpt = store.checkpoint_path(cfg.results_dir, spec.sweep, spec.run_id)
-    trainer = build_trainer(t, spec, logger=wandb_logger, callbacks=[Checkpointing(ckpt, t.ckpt_every)],
-                            root_dir=ckpt.parent)
+    callbacks = [Checkpointing(ckpt, t.ckpt_every)]
+    if not _show_bar(t):
+        callbacks.append(Progress(log, t.progress_every_s))
+    trainer = build_trainer(t, spec, logger=wandb_logger, callbacks=callbacks, root_dir=ckpt.parent)
     resume = ckpt if ckpt.exists() else None
     if resume:
         log.info("resuming run %s from %s", spec.run_id, resume)
@@ -179,8 +194,13 @@ def build_trainer(t, spec: RunSpec, logger=None, callbacks=(), root_dir=None, va
         logger=logger or False, callbacks=list(callbacks), enable_checkpointing=False,
         val_check_interval=t.val_every or max(1, spec.total_steps // 8), check_val_every_n_epoch=None,
         limit_val_batches=None if validate else 0, num_sanity_val_steps=0, use_distributed_sampler=False,
-        log_every_n_steps=t.log_every, enable_progress_bar=t.progress_bar, enable_model_summary=False,
+        log_every_n_steps=t.log_every, enable_progress_bar=_show_bar(t), enable_model_summary=False,
         default_root_dir=str(root_dir) if root_dir else None)
+
+
+def _show_bar(t) -> bool:
+    """A progress bar only on a terminal (and when asked for); log files get one line every progress_every_s."""
+    return bool(t.progress_bar) and sys.stderr.isatty()
 
 
 def _curve_summary(curve: list[tuple[int, float]]) -> dict:
@@ -248,12 +268,11 @@ def _finish_wandb(wandb_logger, record: dict, status: str) -> None:
 
 def _train_command(cfg: DictConfig) -> None:
     record = run(cfg)
-    print(f"{record['status']}: run {record['run_id']} loss={_fmt(record.get('loss', {}).get('final'))} "
-          f"record={store.record_path(cfg.results_dir, record['sweep'], record['run_id'])}")
-
-
-def _fmt(x) -> str:
-    return f"{x:.4f}" if isinstance(x, float) else "-"
+    loss = record.get("loss") or {}
+    result = (f"held-out loss {loss['final']:.4f} nats/token ({loss['bits_per_byte']:.4f} bits/byte)"
+              if isinstance(loss.get("final"), float) else record.get("error") or "")
+    print(f"{record['status']}: run {record['run_id']}: {result}; "
+          f"record {store.record_path(cfg.results_dir, record['sweep'], record['run_id'])}")
 
 
 main = command("scaling-train", "train", _train_command, errors=(FileNotFoundError,))
