@@ -20,23 +20,16 @@ import numpy as np
 import pandas as pd
 
 from scaling_lab.fit.laws.law import LawConstants
-from scaling_lab.fit.io.fitfile import read_fit_json
+from scaling_lab.fit.io import fitfile
 
 LAW = "inference_efficient"
 SHAPE_INPUTS = ("N", "D", "R")
 RULES = ("latency_budget", "loss_tolerance")
 
 
-def load_law(path: str | Path, law: str = LAW) -> tuple[LawConstants, dict]:
-    """The law a selection needs (loss of N, D and R) from a fit.json, and the fit's provenance."""
-    doc = read_fit_json(path)
-    if law not in doc["laws"]:
-        raise ValueError(f"{path} has no {law!r} law (it holds {sorted(doc['laws'])}); selection needs a law of "
-                         f"N, D and R: fit it with scaling-fit law=[chinchilla,inference_efficient]")
-    constants = LawConstants.from_dict(law, doc["laws"][law])
-    if set(constants.law.inputs) != set(SHAPE_INPUTS):
-        raise ValueError(f"{path}: law {law!r} has inputs {list(constants.law.inputs)}; selection needs "
-                         f"{list(SHAPE_INPUTS)} (R = d_model / n_layers)")
+def load_law(path: str | Path, law: str = LAW, formula: str | None = None) -> tuple[LawConstants, dict]:
+    """The law a selection needs (loss of N, D and R = d_model / n_layers) from a fit.json, and its provenance."""
+    constants, doc = fitfile.load_law(path, law, formula, inputs=SHAPE_INPUTS, needed_by="selection")
     return constants, doc.get("provenance", {})
 
 

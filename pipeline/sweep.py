@@ -2,25 +2,29 @@
 
 A sweep is declared in ``conf/launch/sweep/<name>.yaml`` as Hydra sweeper params and launched with
 ``scaling-train -m sweep=<name>``. This module expands a sweep's grid exactly as Hydra's basic sweeper does, checks
-every point before any job starts (``CheckSweep``, a Hydra callback), and reads each point's state from the results
-store (``scaling-sweep-status``). Launching, skipping finished points and resuming interrupted ones happen in
+every point before any job starts (``CheckSweep``, a Hydra callback) and saves what was launched
+(``<results_dir>/<sweep>/launches/*.json``, every point with its run id, N, D and FLOPs); ``scaling-sweep-status``
+reads those and the results store, composing nothing, so it needs no override typed again. Launching, skipping finished points and resuming interrupted ones happen in
 ``pipeline.train.run``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from scaling_lab.conf import CONF_DIR
+from scaling_lab.conf import UserError, command, compose
 from scaling_lab.fit.io import store
+from scaling_lab.fit.io.files import write_json_atomic
 from scaling_lab.pipeline.runspec import ConfigError, duration, plan_run
 
 
@@ -28,18 +32,6 @@ def grid(params: dict, overrides: list[str]) -> list[list[str]]:
     """The override list of every point: sweeper params, then command-line overrides (which win on a shared key)."""
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in (params or {}).items()] + overrides)
     return BasicSweeper.split_arguments(parsed, None)[0]
-
-
-def _compose(overrides: list[str]) -> DictConfig:
-    if GlobalHydra.instance().is_initialized():  # inside a Hydra app (the callback)
-        return compose(config_name="train", overrides=overrides)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
-
-
-def _compose_with_hydra(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
 
 
 @dataclass
@@ -55,6 +47,14 @@ class Point:
     loss: float | None = None
     record: dict | None = None
 
+    def plan(self, spec) -> "Point":
+        """Fill in what the run's spec says: run id, N (non-embedding), D, training FLOPs, shape."""
+        m = spec.model
+        self.run_id, self.tokens, self.n_params = spec.run_id, spec.tokens, m.non_embedding_params
+        self.flops = m.flops_per_token * spec.tokens
+        self.shape = f"L{m.n_layers} d{m.d_model} R{m.aspect_ratio:g}"
+        return self
+
 
 def plan_points(points: list[list[str]], check_data: bool = True) -> list[Point]:
     """Compose and plan every point; with ``check_data``, also check each token budget against its corpus."""
@@ -65,13 +65,10 @@ def plan_points(points: list[list[str]], check_data: bool = True) -> list[Point]
     for overrides in points:
         point = Point(overrides=[o for o in overrides if not o.startswith("hydra")])
         try:
-            cfg = _compose(overrides)
+            cfg = compose("train", overrides)
             spec = plan_run(cfg)
-            point.run_id, point.tokens = spec.run_id, spec.tokens
+            point.plan(spec)
             m = spec.model
-            point.n_params = m.non_embedding_params
-            point.flops = m.flops_per_token * spec.tokens
-            point.shape = f"L{m.n_layers} d{m.d_model} R{m.aspect_ratio:g}"
             if check_data:
                 key = repr(sorted(cfg.data.items()))
                 if key not in corpora:
@@ -95,41 +92,91 @@ class CheckSweep(Callback):
             print(f"error: {len(bad)} of {len(planned)} sweep points are invalid; nothing was launched:\n{lines}",
                   file=sys.stderr)
             sys.exit(2)
+        save_launch(config.results_dir, config.sweep.name, planned, list(config.hydra.overrides.task))
         ids = [p.run_id for p in planned]
         if len(set(ids)) != len(ids):
             print("warning: some sweep points resolve to the same run (e.g. two aspect ratios round to one shape); "
                   "each is trained once", file=sys.stderr)
 
 
-# ----- run state -----------------------------------------------------------------------------------------------
+# ----- what was launched, and each point's state --------------------------------------------------------------
 
-def point_states(cfg_results_dir: str, sweep: str, planned: list[Point]) -> list[Point]:
-    import json
+def launches_dir(results_dir, sweep: str) -> Path:
+    return store.sweep_dir(results_dir, sweep) / "launches"
 
+
+def _entry(p: Point) -> dict:
+    return {"run_id": p.run_id, "overrides": p.overrides, "n_params": p.n_params, "tokens": p.tokens,
+            "flops": p.flops, "shape": p.shape}
+
+
+def save_launch(results_dir, sweep: str, planned: list[Point], overrides: list[str], name: str | None = None) -> Path:
+    """Record a launch (a multirun's grid, or one run) so that status knows its points without composing them."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    name = name or f"multirun-{stamp}-{os.getpid()}"
+    return write_json_atomic(launches_dir(results_dir, sweep) / f"{name}.json",
+                             {"sweep": sweep, "launched": stamp, "overrides": overrides,
+                              "points": [_entry(p) for p in planned if not p.error]})
+
+
+def launched_points(results_dir, sweep: str) -> list[Point]:
+    """Every point any launch of ``sweep`` declared (the union over launches, by run id)."""
+    points: dict[str, Point] = {}
+    for path in sorted(launches_dir(results_dir, sweep).glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for e in doc.get("points", []):
+            points.setdefault(e["run_id"], Point(overrides=e.get("overrides", []), run_id=e["run_id"],
+                                                 n_params=e.get("n_params"), tokens=e.get("tokens"),
+                                                 flops=e.get("flops"), shape=e.get("shape", "")))
+    return list(points.values())
+
+
+def point_states(results_dir, sweep: str, planned: list[Point]) -> list[Point]:
+    """Each point's state from the store, reading each sweep folder once: done, failed, running (a live marker),
+    interrupted (a checkpoint and no live marker), pending."""
+    records = {r["run_id"]: r for r in store.iter_records(results_dir, sweep)}
     for p in planned:
         if p.error:
             p.state = "invalid"
             continue
-        p.record = store.read_record(store.record_path(cfg_results_dir, sweep, p.run_id))
-        marker = store.marker_path(cfg_results_dir, sweep, p.run_id)
+        p.record = records.get(p.run_id)
+        marker = store.marker_path(results_dir, sweep, p.run_id)
         if p.record and p.record.get("status") in ("ok", "failed"):
             p.state = "done" if p.record["status"] == "ok" else "failed"
             p.loss = (p.record.get("loss") or {}).get("final")
-        elif marker.exists() and store.claim_alive(json.loads(marker.read_text())):
+        elif marker.exists() and store.claim_alive(_read(marker)):
             p.state = "running"
-        elif store.checkpoint_path(cfg_results_dir, sweep, p.run_id).exists():
+        elif store.checkpoint_path(results_dir, sweep, p.run_id).exists():
             p.state = "interrupted"
         else:
             p.state = "pending"
     return planned
 
 
-def status(overrides: list[str]) -> tuple[str, list[Point]]:
-    """The sweep's name and every point of its grid with its state."""
-    cfg = _compose_with_hydra(overrides)
-    points = grid(cfg.hydra.sweeper.get("params"), overrides)
-    planned = plan_points(points, check_data=False)
-    return cfg.sweep.name, point_states(cfg.results_dir, cfg.sweep.name, planned)
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def status(results_dir, sweep: str) -> list[Point]:
+    """Every launched point of ``sweep`` (and any run recorded outside a launch) with its state."""
+    if not store.sweep_dir(results_dir, sweep).is_dir():
+        raise UserError(f"no sweep {sweep!r} under {results_dir}: launch it with scaling-train -m sweep={sweep} "
+                        f"results_dir={results_dir}")
+    planned = launched_points(results_dir, sweep)
+    known = {p.run_id for p in planned}
+    for r in store.iter_records(results_dir, sweep):  # runs recorded before launches were saved
+        if r["run_id"] not in known:
+            shape = r.get("shape") or {}
+            planned.append(Point(overrides=[], run_id=r["run_id"], n_params=(r.get("params") or {}).get("non_embedding"),
+                                 tokens=(r.get("tokens") or {}).get("budget"), flops=(r.get("flops") or {}).get("total"),
+                                 shape=f"L{shape.get('n_layers')} d{shape.get('d_model')} R{shape.get('aspect_ratio', 0):g}"))
+    return point_states(results_dir, sweep, planned)
 
 
 def format_status(name: str, planned: list[Point]) -> str:
@@ -157,15 +204,12 @@ def format_status(name: str, planned: list[Point]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """scaling-sweep-status sweep=<name> [results_dir=...] [other overrides the sweep was launched with]"""
-    args = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in args):
-        print(main.__doc__)
-        return
-    try:
-        name, planned = status(args)
-    except Exception as e:  # a bad override or a missing sweep file: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(format_status(name, planned))
+def _status_command(cfg: DictConfig) -> None:
+    print(format_status(cfg.sweep, status(cfg.results_dir, cfg.sweep)))
+
+
+main = command("scaling-sweep-status", "status", _status_command)
+
+
+if __name__ == "__main__":
+    main()

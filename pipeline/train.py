@@ -56,6 +56,7 @@ def run(cfg: DictConfig) -> dict:
     datamodule = TokenDataModule(corpus, spec.model.seq_len, spec.batch_size, spec.tokens // spec.model.seq_len,
                                  cfg.data.eval_tokens, cfg.data.val_curve_tokens, cfg.train.seed, cfg.data.num_workers)
     record = _record_head(cfg, spec, corpus)
+    _save_launch(cfg, spec)
     log.info("%s%s", describe(spec), _estimate(cfg, spec))
     wandb_logger = _wandb_logger(cfg, spec)
     status = "failed"
@@ -105,6 +106,17 @@ def _record_head(cfg, spec: RunSpec, corpus) -> dict:
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "lightning": lightning.__version__, "project": _project_version()},
     }
+
+
+def _save_launch(cfg, spec: RunSpec) -> None:
+    """This run as a launched point of its sweep, so scaling-sweep-status knows it even before its record exists."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from scaling_lab.pipeline.sweep import Point, save_launch
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    save_launch(cfg.results_dir, spec.sweep, [Point(overrides=overrides).plan(spec)], overrides,
+                name=f"run-{spec.run_id}")
 
 
 def _estimate(cfg, spec: RunSpec) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from scaling_lab.fit.io import store
-from scaling_lab.pipeline.sweep import format_status, status
+from scaling_lab.pipeline.sweep import status
 from scaling_lab.pipeline.train import run
 from tests.test_train import wandb_summary
 
@@ -51,10 +51,11 @@ def test_smoke_multirun_then_relaunch_trains_nothing(sweep_args, tmp_path):
     assert {p: p.stat().st_mtime for p in mtimes} == mtimes
     assert len(list((tmp_path / "results" / "smoke" / "wandb").glob("offline-run-*"))) == 4
 
-    name, planned = status(["sweep=smoke", *sweep_args])
-    assert name == "smoke" and [p.state for p in planned] == ["done"] * 4
-    text = format_status(name, planned)
-    assert "4 points: 4 done" in text and "left 0" in text
+    # status from what was launched: nothing but the sweep's name and the results folder typed again
+    shown = cli("scaling-sweep-status", "sweep=smoke", f"results_dir={tmp_path / 'results'}")
+    assert shown.returncode == 0, shown.stderr
+    assert "4 points: 4 done" in shown.stdout and "left 0" in shown.stdout
+    assert [p.state for p in status(tmp_path / "results", "smoke")] == ["done"] * 4
 
 
 def test_submitit_local_two_jobs_one_forced_to_fail(sweep_args, tmp_path):
@@ -94,8 +95,7 @@ def test_sigterm_then_relaunch_resumes_from_checkpoint(compose_train, tmp_path, 
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     assert not list((results / "default").glob("*.json")), "an interrupted run must not write a record"
-    name, planned = status(args + [f"results_dir={results}", f"data.cache_dir={token_cache}"])
-    assert [p.state for p in planned] == ["interrupted"]
+    assert [p.state for p in status(results, "default")] == ["interrupted"]
 
     cfg = compose_train(*args)  # the same run, in-process now; results_dir is the same tmp_path/results
     resumed = run(cfg)

@@ -34,9 +34,25 @@ def read_fit_json(path: str | Path) -> dict:
     return doc
 
 
+def load_law(path: str | Path, law: str, formula: str | None = None, inputs=None, doc: dict | None = None,
+             needed_by: str = "this command") -> tuple[LawConstants, dict]:
+    """Law ``law`` of a fit.json and the whole document. With ``formula`` (the configured law's), a fit.json whose
+    formula differs is refused: the caller's math assumes the configured form. With ``inputs``, so are other inputs.
+    """
+    doc = read_fit_json(path) if doc is None else doc
+    if law not in doc["laws"]:
+        raise ValueError(f"{path} has no {law!r} law (it holds {sorted(doc['laws'])}); {needed_by} needs one: fit "
+                         f"it with scaling-fit law=[chinchilla,inference_efficient]")
+    constants = LawConstants.from_dict(law, doc["laws"][law])
+    if formula is not None and "".join(constants.law.formula.split()) != "".join(str(formula).split()):
+        raise ValueError(f"{path}: {law} formula {constants.law.formula!r} is not the configured {formula!r}, "
+                         f"the form {needed_by} assumes")
+    if inputs is not None and set(constants.law.inputs) != set(inputs):
+        raise ValueError(f"{path}: law {law!r} has inputs {list(constants.law.inputs)}; {needed_by} needs "
+                         f"{list(inputs)}")
+    return constants, doc
+
+
 def load_constants(path: str | Path, law: str) -> LawConstants:
     """The fitted constants of one law from a fit.json."""
-    doc = read_fit_json(path)
-    if law not in doc["laws"]:
-        raise KeyError(f"{path} holds laws {sorted(doc['laws'])}, not {law!r}")
-    return LawConstants.from_dict(law, doc["laws"][law])
+    return load_law(path, law)[0]

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from scaling_lab.fit.plan import planner
 from scaling_lab.conf import command
 from scaling_lab.fit.laws.law import LawConstants
-from scaling_lab.fit.io.fitfile import read_fit_json
+from scaling_lab.fit.io.fitfile import load_law
 from scaling_lab.fit.io.files import write_json_atomic
 
 matplotlib.use("Agg")
@@ -44,22 +44,16 @@ def load_chinchilla(cfg: DictConfig) -> tuple[LawConstants, dict]:
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"constants={spec!r} is neither a preset ({', '.join(presets)}) nor a fit.json file")
-    doc = read_fit_json(path)
-    constants = _law_from_fit(doc, path, "chinchilla", law.formula)
+    constants, doc = _law_from_fit(path, "chinchilla", law.formula)
     return constants, {"fit_json": str(path.resolve()), "provenance": doc.get("provenance", {}),
                        "not_identified": doc["laws"]["chinchilla"].get("not_identified", [])}
 
 
-def _law_from_fit(doc: dict, path: Path, name: str, formula: str) -> LawConstants:
+def _law_from_fit(path: Path, name: str, formula: str) -> tuple[LawConstants, dict]:
     """Law ``name`` of a fit.json, refused unless it has the configured ``formula`` the planner's math assumes."""
-    if name not in doc["laws"]:
-        raise ValueError(f"{path} has no {name!r} law (it holds {sorted(doc['laws'])}); the planner needs one")
-    constants = LawConstants.from_dict(name, doc["laws"][name])
-    if "".join(constants.law.formula.split()) != "".join(formula.split()):
-        raise ValueError(f"{path}: {name} formula {constants.law.formula!r} is not {formula!r}, "
-                         f"the form the planner's closed forms assume")
+    constants, doc = load_law(path, name, formula, needed_by="the planner")
     planner.chinchilla_terms(constants)
-    return constants
+    return constants, doc
 
 
 def load_shape_inputs(cfg: DictConfig) -> tuple[LawConstants, planner.DecodeLatency, dict]:
@@ -73,8 +67,7 @@ def load_shape_inputs(cfg: DictConfig) -> tuple[LawConstants, planner.DecodeLate
     if cfg.shape.decode_batch < 1:
         raise ValueError(f"shape.decode_batch must be >= 1, got {cfg.shape.decode_batch}")
     path = Path(str(cfg.constants))
-    doc = read_fit_json(path)
-    constants = _law_from_fit(doc, path, "inference_efficient", cfg.law.inference_efficient.formula)
+    constants, doc = _law_from_fit(path, "inference_efficient", cfg.law.inference_efficient.formula)
     latency = doc.get("latency") or {}
     coefficients = latency.get("decode_ms_per_token")
     if latency.get("model") != "linear" or not isinstance(coefficients, dict):

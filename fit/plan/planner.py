@@ -4,8 +4,7 @@ The loss law ``L(N, D) = E + A/N^alpha + B/D^beta`` is evaluated through ``LawCo
 written once, in ``conf/law/chinchilla.yaml``); this module holds only the planner's closed forms over the
 constants E, A, B, alpha, beta:
 
-* Chinchilla frontier (minimise L subject to 6ND = C): ``G = (alpha A / (beta B))^(1/(alpha+beta))``,
-  ``a = beta/(alpha+beta)``, ``b = alpha/(alpha+beta)``, ``N = G (C/6)^a``, ``D = (C/6)^b / G``.
+* Chinchilla frontier (minimise L subject to 6ND = C): ``fit.laws.chinchilla.frontier_terms``.
 * Chinchilla-style model of loss l: ``N = [A(1+alpha/beta)/(l-E)]^(1/alpha)``, ``D = [B(1+beta/alpha)/(l-E)]^(1/beta)``.
 * Inference-aware optimum of loss l with lifetime demand D_inf (minimise ``6 N D + 2 N D_inf``): the root in D of
   ``f(D) = B(1+beta/alpha) D^-beta + beta B D_inf/(3 alpha) D^(-beta-1) + E - l``, found by bracketing on
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
+from scaling_lab.fit.laws.chinchilla import frontier_terms
 from scaling_lab.fit.laws.law import LawConstants
 
 CHINCHILLA_PARAMS = ("E", "A", "B", "alpha", "beta")
@@ -117,9 +117,9 @@ def chinchilla_terms(constants: LawConstants) -> tuple[float, float, float, floa
 
 
 def _frontier(constants: LawConstants) -> tuple[float, float, float]:
-    """(G, a, b) of the Chinchilla frontier ``N = G (C/6)^a``, ``D = (C/6)^b / G``."""
-    _, A, B, alpha, beta = chinchilla_terms(constants)
-    return (alpha * A / (beta * B)) ** (1 / (alpha + beta)), beta / (alpha + beta), alpha / (alpha + beta)
+    """(G, a, b) of the Chinchilla frontier ``N = G (C/6)^a``, ``D = (C/6)^b / G`` (checked constants)."""
+    chinchilla_terms(constants)
+    return tuple(float(x) for x in frontier_terms(constants.values))
 
 
 def _check_loss(constants: LawConstants, loss: float) -> None:
