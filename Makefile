@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Where the demo writes its records, W&B runs, fits, plans and report.
 DEMO_DIR ?= results
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-fast install clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Everything but the tests marked slow (multiruns, resumes, the verification, the wheel build).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The demo sweep on 2 parallel jobs (1 thread each), then fit (held out: the largest size, to measure
 # extrapolation), select and verify a shape, plan, and report. Every stage is a command a user can run alone.

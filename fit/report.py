@@ -14,8 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from scaling_lab.conf import command
-from scaling_lab.fit.io.store import load_table
+from scaling_lab.conf import UserError, command
+from scaling_lab.fit.io.store import iter_records, load_table
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -127,6 +127,9 @@ def plan_section(path: Path, report_dir: Path) -> str:
 
 def write_report(cfg: DictConfig) -> Path:
     out = Path(cfg.out)
+    if not any(True for _ in iter_records(cfg.results_dir, cfg.sweep)):
+        raise UserError(f"sweep {cfg.sweep!r} has no records under {cfg.results_dir}/{cfg.sweep}: run scaling-train "
+                        f"-m sweep={cfg.sweep} results_dir={cfg.results_dir} first")
     parts = [f"# Scaling report: sweep `{cfg.sweep}`\n\nWritten {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by "
              "`scaling-report`; every number below is copied from the files each stage wrote.\n",
              sweep_section(cfg.results_dir, cfg.sweep), fit_section(Path(cfg.constants).parent, out.parent),

@@ -16,9 +16,8 @@ import sys
 import time
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from scaling_lab.conf import CONF_DIR
+from scaling_lab.conf import compose
 from scaling_lab.pipeline.data import TokenDataModule, prepare_corpus
 from scaling_lab.pipeline.runspec import plan_run
 from scaling_lab.pipeline.train import build_module, build_trainer
@@ -71,8 +70,7 @@ def lightning_loop(t, spec, datamodule) -> float:
 
 
 def main(argv: list[str]) -> None:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=DEFAULTS + argv)
+    cfg = compose("train", DEFAULTS + argv)
     corpus = prepare_corpus(cfg.data)
     spec = plan_run(cfg, vocab_size=corpus.vocab_size)
     torch.set_num_threads(spec.threads)

@@ -10,10 +10,9 @@ import os
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from hydra import compose, initialize_config_dir
 
 from scaling_lab.fit.fitting.cli import run
-from scaling_lab.conf import CONF_DIR
+from scaling_lab.conf import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SCALING_SHARED", ROOT.parent / "shared"))
@@ -31,9 +30,9 @@ def main():
     print("| protocol | tie | Chinchilla MSE held-out | inference-efficient MSE held-out | "
           "inference-efficient max rel err held-out | Spearman 1B (Chinchilla / inf.-eff.) |")
     print("|---|---|---|---|---|---|")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"), TemporaryDirectory() as out:
+    with TemporaryDirectory() as out:
         for protocol, tie, overrides in RUNS:
-            cfg = compose(config_name="fit", overrides=[*SOURCE, f"out={out}", *overrides])
+            cfg = compose("fit", [*SOURCE, f"out={out}", *overrides])
             with contextlib.redirect_stdout(io.StringIO()):
                 doc = run(cfg)
             c, i = doc["laws"]["chinchilla"]["metrics"], doc["laws"]["inference_efficient"]["metrics"]

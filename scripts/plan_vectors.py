@@ -1,4 +1,4 @@
-"""Print the planner's results for the three test vectors of /work/shared/reference/sardana2024.md.
+"""Print the planner's results for the three test vectors of ../shared/reference/sardana2024.md.
 
     .venv/bin/python scripts/plan_vectors.py
 
@@ -10,9 +10,8 @@ import contextlib
 import io
 import tempfile
 
-from hydra import compose, initialize_config_dir
 
-from scaling_lab.conf import CONF_DIR
+from scaling_lab.conf import compose
 from scaling_lab.fit.plan.cli import load_chinchilla, run
 
 VECTORS = {
@@ -25,11 +24,11 @@ VECTORS = {
 
 
 def main() -> None:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"), tempfile.TemporaryDirectory() as out:
-        constants, _ = load_chinchilla(compose("plan", overrides=["constants=sardana2024"]))
+    with tempfile.TemporaryDirectory() as out:
+        constants, _ = load_chinchilla(compose("plan", ["constants=sardana2024"]))
         print(f"loss: L(N=70e9, D=1e12) = {float(constants.predict(N=70e9, D=1e12)):.4g}")
         for name, overrides in VECTORS.items():
-            cfg = compose("plan", overrides=["constants=sardana2024", f"out={out}/{name}", "plot.points=3",
+            cfg = compose("plan", ["constants=sardana2024", f"out={out}/{name}", "plot.points=3",
                                              *overrides])
             with contextlib.redirect_stdout(io.StringIO()):
                 doc = run(cfg)

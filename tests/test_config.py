@@ -2,10 +2,9 @@
 
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from scaling_lab.conf import CONF_DIR
+from scaling_lab.conf import CONF_DIR, compose
 from scaling_lab.pipeline.sweep import grid, plan_points
 from scaling_lab.pipeline.runspec import plan_run
 
@@ -13,8 +12,7 @@ EXTRA = {"data=files": ["data.path=/some/dir"], "data=hub": ["data.name=some/dat
 
 
 def compose_train(overrides, hydra_config=False):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=hydra_config)
+    return compose("train", overrides, return_hydra_config=hydra_config)
 
 
 def options(group: str) -> list[str]:

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from scaling_lab.conf.train_schema import DataConf
 from scaling_lab.pipeline.data import DataError, TokenDataModule, prepare_corpus, stdlib_files
-from tests.conftest import shared_path
+from tests.helpers import shared_path
 
 
 def data_cfg(cache, **kw):

@@ -11,7 +11,7 @@ from hydra.errors import MissingConfigException
 
 from scaling_lab.fit.fitting.cli import run
 from scaling_lab.fit.fitting.sources import FitInputError
-from tests.fit_support import fit_config
+from tests.helpers import fit_config
 
 
 def _csv(tmp_path, frame):

@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 
 from scaling_lab.fit.laws.spec import CompiledLaw, load_laws, tie_map
 from scaling_lab.fit.fitting.optimize import huber_objective, lbfgs_batch, polish
-from tests.fit_support import fit_config
+from tests.helpers import fit_config
 
 
 def _laws():

@@ -3,7 +3,7 @@
 import pytest
 
 from scaling_lab.fit.fitting.cli import run
-from tests.fit_support import fit_config, shared_reference
+from tests.helpers import fit_config, shared_reference
 
 BIAN = ["source=csv", "source.columns.N=N_params", "source.columns.D=D_tokens", "source.columns.R=aspect_ratio_R",
         "source.columns.group=size_class", 'source.fit_rows="in_main_fit_set == 1"', "source.n_convention=total",

@@ -10,7 +10,7 @@ from scaling_lab.fit.fitting import isoflop
 from scaling_lab.fit.fitting.cli import run
 from scaling_lab.fit.io.fitfile import load_constants, read_fit_json
 from scaling_lab.fit.io.store import write_record
-from tests.fit_support import fit_config
+from tests.helpers import fit_config
 
 
 def _write_sweep(results_dir, sweep="demo"):

@@ -6,7 +6,7 @@ import pytest
 
 from scaling_lab.fit.fitting.cli import run
 from scaling_lab.fit.io.fitfile import load_constants
-from tests.fit_support import fit_config, synthetic_sweep
+from tests.helpers import fit_config, synthetic_sweep
 
 CHINCHILLA = {"E": 1.8, "A": 400.0, "B": 2000.0, "alpha": 0.34, "beta": 0.37}
 INFERENCE = {"E": 2.0, "A": 500.0, "B": 3000.0, "alpha": 0.35, "beta": 0.4, "epsilon": 0.01, "gamma": 0.5}

@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 
 from scaling_lab.fit.plan import planner as plan
-from scaling_lab.conf import CONF_DIR
+from scaling_lab.conf import compose
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
 from scaling_lab.fit.latency import (LatencyModel, LinearLatency, fit_latency, fit_linear, load_latency,
@@ -111,8 +110,7 @@ def test_fit_linear_is_nonnegative():
 
 
 def latency_config(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("latency_cli", overrides=[f"out={tmp_path / 'lat'}", *TINY_PROTOCOL, *overrides])
+    return compose("latency_cli", [f"out={tmp_path / 'lat'}", *TINY_PROTOCOL, *overrides])
 
 
 def test_scaling_latency_measures_writes_csv_and_merges_section(tmp_path, capsys):

@@ -6,15 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from scaling_lab.fit.plan import cli as plan_cli
-from scaling_lab.conf import CONF_DIR
+from scaling_lab.conf import compose
 from scaling_lab.fit.laws.law import LawConstants
 from scaling_lab.fit.io.files import write_json_atomic
 
 KEYS = ("N", "D", "train_flops", "inference_flops", "total_flops", "total_cost")
-# Sardana et al. 2024's cost vector (/work/shared/reference/sardana2024.md)
+# Sardana et al. 2024's cost vector (../shared/reference/sardana2024.md)
 COST_VECTOR = ["constants=sardana2024", "objective=cost", "target.loss=1.947", "demand.requests=1e10",
                "demand.input_tokens=1000", "demand.output_tokens=250", "hardware.train.price_per_hour=1.40",
                "hardware.inference.price_per_hour=0.60", "hardware.inference.mfu_prefill=0.4",
@@ -22,8 +21,7 @@ COST_VECTOR = ["constants=sardana2024", "objective=cost", "target.loss=1.947", "
 
 
 def config(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("plan", overrides=[f"out={tmp_path / 'plan'}", "plot.points=5", *overrides])
+    return compose("plan", [f"out={tmp_path / 'plan'}", "plot.points=5", *overrides])
 
 
 def write_fit_json(path, laws):

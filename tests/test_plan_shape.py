@@ -8,11 +8,10 @@ import math
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
 from scaling_lab.fit.plan import planner as plan
 from scaling_lab.fit.plan import cli as plan_cli
-from scaling_lab.conf import CONF_DIR
+from scaling_lab.conf import compose
 from scaling_lab.fit.laws.law import LawConstants
 from scaling_lab.fit.io.files import write_json_atomic
 
@@ -87,10 +86,9 @@ def write_fit_json(path, latency=None, laws=("chinchilla", "inference_efficient"
 
 
 def config(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("plan", overrides=[f"out={tmp_path / 'plan'}", "plot.points=5", "objective=cost",
-                                          "target.loss=2.1", "demand.requests=1e10", "shape.enabled=true",
-                                          *overrides])
+    return compose("plan", [f"out={tmp_path / 'plan'}", "plot.points=5", "objective=cost",
+                                      "target.loss=2.1", "demand.requests=1e10", "shape.enabled=true",
+                                      *overrides])
 
 
 def test_cli_writes_the_shape_plan(tmp_path, capsys):

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 
 from scaling_lab.fit import selection
 from scaling_lab.fit.fitting.cli import run as fit_run
-from scaling_lab.conf import CONF_DIR
+from scaling_lab.conf import compose
 from scaling_lab.fit.laws.law import LawConstants
 from scaling_lab.fit.io.files import write_json_atomic
 from scaling_lab.fit.latency import merge_into_fit_json
@@ -22,7 +21,7 @@ from scaling_lab.models.shapes import non_embedding_params
 from scaling_lab.fit.io import store
 from scaling_lab.pipeline import verify
 from scaling_lab.pipeline import select as select_cli
-from tests.conftest import shared_path
+from tests.helpers import shared_path
 
 IE_FORMULA = "(E + A / N**alpha + B / D**beta) * (1 + epsilon * R**gamma)"
 # Toy law with a noticeable shape term, and the planner tests' latency model: 1 ms + 0.5 ms a layer + 1.2e-8 ms per
@@ -147,8 +146,7 @@ def test_select_bad_rules(kwargs, message):
 # ----- scaling-select ---------------------------------------------------------------------------------------
 
 def select_config(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("select", overrides=[f"out={tmp_path / 'sel'}", "budget.tokens=1e7", *overrides])
+    return compose("select", [f"out={tmp_path / 'sel'}", "budget.tokens=1e7", *overrides])
 
 
 def test_cli_selects_and_writes(tmp_path, capsys):
@@ -227,12 +225,11 @@ BIAN_1B = [[24, 2048], [16, 2560], [12, 2816], [12, 3072]]  # their 1B class: v1
 def bian_fit(tmp_path_factory):
     path = shared_path("reference", "bian2025", "losses.csv")
     out = tmp_path_factory.mktemp("bian")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("fit", overrides=[
-            "source=csv", f"source.path={path}", "source.columns.N=N_params", "source.columns.D=D_tokens",
-            "source.columns.R=aspect_ratio_R", "source.columns.group=size_class",
-            "source.fit_rows=\"in_main_fit_set == 1\"", "source.n_convention=total", "protocol=bian2025",
-            "bootstrap.n=0", "plots=false", f"out={out}"])
+    cfg = compose("fit", [
+        "source=csv", f"source.path={path}", "source.columns.N=N_params", "source.columns.D=D_tokens",
+        "source.columns.R=aspect_ratio_R", "source.columns.group=size_class",
+        "source.fit_rows=\"in_main_fit_set == 1\"", "source.n_convention=total", "protocol=bian2025",
+        "bootstrap.n=0", "plots=false", f"out={out}"])
     fit_run(cfg)
     merge_into_fit_json(out / "fit.json", LATENCY)
     return out / "fit.json"
@@ -277,6 +274,7 @@ def test_conventional_is_nearest_the_median_aspect_ratio():
     assert verify.conventional(candidates, 40, 1e4)["n_layers"] == 1  # in log: 64 is nearer 40 than 24 is
 
 
+@pytest.mark.slow
 def test_verification_trains_both_and_compares(tmp_path, token_cache):
     results = tmp_path / "res"
     for i, (L, d) in enumerate(itertools.product((1, 2), (16, 24))):
@@ -290,12 +288,11 @@ def test_verification_trains_both_and_compares(tmp_path, token_cache):
     tiny = ["data.eval_tokens=2048", "data.val_curve_tokens=512", f"data.cache_dir={token_cache}", "logger=none",
             "latency.prompt_len=8", "latency.decode_tokens=4", "latency.batch_sizes=[1]", "latency.repeats=2",
             "latency.warmup=1", "train.log_every=4"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("verify", overrides=[f"results_dir={results}", "sweep=toy", "train_preset=demo",
-                                           f"constants={fit_json}", "params_factor=1.0", "tokens_per_param=1",
-                                           "loss_tolerance=0.05", "remeasure_rounds=1",
-                                           "train_overrides=[" + ",".join(f"'{o}'" for o in tiny) + "]"])
-        result = verify.run(cfg)
+    cfg = compose("verify", [f"results_dir={results}", "sweep=toy", "train_preset=demo",
+                                       f"constants={fit_json}", "params_factor=1.0", "tokens_per_param=1",
+                                       "loss_tolerance=0.05", "remeasure_rounds=1",
+                                       "train_overrides=[" + ",".join(f"'{o}'" for o in tiny) + "]"])
+    result = verify.run(cfg)
     assert result["target_N"] == pytest.approx(non_embedding_params(2, 24, 4.0))
     assert set(result["models"]) == {"morph", "conventional"}
     for m in result["models"].values():

@@ -31,6 +31,7 @@ def sweep_args(tmp_path, token_cache):
     return [f"results_dir={tmp_path / 'results'}", f"data.cache_dir={token_cache}"]
 
 
+@pytest.mark.slow
 def test_smoke_multirun_then_relaunch_trains_nothing(sweep_args, tmp_path):
     out = cli("scaling-train", "-m", "sweep=smoke", *sweep_args)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -58,6 +59,7 @@ def test_smoke_multirun_then_relaunch_trains_nothing(sweep_args, tmp_path):
     assert [p.state for p in status(tmp_path / "results", "smoke")] == ["done"] * 4
 
 
+@pytest.mark.slow
 def test_submitit_local_two_jobs_one_forced_to_fail(sweep_args, tmp_path):
     # two points: the same tiny model, once with a divergence threshold no run can meet
     out = cli("scaling-train", "-m", "sweep=smoke", "hydra/launcher=submitit_local", "model.params=1e4",
@@ -71,6 +73,7 @@ def test_submitit_local_two_jobs_one_forced_to_fail(sweep_args, tmp_path):
     assert list((tmp_path / "results" / "smoke" / "hydra").rglob(".submitit"))  # it really went through submitit
 
 
+@pytest.mark.slow
 def test_invalid_point_stops_the_sweep_before_any_job(sweep_args, tmp_path):
     out = cli("scaling-train", "-m", "sweep=smoke", "train.tokens_per_param=4,1e6", *sweep_args)
     assert out.returncode != 0
@@ -79,6 +82,7 @@ def test_invalid_point_stops_the_sweep_before_any_job(sweep_args, tmp_path):
     assert not list((tmp_path / "results").rglob("*.json"))
 
 
+@pytest.mark.slow
 def test_sigterm_then_relaunch_resumes_from_checkpoint(compose_train, tmp_path, token_cache):
     results = tmp_path / "results"
     args = ["model.n_layers=2", "model.d_model=32", "model.head_dim=16", "model.seq_len=32", "train.tokens=400000",

@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from scaling_lab.fit.fitting import export, isoflop, summary
-from scaling_lab.conf import CONF_DIR, command
+from scaling_lab.conf import command, compose
 from scaling_lab.fit.fitting.fitlaw import compile_law, fit_law
 from scaling_lab.fit.laws.spec import load_laws
 from scaling_lab.fit.fitting.sources import FitInputError, load
@@ -92,11 +92,9 @@ def run(cfg: DictConfig) -> dict:
 def fit_sweep(sweep: str, results_dir: str | Path, out: str | Path, overrides: tuple[str, ...] = ()) -> dict:
     """Fit our own sweep from Python (e.g. a demo script): ``scaling-fit sweep=<sweep>
     results_dir=<dir> out=<dir>`` without the command line."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="fit", overrides=["source=results", f"sweep={sweep}",
-                                                    f"results_dir={results_dir}", f"out={out}", *overrides])
+    
+    cfg = compose("fit", ["source=results", f"sweep={sweep}",
+                                                f"results_dir={results_dir}", f"out={out}", *overrides])
     return run(cfg)
 
 
