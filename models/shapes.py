@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass
 class GPTConfig:
@@ -87,6 +89,18 @@ def non_embedding_params(n_layers: int, d_model: int, ffn_ratio: float) -> int:
     """Non-embedding parameters of a shape, from the formula in the module docstring (no model built)."""
     ffn = int(round(ffn_ratio * d_model))
     return n_layers * (4 * d_model * d_model + 2 * d_model * ffn + 2 * d_model) + d_model
+
+
+def continuous_shape(params: float, aspect_ratio: float, ffn_ratio: float = 4.0) -> tuple[float, float]:
+    """(n_layers, d_model), continuous, of the shape with ``params`` non-embedding parameters (the count above, with
+    real-valued widths) and ``d_model / n_layers = aspect_ratio``: the root of a cubic in n_layers. For planning at
+    scales where whole layers and rounded widths do not matter; ``resolve_shape`` gives a trainable shape."""
+    if params <= 0 or aspect_ratio <= 0:
+        raise ValueError(f"params and aspect_ratio must be > 0, got {params:g}, {aspect_ratio:g}")
+    # N = L (4 + 2 r) d^2 + 2 L d + d with d = R L:  (4 + 2 r) R^2 L^3 + 2 R L^2 + R L - N = 0
+    roots = np.roots([(4 + 2 * ffn_ratio) * aspect_ratio ** 2, 2 * aspect_ratio, aspect_ratio, -params])
+    n_layers = float(max(r.real for r in roots if abs(r.imag) < 1e-9 * max(1.0, abs(r.real))))
+    return n_layers, aspect_ratio * n_layers
 
 
 def resolve_shape(n_layers: int | None = None, d_model: int | None = None, aspect_ratio: float | None = None,

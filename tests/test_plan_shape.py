@@ -13,6 +13,7 @@ from scaling_lab.fit.plan import planner as plan
 from scaling_lab.fit.plan import cli as plan_cli
 from scaling_lab.conf import compose
 from scaling_lab.fit.laws.law import LawConstants
+from scaling_lab.models.shapes import continuous_shape, non_embedding_params
 from scaling_lab.fit.io.files import write_json_atomic
 
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.336, "beta": 0.283}
@@ -30,9 +31,13 @@ def ie_law(epsilon=0.005, gamma=0.5):
                                                                      "gamma": gamma}})
 
 
-def test_shape_of_inverts_the_parameter_count():
-    n_layers, d_model = plan.shape_of(7e9, 128)
-    assert 12 * n_layers * d_model ** 2 == pytest.approx(7e9)
+def test_continuous_shape_inverts_the_parameter_count():
+    n_layers, d_model = continuous_shape(7e9, 128)
+    # the trainer's count (models.shapes), with real-valued widths: 12 L d^2 + 2 L d + d at ffn_ratio 4
+    assert 12 * n_layers * d_model ** 2 + 2 * n_layers * d_model + d_model == pytest.approx(7e9)
+    assert d_model / n_layers == pytest.approx(128)
+    L, d = continuous_shape(non_embedding_params(4, 64, 4.0), 16.0)
+    assert (L, d) == (pytest.approx(4.0), pytest.approx(64.0))
     assert d_model / n_layers == pytest.approx(128)
 
 
@@ -52,7 +57,7 @@ def test_joint_optimum_is_cheapest_and_reaches_the_loss():
             excess = target - E - B / d ** beta
             if excess > 0:
                 n = (A / excess) ** (1 / alpha)
-                layers, width = plan.shape_of(n, r)
+                layers, width = continuous_shape(n, r)
                 cost = plan.lifetime(n, d, DEMAND, PRICES, latency.ms_per_token(layers, width) * PER_MS)
                 assert best["total_cost"] <= cost["total_cost"] * (1 + 1e-6)
 

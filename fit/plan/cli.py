@@ -228,7 +228,7 @@ def table(doc: dict) -> str:
                      + (" (optimal R at the edge of [shape.aspect_ratio_min, max]: widen it)" if shape["R_at_bound"]
                         else ""))
         if shape["n_convention"] != "non_embedding":
-            lines.append(f"note: shapes assume N = 12 n_layers d_model^2 (no embeddings); this fit's N convention is "
+            lines.append(f"note: shapes count N without embeddings (models/shapes.py); this fit's N convention is "
                          f"{shape['n_convention']!r}, so n_layers and d_model are upper estimates")
     return "\n".join(lines)
 

@@ -25,6 +25,7 @@ from scipy.optimize import brentq, minimize_scalar
 
 from scaling_lab.fit.laws.chinchilla import frontier_terms
 from scaling_lab.fit.laws.law import LawConstants
+from scaling_lab.models.shapes import continuous_shape
 
 CHINCHILLA_PARAMS = ("E", "A", "B", "alpha", "beta")
 OBJECTIVES = ("flops", "cost")
@@ -253,13 +254,6 @@ class DecodeLatency:
         return self.intercept + self.per_layer * n_layers + self.per_layer_d2 * n_layers * d_model ** 2
 
 
-def shape_of(n_params: float, aspect_ratio: float) -> tuple[float, float]:
-    """(n_layers, d_model), continuous, of a model of ``n_params = 12 n_layers d_model^2`` (attention 4 d^2 and
-    MLP 8 d^2 a layer; embeddings not counted) with ``d_model / n_layers = aspect_ratio``."""
-    d_model = (n_params * aspect_ratio / 12) ** (1 / 3)
-    return d_model / aspect_ratio, d_model
-
-
 def _shaped(constants: LawConstants, loss: float, aspect_ratio: float, train_tokens: float, inference: Inference,
             prices: Prices, latency: DecodeLatency, dollars_per_ms: float) -> dict:
     """The model of ``loss`` with this aspect ratio and training tokens (inference-efficient law), and its costs."""
@@ -268,7 +262,7 @@ def _shaped(constants: LawConstants, loss: float, aspect_ratio: float, train_tok
     if not excess > 0:
         return {"total_cost": math.inf}
     n = (A / excess) ** (1 / alpha)
-    n_layers, d_model = shape_of(n, aspect_ratio)
+    n_layers, d_model = continuous_shape(n, aspect_ratio)
     ms = latency.ms_per_token(n_layers, d_model)
     return {**lifetime(n, train_tokens, inference, prices, ms * dollars_per_ms), "R": aspect_ratio,
             "n_layers": n_layers, "d_model": d_model, "decode_ms_per_token": ms,

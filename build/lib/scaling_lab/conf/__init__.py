@@ -1,0 +1,122 @@
+"""The project's Hydra configuration, shipped as package data (``scaling_lab.conf``), and the one command convention.
+
+``CONF_DIR`` is the folder every command composes from, in a checkout and in an installed wheel alike. ``compose``
+is the one composer for tests and scripts; ``command`` turns a plain ``run(cfg)`` into a ``scaling-<name>`` entry
+point with the same conventions everywhere:
+
+* ``--help`` is the command's own short page (``conf/hydra/help/<name>.yaml``);
+* bad input (an unknown key, a value of the wrong type, a renamed key, any ``UserError`` the run raises before
+  spending compute) is one line ``scaling-<name>: error: ...`` on stderr and exit code 2, with no traceback;
+* anything else is a bug and keeps its traceback.
+
+One vocabulary of keys across all commands: ``results_dir`` (the results folder), ``sweep`` (the sweep's name;
+for ``scaling-train`` the preset ``conf/launch/sweep/<name>.yaml``), ``constants`` (a fit.json, or a preset's name where
+the command has presets). The old spellings in ``RENAMED`` are refused with the new name.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+CONF_DIR = Path(__file__).resolve().parent
+
+# Old key -> the key every command now uses.
+RENAMED = {
+    "results.dir": "results_dir",
+    "source.sweep": "sweep",
+    "shapes.sweep": "sweep",
+    "fitted_sweep": "sweep",
+    "sweep_name": "sweep",
+    "fit": "constants",
+    "fit_dir": "constants",
+}
+
+
+class UserError(ValueError):
+    """Bad input the user can fix. Raised before any compute is spent; a command prints it as one line, exit 2."""
+
+
+def compose(config_name: str, overrides: Iterable[str] = (), return_hydra_config: bool = False):
+    """A command's config composed from ``CONF_DIR`` with ``overrides``, as the command itself would see it."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside a running Hydra app (e.g. a callback)
+        return hydra_compose(config_name=config_name, overrides=list(overrides),
+                             return_hydra_config=return_hydra_config)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides),
+                             return_hydra_config=return_hydra_config)
+
+
+def fail(prog: str, message: Any) -> None:
+    """Print ``prog: error: message`` (one line) on stderr and exit 2."""
+    text = " ".join(str(message).split())
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    sys.exit(2)
+
+
+def renamed_keys(argv: Iterable[str]) -> list[tuple[str, str]]:
+    """(old, new) for every override in ``argv`` that uses an old spelling of a key."""
+    found = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key in RENAMED:
+            found.append((key, RENAMED[key]))
+    return found
+
+
+def _hydra_message(err: BaseException) -> str:
+    """The first line of a Hydra/OmegaConf error and of its cause: what a user needs, without the noise."""
+    lines = [str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__]
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        first = str(cause).strip().splitlines()[0]
+        if first not in lines[0]:
+            lines.append(f"({first})")
+    return " ".join(lines)
+
+
+def command(prog: str, config_name: str, run: Callable[[Any], Any],
+            errors: tuple[type[BaseException], ...] = ()) -> Callable[[], None]:
+    """The entry point ``prog`` (e.g. ``scaling-fit``): Hydra composes ``config_name`` and calls ``run(cfg)``.
+
+    ``errors`` are exception types besides ``UserError`` and ``ValueError`` that ``run`` raises for bad input (e.g.
+    a missing file)."""
+    import hydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    expected = (UserError, ValueError, *errors)
+
+    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
+    def _hydra_main(cfg) -> None:
+        try:
+            run(cfg)
+        except expected as err:
+            fail(prog, err)
+
+    def main() -> None:
+        old = renamed_keys(sys.argv[1:])
+        if old:
+            fail(prog, "; ".join(f"{a} is now {b} (write {b}=...)" for a, b in old))
+        # Hydra then raises composition errors instead of printing them over several lines with a hint; we print one.
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        if not any(a.startswith("hydra.job.name=") for a in sys.argv[1:]):
+            sys.argv.append(f"hydra.job.name={prog}")  # the log file's name, <prog>.log, not that of this module
+        try:
+            _hydra_main()
+        except (HydraException, OmegaConfBaseException) as err:
+            fail(prog, _hydra_message(err))
+
+    main.__doc__ = f"{prog}: see `{prog} --help`."
+    return main
+
+
+# The typed schemas of the commands' configs register themselves with Hydra's ConfigStore on import.
+from scaling_lab.conf import fit_schema, train_schema  # noqa: E402, F401

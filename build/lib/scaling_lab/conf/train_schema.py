@@ -1,0 +1,126 @@
+"""Typed structured configs of ``scaling-train``: the schema that ``conf/train.yaml`` and its groups fill in.
+
+Registered in Hydra's ConfigStore as ``train_schema`` when this module is imported; any key not declared here is an error before anything runs,
+and every value is type-checked. The YAML presets under ``conf/`` hold the values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConf:
+    # Shape: exactly two of n_layers, d_model, aspect_ratio (= d_model / n_layers) and params (target
+    # non-embedding parameters); models.gpt.resolve_shape turns them into a shape.
+    n_layers: Optional[int] = 4
+    d_model: Optional[int] = 128
+    aspect_ratio: Optional[float] = None
+    params: Optional[float] = None
+    n_heads: Optional[int] = None  # heads from n_heads if given, else d_model / head_dim
+    head_dim: Optional[int] = 32
+    ffn_ratio: float = 4.0
+    seq_len: int = 128
+    tie_embeddings: bool = True
+
+
+@dataclass
+class DataConf:
+    source: str = "stdlib"  # stdlib | files | hub
+    path: Optional[str] = None  # files: a directory or glob of .txt/.md/.py, .jsonl/.json or .parquet files
+    val_path: Optional[str] = None  # files: held-out files; else a hash split of documents by val_fraction
+    name: Optional[str] = None  # hub: dataset id
+    subset: Optional[str] = None
+    split: str = "train"
+    streaming: bool = True
+    text_field: str = "text"
+    sample_by: str = "document"  # text files: document | paragraph | line
+    max_bytes: Optional[int] = None  # use only the first max_bytes of training text
+    val_fraction: float = 0.02
+    tokenizer: str = "bytes"  # bytes | bpe
+    bpe_vocab_size: int = 2048
+    eval_tokens: int = 32768  # final held-out loss: the same fixed held-out tokens for every run
+    val_curve_tokens: int = 8192  # held-out tokens for the validation curve during training
+    cache_dir: str = "${oc.env:SCALING_CACHE,.cache}"
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConf:
+    # Token budget D: exactly one of tokens, tokens_per_param (x non-embedding params) or flops (D = C / 6N).
+    tokens: Optional[float] = 2_000_000
+    tokens_per_param: Optional[float] = None
+    flops: Optional[float] = None
+    batch_size: int = 32  # sequences per step at the reference budget (see batch_rule)
+    batch_rule: str = "constant"  # constant | sqrt_tokens: batch_size * sqrt(D / batch_ref_tokens), in [1, max]
+    batch_ref_tokens: float = 1_000_000
+    max_batch_size: int = 512
+    lr: float = 3e-3  # peak learning rate at the reference width (see lr_rule)
+    lr_rule: str = "constant"  # constant | inverse_width: lr * lr_ref_width / d_model (muP-style)
+    lr_ref_width: int = 128
+    warmup_frac: float = 0.05  # warmup steps as a fraction of all steps, then cosine decay
+    min_lr_ratio: float = 0.1  # the cosine ends at min_lr_ratio * lr exactly at the token budget
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "32-true"  # 32-true on CPU; bf16-mixed on GPU
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"  # e.g. ddp on a multi-GPU node
+    num_nodes: int = 1
+    threads: Optional[int] = None  # torch threads; null: the cores divided among the launcher's parallel jobs
+    seed: int = 0
+    val_every: int = 0  # steps between validation-curve points; 0: about 8 per run
+    log_every: int = 10
+    ckpt_every: int = 200  # steps between checkpoints (also on SIGTERM); 0: only on SIGTERM
+    diverge_loss: float = 12.0  # a training loss above this (or NaN) fails the run as diverged
+    compile: bool = False  # torch.compile the model (slow to start; pays off on large models only)
+    progress_bar: bool = True  # on a terminal only; otherwise one progress line every progress_every_s
+    progress_every_s: float = 30.0
+
+
+@dataclass
+class LatencyConf:
+    enabled: bool = True
+    prompt_len: int = 64
+    decode_tokens: int = 32
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    warmup: int = 2
+    repeats: int = 5
+
+
+@dataclass
+class WandbConf:
+    project: str = "scaling-lab"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online (needs WANDB_API_KEY) | disabled
+    dir: Optional[str] = None  # default: <results_dir>/<sweep.name>
+
+
+@dataclass
+class LoggerConf:
+    wandb: Optional[WandbConf] = field(default_factory=WandbConf)  # logger=none sets it to null
+
+
+@dataclass
+class SweepConf:
+    name: str = "default"
+    retry_failed: bool = False  # re-run points whose record says failed
+
+
+@dataclass
+class TrainAppConf:
+    model: ModelConf = field(default_factory=ModelConf)
+    data: DataConf = field(default_factory=DataConf)
+    train: TrainConf = field(default_factory=TrainConf)
+    latency: LatencyConf = field(default_factory=LatencyConf)
+    logger: LoggerConf = field(default_factory=LoggerConf)
+    results_dir: str = "results"  # the results folder: records, checkpoints, W&B runs, fits, plans, reports
+    sweep: SweepConf = field(default_factory=SweepConf)
+
+
+ConfigStore.instance().store(name="train_schema", node=TrainAppConf)

@@ -1,0 +1,105 @@
+"""``scaling-fit``: fit the configured laws to a sweep or a CSV, print how far each can be trusted, write fit.json.
+
+    scaling-fit sweep=demo results_dir=results out=results/fit/demo
+    scaling-fit source=csv source.path=runs.csv source.columns.N=params source.columns.D=tokens protocol=bian2025
+
+``run(cfg)`` does the work (tests call it with a composed config); ``main`` is the Hydra entry point.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from scaling_lab.fit.fitting import export, isoflop, summary
+from scaling_lab.conf import command, compose
+from scaling_lab.fit.fitting.fitlaw import compile_law, fit_law
+from scaling_lab.fit.laws.spec import load_laws
+from scaling_lab.fit.fitting.sources import FitInputError, load
+
+
+def _plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Fit every selected law; returns the fit.json document (also written to ``cfg.out``)."""
+    protocol = _plain(cfg.protocol)
+    if protocol.get("method") not in ("huber_grid", "least_squares"):
+        raise FitInputError(f"unknown protocol method {protocol.get('method')!r} (huber_grid or least_squares)")
+    protocol = OmegaConf.create(protocol)
+    try:
+        specs = load_laws(_plain(cfg.law))
+    except ValueError as err:
+        raise FitInputError(str(err)) from None
+    table = load(_plain(cfg.source))
+    n_fit = int(table.data["fit"].sum())
+
+    # Every check before any fitting: which laws the data can feed, and with enough rows.
+    models, skipped = {}, {}
+    for name, spec in specs.items():
+        missing = [x for x in spec.law.inputs if not table.has(x)]
+        if missing:
+            hint = ""
+            if "R" in missing:
+                hint = table.provenance.get("R_dropped") or \
+                    "R = d_model / n_layers: set source.columns.d_model and n_layers, or source.columns.R"
+                hint = f" ({hint})"
+            skipped[name] = f"needs input(s) {missing} the data lacks{hint}"
+            print(f"skipping law {name}: {skipped[name]}")
+            continue
+        models[name] = compile_law(spec, protocol)
+        if n_fit < models[name].n_free:
+            raise FitInputError(f"law {name} has {models[name].n_free} free parameters but only {n_fit} fit rows"
+                                + (" (fit fewer laws, e.g. law=chinchilla)" if len(specs) > 1 else ""))
+    if not models:
+        raise FitInputError("no selected law can be fitted to this data: " + "; ".join(skipped.values()))
+    do_isoflop = cfg.isoflop.enabled is True or (cfg.isoflop.enabled == "auto" and "budget" in table.data)
+    if do_isoflop and "budget" not in table.data:
+        raise FitInputError("isoflop.enabled=true needs source.columns.budget (each row's isoFLOP budget)")
+
+    prov = table.provenance
+    print(f"data: {prov['rows']['total']} rows ({prov['rows']['fit']} fit, {prov['rows']['heldout']} held-out)"
+          + (f", {prov['rows']['excluded_failed']} failed runs excluded" if "excluded_failed" in prov["rows"] else "")
+          + f"; N convention: {prov['n_convention']}; protocol: {protocol.name}")
+
+    budgets = list(cfg.allocation.budgets)
+    fits = {name: fit_law(model, table, protocol, int(cfg.bootstrap.n), int(cfg.bootstrap.seed), budgets)
+            for name, model in models.items()}
+    for name, f in fits.items():
+        print(summary.law_block(name, f))
+    print(summary.comparison(fits))
+
+    iso = None
+    if do_isoflop:
+        points = table.fit_rows[["N", "D", "loss", "budget"]].copy()
+        points["budget"] = isoflop.snap_budgets(points["budget"].to_numpy(), float(cfg.isoflop.budget_rtol))
+        iso = isoflop.analyse(points, int(cfg.isoflop.min_points), int(cfg.isoflop.n_bootstrap),
+                              int(cfg.bootstrap.seed))
+        iso["reported"] = {"a": cfg.isoflop.reported_a, "b": cfg.isoflop.reported_b}
+        print(summary.isoflop_block(iso, iso["reported"]))
+
+    doc = export.document(table, fits, _plain(cfg.protocol), skipped, iso, int(cfg.bootstrap.seed))
+    path = export.write(cfg.out, doc, table, fits)
+    if cfg.plots:
+        from scaling_lab.fit.fitting import plots      # matplotlib only when drawing
+        plots.draw_all(Path(cfg.out), table, fits, iso)
+    print(f"wrote {path}")
+    return doc
+
+
+def fit_sweep(sweep: str, results_dir: str | Path, out: str | Path, overrides: tuple[str, ...] = ()) -> dict:
+    """Fit our own sweep from Python (e.g. a demo script): ``scaling-fit sweep=<sweep>
+    results_dir=<dir> out=<dir>`` without the command line."""
+    
+    cfg = compose("fit", ["source=results", f"sweep={sweep}",
+                                                f"results_dir={results_dir}", f"out={out}", *overrides])
+    return run(cfg)
+
+
+main = command("scaling-fit", "fit", run, errors=(FileNotFoundError,))
+
+
+if __name__ == "__main__":
+    main()

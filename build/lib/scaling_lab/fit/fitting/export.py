@@ -1,0 +1,95 @@
+"""The fitted-constant export, ``fit.json`` (schema_version 1), and the per-row predictions table.
+
+Each law entry is ``LawConstants.to_dict()`` (formula, inputs, params, ci95) plus ``not_identified`` (a list of
+parameter names) and ``not_identified_why`` (name -> reason), ``ties``,
+``fit`` (protocol, objective, starts), ``bootstrap``, ``metrics`` and, for laws with a closed-form frontier,
+``compute_optimal``. Planners read it with ``fit.constants.load_constants(path, law)``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import math
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from scaling_lab.fit.io.fitfile import SCHEMA_VERSION
+from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.fit.fitting.fitlaw import LawFit
+from scaling_lab.fit.fitting.sources import Table
+
+
+def _clean(obj):
+    """JSON has no NaN: write null instead, recursively; numpy scalars to Python."""
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def law_entry(f: LawFit, protocol: Mapping[str, Any]) -> dict:
+    entry = f.constants.to_dict()
+    entry.update({
+        "not_identified": sorted(f.not_identified, key=list(f.spec.law.params).index),
+        "not_identified_why": f.not_identified,
+        "ties": f.ties,
+        "fit": {"protocol": protocol["name"], "method": protocol["method"], "objective": f.result.objective,
+                "starts": f.result.n_starts, "grid": f.result.n_grid, "reached_best": f.result.n_best,
+                "converged": f.result.converged},
+        "bootstrap": {"n": f.n_boot, "failed": f.n_boot_failed},
+        "metrics": f.metrics,
+    })
+    if f.compute_optimal is not None:
+        entry["compute_optimal"] = f.compute_optimal
+    return entry
+
+
+def document(table: Table, fits: Mapping[str, LawFit], protocol: Mapping[str, Any], skipped: Mapping[str, str],
+             isoflop: Mapping[str, Any] | None, bootstrap_seed: int) -> dict:
+    try:
+        tool_version = version("scaling-lab")
+    except PackageNotFoundError:
+        tool_version = "unknown"
+    doc = {"schema_version": SCHEMA_VERSION,
+           "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "tool": {"name": "scaling-lab", "version": tool_version},
+           "provenance": {**table.provenance, "protocol": protocol["name"], "bootstrap_seed": bootstrap_seed},
+           "laws": {name: law_entry(f, protocol) for name, f in fits.items()}}
+    if skipped:
+        doc["skipped_laws"] = dict(skipped)
+    if isoflop is not None:
+        doc["isoflop"] = isoflop
+    return _clean(doc)
+
+
+def write(out: str | Path, doc: dict, table: Table, fits: Mapping[str, LawFit]) -> Path:
+    """fit.json and predictions.csv (every row, each law's prediction and bootstrap 95% interval).
+
+    A ``latency`` section already in ``<out>/fit.json`` (written by ``scaling-latency``: a property of the device,
+    not of the loss data) is carried over, so refitting the laws does not drop it."""
+    out = Path(out)
+    previous = out / "fit.json"
+    if previous.is_file() and "latency" not in doc:
+        try:
+            latency = json.loads(previous.read_text()).get("latency")
+        except (OSError, ValueError):
+            latency = None
+        if latency is not None:
+            doc = {**doc, "latency": latency}
+    path = write_json_atomic(out / "fit.json", doc)
+    rows = table.data.copy()
+    for name, f in fits.items():
+        rows[f"pred_{name}"] = f.pred
+        rows[f"pred_{name}_lo"], rows[f"pred_{name}_hi"] = f.pred_ci
+    rows.to_csv(out / "predictions.csv", index=False)
+    return path

@@ -1,0 +1,158 @@
+"""Where the runs come from: our sweep records (``source=results``) or any CSV (``source=csv``), as one table.
+
+The table has canonical columns ``N, D, loss`` and, when the source has them, ``R`` (d_model / n_layers),
+``group`` and ``budget``; boolean columns ``fit`` and ``heldout`` mark the fit and held-out sets. Every check a
+fit needs happens here, before any fitting, and fails with one clear line (``FitInputError``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from scaling_lab.conf import UserError
+
+
+class FitInputError(UserError):
+    """Bad input for a fit: the CLI prints the message alone and exits."""
+
+
+@dataclass
+class Table:
+    data: pd.DataFrame
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fit_rows(self) -> pd.DataFrame:
+        return self.data[self.data["fit"]]
+
+    def has(self, column: str) -> bool:
+        return column in self.data and self.data[column].notna().all()
+
+
+def _query(frame: pd.DataFrame, query: str | None, what: str) -> pd.Series:
+    if not query:
+        return pd.Series(True, index=frame.index)
+    try:
+        mask = frame.eval(str(query), engine="python")
+    except Exception as err:  # pandas raises many kinds for a bad query; the message is what matters
+        raise FitInputError(f"{what} query {query!r} failed: {err} (columns: {list(frame.columns)})") from None
+    if not isinstance(mask, pd.Series) or mask.dtype != bool:
+        raise FitInputError(f"{what} query {query!r} must give one true/false per row")
+    return mask
+
+
+def _read_csv(path: str) -> pd.DataFrame:
+    if not path or path == "???":
+        raise FitInputError("source=csv needs source.path=<file.csv>")
+    p = Path(path)
+    if not p.is_file():
+        raise FitInputError(f"no CSV file at {p}")
+    try:
+        return pd.read_csv(p)
+    except Exception as err:
+        raise FitInputError(f"cannot read {p} as CSV: {err}") from None
+
+
+def _read_results(src: Mapping[str, Any]) -> tuple[pd.DataFrame, dict]:
+    from scaling_lab.fit.io.store import load_table   # torch-free; imported here so CSV users need no pipeline
+
+    sweep = src.get("sweep")
+    if not sweep or sweep == "???":
+        raise FitInputError("source=results needs sweep=<name>")
+    folder = Path(str(src["results_dir"])) / str(sweep)
+    if not folder.is_dir():
+        raise FitInputError(f"no results for sweep {sweep!r}: {folder} does not exist")
+    table = load_table(src["results_dir"], sweep)
+    if table.empty:
+        raise FitInputError(f"sweep {sweep!r} has no records in {folder}")
+    ok = table["status"] == "ok"
+    n_col = {"total": "params_total", "non_embedding": "params_non_embedding"}.get(str(src["n_convention"]))
+    if n_col is None:
+        raise FitInputError(f"source.n_convention must be total or non_embedding, not {src['n_convention']!r}")
+    columns = {"N": n_col, **{k: v for k, v in src["columns"].items() if v}}
+    info = {"sweep": str(sweep), "results_dir": str(src["results_dir"]), "excluded_failed": int((~ok).sum())}
+    return table[ok].reset_index(drop=True), {"columns": columns, **info}
+
+
+def _groups_of_equal_size(N: np.ndarray, D: np.ndarray) -> np.ndarray:
+    """Rows with N within 10% and the same D (to 2 significant digits): shapes of one size at one budget."""
+    key_d = np.array([f"{d:.2g}" for d in D])
+    labels = np.empty(len(N), dtype=object)
+    for d in np.unique(key_d):
+        rows = np.flatnonzero(key_d == d)
+        order = rows[np.argsort(N[rows])]
+        start = N[order[0]]
+        for i in order:
+            if N[i] > 1.1 * start:
+                start = N[i]
+            labels[i] = f"N~{start:.3g},D~{d}"
+    return labels
+
+
+def load(src: Mapping[str, Any]) -> Table:
+    """The runs named by ``cfg.source`` as a checked Table."""
+    kind = src.get("kind")
+    if kind == "csv":
+        raw = _read_csv(str(src.get("path")))
+        columns = {k: v for k, v in src["columns"].items() if v}
+        info = {"path": str(Path(str(src["path"])).resolve())}
+    elif kind == "results":
+        raw, info = _read_results(src)
+        columns = info.pop("columns")
+    else:
+        raise FitInputError(f"unknown source kind {kind!r} (csv or results)")
+
+    missing = [f"{k}={v!r}" for k, v in columns.items() if v not in raw.columns]
+    if missing:
+        raise FitInputError(f"missing column(s) {', '.join(missing)}; the data has {list(raw.columns)}")
+    if "D" not in columns and "C" not in columns:
+        raise FitInputError("need source.columns.D (tokens) or source.columns.C (FLOPs, D = C / 6N)")
+
+    rows = _query(raw, src.get("rows"), "source.rows")
+    raw = raw[rows].reset_index(drop=True)
+    fit = _query(raw, src.get("fit_rows"), "source.fit_rows")
+    heldout = _query(raw, src.get("heldout_rows"), "source.heldout_rows") if src.get("heldout_rows") else ~fit
+
+    data = pd.DataFrame({"fit": fit.to_numpy(), "heldout": heldout.to_numpy()})
+    for name in ("N", "D", "loss", "C", "R", "budget"):
+        if name in columns:
+            data[name] = pd.to_numeric(raw[columns[name]], errors="coerce").to_numpy(dtype=float)
+    if "D" not in data:
+        data["D"] = data["C"] / (6.0 * data["N"])
+    if "R" not in data and "d_model" in columns and "n_layers" in columns:
+        data["R"] = (pd.to_numeric(raw[columns["d_model"]], errors="coerce")
+                     / pd.to_numeric(raw[columns["n_layers"]], errors="coerce")).to_numpy(dtype=float)
+    for name in ("N", "D", "loss"):
+        bad = ~np.isfinite(data[name])
+        if bad.any():
+            raise FitInputError(f"column {columns.get(name, name)!r} ({name}) has {int(bad.sum())} NaN or "
+                                f"non-numeric value(s), e.g. row {int(np.flatnonzero(bad)[0])}")
+        if (data[name] <= 0).any():
+            raise FitInputError(f"column {columns.get(name, name)!r} ({name}) must be positive")
+    if "R" in data and (~np.isfinite(data["R"]) | (data["R"] <= 0)).any():
+        data = data.drop(columns="R")        # laws needing R are then skipped with a message
+        info["R_dropped"] = "aspect ratio missing or non-positive in some rows"
+    if "group" in columns and raw[columns["group"]].notna().any():
+        data["group"] = raw[columns["group"]].fillna("none").astype(str).to_numpy()
+    elif "R" in data:
+        data["group"] = _groups_of_equal_size(data["N"].to_numpy(), data["D"].to_numpy())
+
+    if len(data) == 0:
+        raise FitInputError("no rows left after source.rows")
+    if not data["fit"].any():
+        raise FitInputError(f"source.fit_rows {src.get('fit_rows')!r} selects no rows")
+    if np.ptp(data.loc[data["fit"], "loss"]) == 0:
+        raise FitInputError("the loss is constant over the fit rows: nothing to fit")
+
+    counts = {"total": int(len(data)), "fit": int(data["fit"].sum()), "heldout": int(data["heldout"].sum())}
+    if "excluded_failed" in info:
+        counts["excluded_failed"] = info.pop("excluded_failed")
+    provenance = {"source": kind, **info, "columns": dict(columns), "rows": counts,
+                  "queries": {k: src.get(k) for k in ("rows", "fit_rows", "heldout_rows")},
+                  "n_convention": str(src.get("n_convention", "unknown"))}
+    return Table(data=data, provenance=provenance)

@@ -1,0 +1,273 @@
+"""scaling-plan: the Chinchilla-style and the inference-aware optimal model for a target quality and demand.
+
+    scaling-plan constants=<fit.json | hoffmann2022 | sardana2024 | epoch2024> objective=flops|cost out=<dir> \\
+        target.loss=<l> | target.chinchilla_params=<N> \\
+        demand.tokens=<T> | demand.requests=<R> demand.input_tokens=<i> demand.output_tokens=<o> \\
+        [hardware.train.{gpu,dtype,peak_flops,price_per_hour,mfu}=...] \\
+        [hardware.inference.{gpu,dtype,peak_flops,price_per_hour,mfu_prefill,mfu_decode}=...] \\
+        [serving.quantization=none|int8|int4 serving.loss_penalty=<delta> serving.speculative.enabled=true ...]
+
+Writes ``<out>/plan.json`` and ``<out>/plan.png`` and prints a table. Configuration: ``conf/plan.yaml``; presets:
+``conf/plan_presets/default.yaml``. The math is in ``fit/plan.py``; ``run(cfg)`` is the whole job.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from scaling_lab.fit.plan import planner
+from scaling_lab.conf import command
+from scaling_lab.fit.laws.law import LawConstants
+from scaling_lab.fit.io.fitfile import load_law
+from scaling_lab.fit.io.files import write_json_atomic
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+PLAN_SCHEMA_VERSION = 1
+
+
+def load_chinchilla(cfg: DictConfig) -> tuple[LawConstants, dict]:
+    """The Chinchilla constants named by ``cfg.constants`` (a preset or a fit.json) and where they came from."""
+    law, presets, spec = cfg.law.chinchilla, cfg.presets.constants, str(cfg.constants)
+    if spec in presets:
+        constants = LawConstants.from_dict("chinchilla", {"formula": law.formula, "inputs": list(law.inputs),
+                                                          "params": OmegaConf.to_container(presets[spec])})
+        return constants, {"preset": spec}
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"constants={spec!r} is neither a preset ({', '.join(presets)}) nor a fit.json file")
+    constants, doc = _law_from_fit(path, "chinchilla", law.formula)
+    return constants, {"fit_json": str(path.resolve()), "provenance": doc.get("provenance", {}),
+                       "not_identified": doc["laws"]["chinchilla"].get("not_identified", [])}
+
+
+def _law_from_fit(path: Path, name: str, formula: str) -> tuple[LawConstants, dict]:
+    """Law ``name`` of a fit.json, refused unless it has the configured ``formula`` the planner's math assumes."""
+    constants, doc = load_law(path, name, formula, needed_by="the planner")
+    planner.chinchilla_terms(constants)
+    return constants, doc
+
+
+def load_shape_inputs(cfg: DictConfig) -> tuple[LawConstants, planner.DecodeLatency, dict]:
+    """The inference-efficient law, the decode latency model and the record of both (latency section, the fit's
+    N convention) from the fit.json in ``cfg.constants``."""
+    if cfg.objective != "cost":
+        raise ValueError("shape.enabled=true prices decode by latency: it needs objective=cost")
+    if str(cfg.constants) in cfg.presets.constants:
+        raise ValueError(f"shape.enabled=true needs constants=<fit.json> with an inference_efficient law and a "
+                         f"latency section; the preset {cfg.constants!r} has neither")
+    if cfg.shape.decode_batch < 1:
+        raise ValueError(f"shape.decode_batch must be >= 1, got {cfg.shape.decode_batch}")
+    path = Path(str(cfg.constants))
+    constants, doc = _law_from_fit(path, "inference_efficient", cfg.law.inference_efficient.formula)
+    latency = doc.get("latency") or {}
+    coefficients = latency.get("decode_ms_per_token")
+    if latency.get("model") != "linear" or not isinstance(coefficients, dict):
+        raise ValueError(f"{path}: shape planning needs a latency section with model 'linear' and "
+                         f"decode_ms_per_token {{intercept, per_layer, per_layer_d2}}; got {latency or 'none'}")
+    try:
+        model = planner.DecodeLatency(**{k: float(coefficients[k]) for k in ("intercept", "per_layer",
+                                                                              "per_layer_d2")})
+    except KeyError as missing:
+        raise ValueError(f"{path}: latency.decode_ms_per_token lacks {missing}") from None
+    return constants, model, {"latency": latency, "n_convention": doc.get("provenance", {}).get("n_convention")}
+
+
+def _exactly_one(section: DictConfig, a: str, b: str, name: str):
+    given = [k for k in (a, b) if section[k] is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of {name}.{a} or {name}.{b} (got {len(given)})")
+    return given[0], float(section[given[0]])
+
+
+def split_demand(cfg: DictConfig, tokens: float | None = None) -> planner.Inference:
+    """Prefill and decode tokens of ``cfg.demand`` (or of ``tokens`` split like it), with speculative decoding."""
+    demand, spec = cfg.demand, cfg.serving.speculative
+    i, o = float(demand.input_tokens), float(demand.output_tokens)
+    if min(i, o) < 0 or i + o == 0:
+        raise ValueError(f"demand.input_tokens and demand.output_tokens must be >= 0 and not both 0, got {i}, {o}")
+    if tokens is None:
+        kind, amount = _exactly_one(demand, "tokens", "requests", "demand")
+        if amount < 0:
+            raise ValueError(f"demand.{kind} must be >= 0, got {amount:g}")
+        tokens = amount * (i + o) if kind == "requests" else amount
+    flops, time = ((1.0, 1.0) if not spec.enabled else
+                   planner.speculative_factors(float(spec.acceptance_rate), int(spec.draft_tokens),
+                                               float(spec.draft_cost_ratio)))
+    return planner.Inference(tokens * i / (i + o), tokens * o / (i + o), flops, time)
+
+
+def _peak_flops(side: DictConfig, gpus: DictConfig, name: str) -> float:
+    if side.peak_flops is not None:
+        return float(side.peak_flops)
+    if side.gpu not in gpus:
+        raise ValueError(f"unknown gpu hardware.{name}.gpu={side.gpu!r}: known {list(gpus)}; "
+                         f"or give hardware.{name}.peak_flops")
+    if side.dtype not in gpus[side.gpu]:
+        raise ValueError(f"unknown dtype hardware.{name}.dtype={side.dtype!r} for {side.gpu}: known "
+                         f"{list(gpus[side.gpu])}; or give hardware.{name}.peak_flops")
+    return float(gpus[side.gpu][side.dtype])
+
+
+def resolve_hardware(cfg: DictConfig) -> tuple[planner.Prices, dict]:
+    """Dollars per FLOP for training, prefill and decode, and the resolved hardware for the record."""
+    train, inference, gpus = cfg.hardware.train, cfg.hardware.inference, cfg.presets.gpus
+    record = {"train": {**OmegaConf.to_container(train, resolve=True), "peak_flops": _peak_flops(train, gpus, "train")},
+              "inference": {**OmegaConf.to_container(inference, resolve=True),
+                            "peak_flops": _peak_flops(inference, gpus, "inference")}}
+    tr, inf = record["train"], record["inference"]
+    prices = planner.Prices(
+        train=planner.dollars_per_flop(float(tr["price_per_hour"]), tr["peak_flops"], float(tr["mfu"])),
+        prefill=planner.dollars_per_flop(float(inf["price_per_hour"]), inf["peak_flops"], float(inf["mfu_prefill"])),
+        decode=planner.dollars_per_flop(float(inf["price_per_hour"]), inf["peak_flops"], float(inf["mfu_decode"])))
+    record["dollars_per_flop"] = {"train": prices.train, "prefill": prices.prefill, "decode": prices.decode}
+    return prices, record
+
+
+def target_loss(cfg: DictConfig, constants: LawConstants) -> dict:
+    """The loss the served model must reach and the (lower) loss training must reach under quantization."""
+    kind, value = _exactly_one(cfg.target, "loss", "chinchilla_params", "target")
+    if kind == "chinchilla_params" and value <= 0:
+        raise ValueError(f"target.chinchilla_params must be > 0, got {value:g}")
+    served = value if kind == "loss" else planner.chinchilla_loss(constants, value)
+    penalty = cfg.serving.loss_penalty
+    if penalty is None:
+        penalty = cfg.presets.quantization[cfg.serving.quantization].loss_penalty
+    penalty = float(penalty)
+    if penalty < 0:
+        raise ValueError(f"serving.loss_penalty must be >= 0, got {penalty}")
+    trained = served - penalty
+    if not trained > constants["E"]:
+        raise ValueError(f"target loss {served:g}" + (f" minus the quantization penalty {penalty:g}" if penalty else "")
+                         + f" is not above the irreducible loss E = {constants['E']:g}: no finite model reaches it")
+    return {kind: value, "served_loss": served, "loss_penalty": penalty, "trained_loss": trained}
+
+
+def run(cfg: DictConfig) -> dict:
+    """Validate ``cfg``, plan, write ``<out>/plan.json`` and ``<out>/plan.png``, print the table; return the plan."""
+    if cfg.objective not in planner.OBJECTIVES:
+        raise ValueError(f"objective must be one of {planner.OBJECTIVES}, got {cfg.objective!r}")
+    if cfg.serving.quantization not in cfg.presets.quantization:
+        raise ValueError(f"unknown serving.quantization={cfg.serving.quantization!r}: known "
+                         f"{list(cfg.presets.quantization)}")
+    constants, source = load_chinchilla(cfg)
+    target = target_loss(cfg, constants)
+    inference = split_demand(cfg)
+    prices, hardware = resolve_hardware(cfg)
+    shape_inputs = load_shape_inputs(cfg) if cfg.shape.enabled else None
+
+    result = planner.plan(constants, target["trained_loss"], inference, prices, cfg.objective)
+    if shape_inputs:
+        result["shape"] = shape_plan(cfg, shape_inputs, target["trained_loss"], inference, prices)
+    doc = {"schema_version": PLAN_SCHEMA_VERSION, "objective": cfg.objective,
+           "constants": {**source, "params": dict(constants.values), "formula": constants.law.formula},
+           "target": target,
+           "demand": {"prefill_tokens": inference.prefill_tokens, "decode_tokens": inference.decode_tokens,
+                      **OmegaConf.to_container(cfg.demand)},
+           "hardware": hardware,
+           "serving": {**OmegaConf.to_container(cfg.serving),
+                       "decode_flops_per_token": inference.decode_flops_per_token,
+                       "decode_time_per_token": inference.decode_time_per_token},
+           **result}
+    out = Path(cfg.out)
+    write_json_atomic(out / "plan.json", doc)
+    plot(cfg, constants, target["trained_loss"], inference, prices, doc, out / "plan.png")
+    print(table(doc))
+    print(f"wrote {out / 'plan.json'} and {out / 'plan.png'}")
+    return doc
+
+
+def shape_plan(cfg: DictConfig, shape_inputs: tuple, loss: float, inference: planner.Inference,
+               prices: planner.Prices) -> dict:
+    """``planner.shape_plan`` with ``cfg.shape``; decode priced at the inference GPU-hour over ``decode_batch``."""
+    constants, latency, record = shape_inputs
+    shape = cfg.shape
+    dollars_per_ms = float(cfg.hardware.inference.price_per_hour) / 3.6e6 / shape.decode_batch
+    result = planner.shape_plan(constants, loss, inference, prices, latency, dollars_per_ms,
+                                (float(shape.aspect_ratio_min), float(shape.aspect_ratio_max)),
+                                float(shape.reference_aspect_ratio))
+    r = result["optimal"]["R"]
+    result["R_at_bound"] = bool(min(abs(math.log(r / shape.aspect_ratio_min)),
+                                    abs(math.log(r / shape.aspect_ratio_max))) < 0.01)
+    return {**result, **record, "params": dict(constants.values), "dollars_per_ms": dollars_per_ms}
+
+
+def table(doc: dict) -> str:
+    """The plan as a fixed-width text table (4 significant figures)."""
+    c, o, r = doc["chinchilla"], doc["optimal"], doc["ratios"]
+    constants = doc["constants"].get("preset") or doc["constants"]["fit_json"]
+    lines = [f"constants {constants}; objective {doc['objective']}; served loss {doc['target']['served_loss']:.4g} "
+             f"(trained {doc['target']['trained_loss']:.4g}); demand {doc['demand']['prefill_tokens']:.4g} prefill + "
+             f"{doc['demand']['decode_tokens']:.4g} decode tokens",
+             f"{'':16}{'chinchilla':>12}{'optimal':>12}{'optimal/chin':>14}"]
+    for key in planner.REPORTED:
+        ratio = "" if r[key] is None else f"{100 * r[key]:.2f}%"
+        lines.append(f"{key:16}{c[key]:12.4g}{o[key]:12.4g}{ratio:>14}")
+    if doc["constants"].get("not_identified"):
+        lines.append(f"warning: the fit did not identify {doc['constants']['not_identified']}; the plan inherits that")
+    lines.append(f"saving in total {'FLOPs' if doc['objective'] == 'flops' else 'cost'}: {100 * doc['saving']:.4g}%")
+    if "shape" in doc:
+        shape = doc["shape"]
+        models = ("chinchilla", "optimal_at_reference_shape", "optimal")
+        device = shape["latency"].get("device", "?")
+        lines += ["", f"with shape (inference-efficient law, decode priced by the {device} latency model)",
+                  f"{'':20}{'chinchilla':>12}{'opt. at ref R':>14}{'optimal':>12}{'optimal/chin':>14}"]
+        for key in ("N", "D") + planner.SHAPE_REPORTED + ("train_cost", "inference_cost", "total_cost"):
+            ratio = shape["ratios"].get(key)
+            lines.append(f"{key:20}{shape[models[0]][key]:12.4g}{shape[models[1]][key]:14.4g}"
+                         f"{shape[models[2]][key]:12.4g}" + (f"{100 * ratio:13.2f}%" if ratio else ""))
+        lines.append(f"saving in total cost: {100 * shape['saving']:.4g}%"
+                     + (" (optimal R at the edge of [shape.aspect_ratio_min, max]: widen it)" if shape["R_at_bound"]
+                        else ""))
+        if shape["n_convention"] != "non_embedding":
+            lines.append(f"note: shapes assume N = 12 n_layers d_model^2 (no embeddings); this fit's N convention is "
+                         f"{shape['n_convention']!r}, so n_layers and d_model are upper estimates")
+    return "\n".join(lines)
+
+
+def plot(cfg: DictConfig, constants: LawConstants, loss: float, inference: planner.Inference,
+         prices: planner.Prices, doc: dict, path: Path) -> None:
+    """Optimal N and D (left) and the saving (right) against lifetime inference demand around the requested one."""
+    reference = inference if inference.tokens > 0 else split_demand(cfg, tokens=doc["chinchilla"]["D"])
+    factors = np.logspace(-cfg.plot.decades_below, cfg.plot.decades_above, cfg.plot.points)
+    sweep = [planner.plan(constants, loss, reference.scaled(f), prices, cfg.objective) for f in factors]
+    tokens = factors * reference.tokens
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, colour in (("N", "tab:blue"), ("D", "tab:orange")):
+        left.loglog(tokens, [s["optimal"][key] for s in sweep], color=colour, label=f"optimal {key}")
+        left.axhline(doc["chinchilla"][key], color=colour, ls="--", lw=1, label=f"Chinchilla-style {key}")
+    left.set_ylabel("parameters / training tokens")
+    right.semilogx(tokens, [100 * s["saving"] for s in sweep], color="tab:green")
+    right.set_ylabel(f"saving in total {'FLOPs' if cfg.objective == 'flops' else 'cost'} (%)")
+    for ax in (left, right):
+        if inference.tokens > 0:
+            ax.axvline(inference.tokens, color="grey", ls=":", lw=1, label="requested demand")
+        ax.set_xlabel("lifetime inference demand (tokens)")
+        ax.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(f"loss {loss:.4g}, objective {cfg.objective}, constants {doc['constants'].get('preset', 'fit.json')}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plan(cfg: DictConfig) -> None:
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.out = HydraConfig.get().runtime.output_dir  # <out>/<job number>
+    run(cfg)
+
+
+main = command("scaling-plan", "plan", _plan, errors=(FileNotFoundError,))
+
+
+if __name__ == "__main__":
+    main()

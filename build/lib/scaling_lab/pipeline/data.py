@@ -1,0 +1,376 @@
+"""Corpora, tokenizers and the token cache, loaded with Hugging Face ``datasets`` in every case.
+
+``prepare_corpus(cfg)`` loads documents (the Python standard library's own source, the user's files, or a hub
+dataset), splits them into train and held-out by a hash of each document (or by the user's own validation files),
+tokenizes them once and caches the tokens as memory-mapped ``uint16`` files keyed by the corpus hash and the
+tokenizer. ``TokenDataModule`` serves fixed-length windows from that cache to Lightning: training windows are a
+seeded permutation of non-overlapping windows, so a run of D tokens sees D distinct training tokens, never an epoch
+repeat; held-out windows are the same fixed slice for every run.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import lightning as L
+import numpy as np
+import torch
+from filelock import FileLock
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from scaling_lab.conf import UserError
+
+EOT = "<|endoftext|>"
+TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".py": "text", ".jsonl": "json", ".json": "json",
+                 ".parquet": "parquet"}
+
+
+class DataError(UserError):
+    """Bad data configuration: raised before any training starts."""
+
+
+@dataclass
+class Corpus:
+    """A tokenized corpus in the cache: memory-mapped train and held-out token streams and their metadata."""
+
+    dir: Path
+    meta: dict
+
+    def tokens(self, split: str) -> np.memmap:
+        return np.memmap(self.dir / f"{split}.bin", dtype=np.uint16, mode="r")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["vocab_size"]
+
+    @property
+    def bytes_per_token(self) -> float:
+        """UTF-8 bytes per token on the held-out split: converts nats per token into bits per byte."""
+        return self.meta["val_bytes"] / self.meta["val_tokens"]
+
+
+# ----- documents -----------------------------------------------------------------------------------------------
+
+def stdlib_files() -> list[Path]:
+    """The ``.py`` files of the standard library of the interpreter running this code (site-packages excluded)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+
+
+def _expand(path: str) -> list[Path]:
+    p = Path(os.path.expanduser(path))
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file())
+    else:
+        files = sorted(Path(f) for f in glob.glob(str(p)) if Path(f).is_file())
+    if not files:
+        raise DataError(f"data.path={path!r} matches no {'/'.join(TEXT_SUFFIXES)} file")
+    builders = {TEXT_SUFFIXES.get(f.suffix, "text") for f in files}
+    if len(builders) > 1:
+        raise DataError(f"data.path={path!r} mixes file kinds {sorted(builders)}; point it at one kind")
+    return files
+
+
+def _files_hash(files: list[Path], root: Path | None) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(root) if root else f.name).encode() + b"\0")
+        h.update(f.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _load_files(files: list[Path], cfg) -> list[str]:
+    import datasets
+
+    builder = TEXT_SUFFIXES.get(files[0].suffix, "text")
+    kwargs = {"sample_by": cfg.sample_by, "encoding_errors": "replace"} if builder == "text" else {}
+    ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                               cache_dir=str(Path(cfg.cache_dir) / "hf"), **kwargs)
+    if cfg.text_field not in ds.column_names:
+        raise DataError(f"{files[0]}: no column {cfg.text_field!r} (columns: {ds.column_names}); set data.text_field")
+    return [t for t in ds[cfg.text_field] if t]
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the hub endpoint (``HF_ENDPOINT``, as huggingface_hub reads it) accepts a connection."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_hub(cfg) -> list[str]:
+    import datasets
+
+    if os.environ.get("HF_HUB_OFFLINE") != "1" and not _hub_reachable():
+        raise DataError(f"data=hub: the Hugging Face Hub cannot be reached from this machine, so {cfg.name!r} cannot "
+                        "be downloaded; use data=stdlib or data=files data.path=<your files>")
+    ds = datasets.load_dataset(cfg.name, cfg.subset, split=cfg.split, streaming=cfg.streaming,
+                               cache_dir=str(Path(cfg.cache_dir) / "hf"))
+    docs, size = [], 0
+    for row in ds:
+        text = row.get(cfg.text_field) or ""
+        docs.append(text)
+        size += len(text)
+        if cfg.max_bytes and size >= cfg.max_bytes:
+            break
+    return docs
+
+
+def _doc_is_heldout(text: str, fraction: float) -> bool:
+    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2 ** 64 < fraction
+
+
+def describe_corpus(cfg) -> dict:
+    """What a data config names: its files and provenance (corpus, content hash, python version), cheaply, without
+    loading it, so a cached tokenization is found before any document is read. Bad paths fail here."""
+    info = {"source": cfg.source, "python": sys.version.split()[0], "files": [], "val_files": []}
+    if cfg.source == "stdlib":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        info.update(corpus=f"python{sys.version_info.major}.{sys.version_info.minor}-stdlib", files=stdlib_files())
+        info["corpus_hash"] = _files_hash(info["files"], root)
+    elif cfg.source == "files":
+        if not cfg.path:
+            raise DataError("data=files needs data.path=<dir or glob>")
+        info.update(corpus=str(cfg.path), files=_expand(cfg.path), val_files=_expand(cfg.val_path) if cfg.val_path else [])
+        info["corpus_hash"] = _files_hash(info["files"] + info["val_files"], None)
+    elif cfg.source == "hub":
+        if not cfg.name:
+            raise DataError("data=hub needs data.name=<dataset id>")
+        key = json.dumps([cfg.name, cfg.subset, cfg.split, cfg.max_bytes]).encode()
+        info.update(corpus=f"hub:{cfg.name}", corpus_hash=hashlib.sha256(key).hexdigest())
+    else:
+        raise DataError(f"data.source={cfg.source!r}: choose stdlib, files or hub")
+    if cfg.max_bytes:
+        info["corpus_hash"] = hashlib.sha256(f"{info['corpus_hash']}:{cfg.max_bytes}".encode()).hexdigest()
+    return info
+
+
+def load_documents(cfg, info: dict) -> dict[str, list[str]]:
+    """Train and held-out documents of the corpus ``describe_corpus`` found."""
+    if cfg.source == "hub":
+        docs, val_docs = _load_hub(cfg), None
+    else:
+        docs = _load_files(info["files"], cfg)
+        val_docs = _load_files(info["val_files"], cfg) if info["val_files"] else None
+    if val_docs is None:
+        val_docs = [d for d in docs if _doc_is_heldout(d, cfg.val_fraction)]
+        docs = [d for d in docs if not _doc_is_heldout(d, cfg.val_fraction)]
+    if cfg.max_bytes and cfg.source != "hub":  # a slice of the training text; the held-out split stays the same
+        docs = _take_bytes(docs, cfg.max_bytes)
+    if not docs or not val_docs:
+        raise DataError(f"corpus {info['corpus']!r} has {len(docs)} training and {len(val_docs)} held-out documents; "
+                        "it needs both (raise data.val_fraction or give data.val_path)")
+    return {"train": docs, "val": val_docs}
+
+
+def _take_bytes(docs: list[str], limit: int) -> list[str]:
+    out, size = [], 0
+    for d in docs:
+        if size >= limit:
+            break
+        out.append(d)
+        size += len(d.encode())
+    return out
+
+
+# ----- tokenizers ----------------------------------------------------------------------------------------------
+
+class ByteTokenizer:
+    """UTF-8 bytes, plus one end-of-text token (id 256)."""
+
+    vocab_size = 257
+    eot = 256
+    name = "bytes"
+
+    def encode_docs(self, docs: list[str]) -> np.ndarray:
+        parts = []
+        for d in docs:
+            parts.append(np.frombuffer(d.encode("utf-8", "replace"), dtype=np.uint8).astype(np.uint16))
+            parts.append(np.array([self.eot], dtype=np.uint16))
+        return np.concatenate(parts)
+
+
+class BPETokenizer:
+    """A byte-level BPE trained with ``tokenizers`` on the training documents, cached beside the tokens."""
+
+    def __init__(self, vocab_size: int, path: Path, train_docs: list[str] | None = None):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        if path.exists():
+            self.tok = Tokenizer.from_file(str(path))
+        else:
+            tok = Tokenizer(models.BPE())
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
+                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+            tok.train_from_iterator(train_docs, trainer=trainer)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tok.save(str(path))
+            self.tok = tok
+        self.vocab_size = self.tok.get_vocab_size()
+        if self.vocab_size > 65535:
+            raise DataError(f"BPE vocabulary {self.vocab_size} does not fit the uint16 token cache")
+        self.eot = self.tok.token_to_id(EOT)
+        self.name = f"bpe{vocab_size}"
+
+    def encode_docs(self, docs: list[str]) -> np.ndarray:
+        parts = []
+        for enc in self.tok.encode_batch(docs, add_special_tokens=False):
+            parts.append(np.asarray(enc.ids + [self.eot], dtype=np.uint16))
+        return np.concatenate(parts)
+
+
+def tokenizer_id(cfg) -> str:
+    if cfg.tokenizer == "bytes":
+        return "bytes"
+    if cfg.tokenizer == "bpe":
+        if not 257 < cfg.bpe_vocab_size < 65536:
+            raise DataError(f"data.bpe_vocab_size={cfg.bpe_vocab_size} must lie between 258 and 65535")
+        return f"bpe{cfg.bpe_vocab_size}"
+    raise DataError(f"data.tokenizer={cfg.tokenizer!r}: choose bytes or bpe")
+
+
+# ----- the token cache -----------------------------------------------------------------------------------------
+
+def prepare_corpus(cfg) -> Corpus:
+    """Load, split, tokenize and cache a corpus once; later calls (from any process) reuse the cache."""
+    tok_id = tokenizer_id(cfg)
+    info = describe_corpus(cfg)
+    key = f"{info['corpus_hash'][:16]}-{tok_id}-v{int(cfg.val_fraction * 1e6)}"
+    cache = Path(cfg.cache_dir) / "tokens" / key
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache) + ".lock"):
+        if not (cache / "meta.json").exists():
+            tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            if not sys.stderr.isatty():  # `datasets` progress bars are carriage-return noise in a log file
+                import datasets
+
+                datasets.disable_progress_bars()
+            docs = load_documents(cfg, info)
+            tok = ByteTokenizer() if tok_id == "bytes" else BPETokenizer(cfg.bpe_vocab_size, tmp / "tokenizer.json",
+                                                                         docs["train"])
+            meta = {k: v for k, v in info.items() if k not in ("files", "val_files")}
+            meta.update(n_files=len(info["files"]) + len(info["val_files"]), tokenizer=tok_id,
+                        vocab_size=tok.vocab_size, eot=tok.eot)
+            for split, split_docs in docs.items():
+                ids = tok.encode_docs(split_docs)
+                ids.tofile(tmp / f"{split}.bin")
+                meta[f"{split}_tokens"] = int(ids.size)
+                meta[f"{split}_documents"] = len(split_docs)
+                meta[f"{split}_bytes"] = sum(len(d.encode("utf-8", "replace")) for d in split_docs)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            os.replace(tmp, cache)
+    return Corpus(cache, json.loads((cache / "meta.json").read_text()))
+
+
+# ----- windows for Lightning -----------------------------------------------------------------------------------
+
+class Windows(Dataset):
+    """Windows of ``seq_len + 1`` tokens (inputs and shifted targets) at the given window indices."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, indices: np.ndarray):
+        self.tokens, self.seq_len, self.indices = tokens, seq_len, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        start = int(self.indices[i]) * self.seq_len
+        chunk = torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+class GlobalBatches(Sampler):
+    """Batches of window indices 0..n-1 in order, ``batch_size`` per optimizer step summed over all ranks (rank r
+    takes every world-th window of each global batch), starting at batch ``start``.
+
+    Its length is the whole run's number of steps even when it starts later: Lightning counts the batches of a
+    resumed epoch from where the checkpoint left off, so the run still ends exactly at the token budget.
+    """
+
+    def __init__(self, n: int, batch_size: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.start, self.rank, self.world = n, batch_size, start, rank, world
+
+    def __len__(self):
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        for b in range(self.start, len(self)):
+            yield list(range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size)))[self.rank::self.world]
+
+
+def unique_windows(n_tokens: int, seq_len: int) -> int:
+    """Non-overlapping training windows in a token stream (each needs one extra token for its last target)."""
+    return max(0, (n_tokens - 1) // seq_len)
+
+
+def check_budget(corpus: Corpus, tokens: int, seq_len: int) -> int:
+    """The corpus's number of distinct training windows; a budget needing more is an error (no epoch repeats)."""
+    available = unique_windows(corpus.meta["train_tokens"], seq_len)
+    if tokens > available * seq_len:
+        raise DataError(f"token budget {tokens:,} exceeds the {available * seq_len:,} unique training tokens of "
+                        f"corpus {corpus.meta['corpus']!r} at seq_len={seq_len}; lower train.tokens or use a larger "
+                        "corpus (runs never repeat data)")
+    return available
+
+
+class TokenDataModule(L.LightningDataModule):
+    """Serves exactly ``train_sequences`` distinct training windows, in a seeded order, starting after the windows
+    that earlier (interrupted) attempts of the same run already consumed; and a fixed held-out slice."""
+
+    def __init__(self, corpus: Corpus, seq_len: int, batch_size: int, train_sequences: int, eval_tokens: int,
+                 val_curve_tokens: int, seed: int, num_workers: int = 0):
+        super().__init__()
+        self.corpus, self.seq_len, self.batch_size = corpus, seq_len, batch_size
+        self.train_sequences, self.seed, self.num_workers = train_sequences, seed, num_workers
+        available = check_budget(corpus, train_sequences * seq_len, seq_len)
+        n_eval = eval_tokens // seq_len
+        if n_eval < 1 or n_eval > unique_windows(corpus.meta["val_tokens"], seq_len):
+            raise DataError(f"data.eval_tokens={eval_tokens:,} needs between {seq_len} and "
+                            f"{unique_windows(corpus.meta['val_tokens'], seq_len) * seq_len:,} held-out tokens")
+        self.eval_windows = np.arange(n_eval)
+        self.val_curve_windows = np.arange(max(1, min(n_eval, val_curve_tokens // seq_len)))
+        order = np.random.default_rng(seed).permutation(available)
+        self.train_windows = order[:train_sequences]
+
+    def train_dataloader(self):
+        # A run resumed from a checkpoint continues with the batches it has not seen yet (one batch per step).
+        trainer = self.trainer
+        start, rank, world = (trainer.global_step, trainer.global_rank, trainer.world_size) if trainer else (0, 0, 1)
+        sampler = GlobalBatches(len(self.train_windows), self.batch_size, start, rank, world)
+        ds = Windows(self.corpus.tokens("train"), self.seq_len, self.train_windows)
+        return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        return self._heldout(self.val_curve_windows)
+
+    def eval_dataloader(self):
+        return self._heldout(self.eval_windows)
+
+    def _heldout(self, windows):
+        ds = Windows(self.corpus.tokens("val"), self.seq_len, windows)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+def bits_per_byte(nats_per_token: float, corpus: Corpus) -> float:
+    return nats_per_token / corpus.bytes_per_token / math.log(2)

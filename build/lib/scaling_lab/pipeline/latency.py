@@ -1,0 +1,262 @@
+"""Inference latency, measured: prefill time for a prompt and per-token decode time with the KV cache.
+
+The protocol is the same for trained models (after each training run) and for randomly initialised shapes
+(``scaling-latency``, since latency does not depend on the weights' values): for each batch size, ``warmup``
+untimed passes, then ``repeats`` timed ones; we report the median and the spread (min, max, and the interquartile
+range relative to the median). On CUDA every timing is bracketed by ``torch.cuda.synchronize``.
+
+``scaling-latency`` (``main``, configuration ``conf/latency_cli.yaml``) measures any list of shapes this way, writes
+``<out>/latency.csv``, fits the latency model (``fit/latency_model.py``) and writes its section to
+``<out>/latency.json`` and, with ``constants=<fit.json>``, into that file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from scaling_lab.conf import command
+from scaling_lab.fit.io.fitfile import read_fit_json
+from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.fit.latency import LatencyModel, fit_latency, merge_into_fit_json
+from scaling_lab.models.gpt import GPT
+from scaling_lab.models.shapes import GPTConfig, resolve_shape
+from scaling_lab.conf.train_schema import LatencyConf
+from scaling_lab.fit.io.store import iter_records, load_table
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _timed(fn, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _summary(samples_ms: list[float]) -> dict:
+    q = statistics.quantiles(samples_ms, n=4) if len(samples_ms) > 1 else [samples_ms[0]] * 3
+    median = statistics.median(samples_ms)
+    return {"median": median, "min": min(samples_ms), "max": max(samples_ms),
+            "iqr_rel": (q[2] - q[0]) / median if median else 0.0}
+
+
+@torch.inference_mode()
+def measure(model: GPT, prompt_len: int, decode_tokens: int, batch_sizes: list[int], warmup: int = 2,
+            repeats: int = 5, dtype: torch.dtype | None = None) -> dict:
+    """Measure prefill and per-token decode latency of ``model`` on its own device."""
+    cfg = model.config
+    if prompt_len + decode_tokens > cfg.seq_len:
+        raise ValueError(f"latency.prompt_len + latency.decode_tokens = {prompt_len + decode_tokens} exceeds "
+                         f"model.seq_len={cfg.seq_len}")
+    if repeats < 1 or warmup < 0 or not batch_sizes:
+        raise ValueError("latency needs repeats >= 1, warmup >= 0 and at least one batch size")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype not in (None, torch.float32) else contextlib.nullcontext()
+    gen = torch.Generator().manual_seed(0)
+    by_batch = {}
+    with autocast:
+        for bs in batch_sizes:
+            prompt = torch.randint(0, cfg.vocab_size, (bs, prompt_len), generator=gen).to(device)
+            step = torch.randint(0, cfg.vocab_size, (bs, 1), generator=gen).to(device)
+            prefill, decode = [], []
+            for i in range(warmup + repeats):
+                cache = model.new_cache(bs, prompt_len + decode_tokens)
+                t_prefill = _timed(lambda: model(prompt, cache=cache), device)
+
+                def run_decode():
+                    for _ in range(decode_tokens):
+                        model(step, cache=cache)
+
+                t_decode = _timed(run_decode, device)
+                if i >= warmup:
+                    prefill.append(t_prefill * 1e3)
+                    decode.append(t_decode * 1e3 / decode_tokens)
+            by_batch[bs] = {"prefill_ms": _summary(prefill), "decode_ms_per_token": _summary(decode)}
+    model.train(was_training)
+    return {
+        "device": _device_name(device), "threads": torch.get_num_threads(),
+        "dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", ""),
+        "prompt_len": prompt_len, "decode_tokens": decode_tokens, "warmup": warmup, "repeats": repeats,
+        "batch_sizes": list(batch_sizes), "by_batch": {str(k): v for k, v in by_batch.items()},
+        # headline figures: batch 1, and the largest batch measured
+        "prefill_ms": by_batch[batch_sizes[0]]["prefill_ms"]["median"],
+        "decode_ms_per_token": by_batch[batch_sizes[0]]["decode_ms_per_token"]["median"],
+        "batch_large": batch_sizes[-1],
+        "decode_ms_per_token_batch": by_batch[batch_sizes[-1]]["decode_ms_per_token"]["median"],
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{platform.processor() or platform.machine()}"
+
+
+# ----- scaling-latency: measure shapes without training them, fit the latency model ---------------------------
+
+PROTOCOL = ("prompt_len", "decode_tokens", "batch_sizes", "warmup", "repeats", "threads")
+
+def protocol_defaults(results_dir: str | None = None, sweep: str | None = None) -> dict:
+    """The training runs' latency protocol (and threads): a sweep's records' (the first one that has it), else the
+    schema's defaults."""
+    protocol = {k: getattr(LatencyConf(), k) for k in PROTOCOL if k != "threads"}
+    if sweep:
+        for record in iter_records(results_dir, sweep):
+            measured = record.get("latency") or {}
+            if record.get("status") == "ok" and measured:
+                protocol = {k: measured[k] for k in protocol}
+                protocol["threads"] = measured.get("threads")
+                break
+    return protocol
+
+
+def shapes_to_measure(cfg) -> list[GPTConfig]:
+    """The model configs of ``cfg.shapes`` (grid, pairs) and of ``cfg.sweep``'s records, without duplicates, in order."""
+    a, s = cfg.arch, cfg.shapes
+
+    def config(**shape) -> GPTConfig:
+        resolved = resolve_shape(**shape, head_dim=a.head_dim, ffn_ratio=a.ffn_ratio)
+        return GPTConfig(**resolved, vocab_size=a.vocab_size, seq_len=a.seq_len, ffn_ratio=a.ffn_ratio,
+                         tie_embeddings=a.tie_embeddings)
+
+    configs = [config(n_layers=int(L), params=float(p)) for L in s.n_layers for p in s.params]
+    for pair in s.pairs:
+        if len(pair) != 2:
+            raise ValueError(f"shapes.pairs holds [n_layers, d_model] pairs; got {list(pair)}")
+        configs.append(config(n_layers=int(pair[0]), d_model=int(pair[1])))
+    if cfg.sweep:
+        table = load_table(cfg.results_dir, cfg.sweep)
+        table = table[table.status == "ok"]
+        if table.empty:
+            raise ValueError(f"no finished runs in {cfg.results_dir}/{cfg.sweep}")
+        for row in table.drop_duplicates(["n_layers", "d_model", "n_heads", "ffn_hidden", "vocab_size",
+                                          "seq_len"]).itertuples():
+            configs.append(GPTConfig(n_layers=int(row.n_layers), d_model=int(row.d_model), n_heads=int(row.n_heads),
+                                     vocab_size=int(row.vocab_size), seq_len=int(row.seq_len),
+                                     ffn_ratio=row.ffn_hidden / row.d_model, tie_embeddings=a.tie_embeddings))
+    unique = list({repr(c): c for c in configs}.values())  # equal configs have equal reprs
+    if not unique:
+        raise ValueError("no shapes to measure: give shapes.n_layers and shapes.params, shapes.pairs or sweep")
+    return unique
+
+
+def measure_shapes(configs: list[GPTConfig], protocol: dict, device: str = "cpu", rounds: int = 1,
+                   log=print) -> list[dict]:
+    """Measure each shape with ``measure`` on randomly initialised weights; one row per shape and batch size
+    (median over ``rounds`` interleaved rounds)."""
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if device == "auto" else device))
+    if protocol["prompt_len"] + protocol["decode_tokens"] > min(c.seq_len for c in configs):
+        raise ValueError(f"measure.prompt_len + measure.decode_tokens = "
+                         f"{protocol['prompt_len'] + protocol['decode_tokens']} exceeds the shortest seq_len "
+                         f"{min(c.seq_len for c in configs)}")
+    samples: dict[tuple[int, int], dict] = {}  # (shape, round) -> measure's result
+    torch.manual_seed(0)
+    for r in range(max(1, int(rounds))):
+        for i, c in enumerate(configs):
+            model = GPT(c).to(device)
+            result = measure(model, protocol["prompt_len"], protocol["decode_tokens"], protocol["batch_sizes"],
+                             protocol["warmup"], protocol["repeats"])
+            samples[(i, r)] = result
+            del model
+            log(f"  [{r * len(configs) + i + 1}/{len(configs) * max(1, int(rounds))}] n_layers={c.n_layers} "
+                f"d_model={c.d_model}: decode {result['decode_ms_per_token']:.3f} ms/token, "
+                f"prefill {result['prefill_ms']:.3f} ms (batch {result['batch_sizes'][0]})")
+    rows = []
+    for i, c in enumerate(configs):
+        results = [samples[(i, r)] for r in range(max(1, int(rounds)))]
+        counts = c.param_counts()
+        for b in results[0]["batch_sizes"]:
+            per = [res["by_batch"][str(b)] for res in results]
+            rows.append({
+                "n_layers": c.n_layers, "d_model": c.d_model, "n_heads": c.n_heads,
+                "aspect_ratio": c.aspect_ratio, "params_non_embedding": counts["non_embedding"],
+                "params_total": counts["total"], "vocab_size": c.vocab_size, "batch": int(b),
+                "decode_ms_per_token": statistics.median(p["decode_ms_per_token"]["median"] for p in per),
+                "prefill_ms": statistics.median(p["prefill_ms"]["median"] for p in per),
+                "decode_iqr_rel": statistics.median(p["decode_ms_per_token"]["iqr_rel"] for p in per),
+                "prefill_iqr_rel": statistics.median(p["prefill_ms"]["iqr_rel"] for p in per),
+                "device": results[0]["device"], "threads": results[0]["threads"], "dtype": results[0]["dtype"],
+            })
+    return rows
+
+
+def run_latency(cfg) -> dict:
+    """The whole ``scaling-latency`` job: measure, write latency.csv, fit, write latency.json and merge into ``constants``."""
+    if cfg.constants:
+        read_fit_json(cfg.constants)  # a missing or invalid fit.json stops the run before measuring
+    configs = shapes_to_measure(cfg)
+    protocol = protocol_defaults(cfg.results_dir, cfg.sweep)
+    protocol.update({k: v for k, v in cfg.measure.items() if v is not None and k in PROTOCOL})
+    protocol["batch_sizes"] = [int(b) for b in protocol["batch_sizes"]]
+    if protocol.get("threads"):
+        torch.set_num_threads(int(protocol["threads"]))
+    print(f"measuring {len(configs)} shapes: prompt {protocol['prompt_len']}, {protocol['decode_tokens']} decode "
+          f"tokens, batches {protocol['batch_sizes']}, warmup {protocol['warmup']}, repeats {protocol['repeats']}, "
+          f"{torch.get_num_threads()} threads")
+    rows = measure_shapes(configs, protocol, cfg.measure.device, cfg.measure.rounds)
+    table = pd.DataFrame(rows)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "latency.csv", index=False)
+    meta = {"device": rows[0]["device"], "threads": rows[0]["threads"], "dtype": rows[0]["dtype"],
+            **{k: protocol[k] for k in ("prompt_len", "decode_tokens", "warmup", "repeats")},
+            "rounds": int(cfg.measure.rounds), "source": str((out / "latency.csv").resolve())}
+    model = fit_latency(table, meta, cfg.latency_model.batch_size, cfg.latency_model.extrapolate_frac)
+    section = model.to_dict()
+    write_json_atomic(out / "latency.json", section)
+    if cfg.constants:
+        merge_into_fit_json(cfg.constants, section)
+    print(format_latency(table, section))
+    print(f"wrote {out / 'latency.csv'}, {out / 'latency.json'}"
+          + (f"; the latency section of {cfg.constants}" if cfg.constants else ""))
+    return section
+
+
+def format_latency(table, section: dict) -> str:
+    """The measurements beside the model's predictions, the coefficients and the held-out errors."""
+    model = LatencyModel.from_dict(section)
+    lines = [f"== latency on {section['device']} ({section['threads']} threads, {section['dtype']}): "
+             f"ms = {section['form']}",
+             f"   {'n_layers':>8} {'d_model':>7} {'R':>7} {'N (non-emb)':>11} {'batch':>5} {'decode ms/tok':>13} "
+             f"{'model':>8} {'prefill ms':>10} {'model':>8}"]
+    for row in table.itertuples():
+        decode, prefill = (model.predict(row.n_layers, row.d_model, q, row.batch)
+                           for q in ("decode_ms_per_token", "prefill_ms"))
+        lines.append(f"   {row.n_layers:>8} {row.d_model:>7} {row.aspect_ratio:>7.3g} "
+                     f"{row.params_non_embedding:>11.3g} {row.batch:>5} {row.decode_ms_per_token:>13.4g} "
+                     f"{decode:>8.4g} {row.prefill_ms:>10.4g} {prefill:>8.4g}")
+    for batch, models in section["by_batch"].items():
+        for quantity, c in models.items():
+            err = section["heldout"][batch][quantity]
+            lines.append(f"   batch {batch} {quantity}: {c['intercept']:.4g} + {c['per_layer']:.4g} L + "
+                         f"{c['per_layer_d2']:.4g} L d^2; held-out: leave-one-shape-out MAPE "
+                         f"{_pct(err['loso_mape'])} (max {_pct(err['loso_max_ape'])}), largest "
+                         f"{err['extrapolation_shapes']} shapes from the rest {_pct(err['extrapolation_mape'])}")
+    return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+main = command("scaling-latency", "latency_cli", run_latency, errors=(FileNotFoundError,))
+
+
+if __name__ == "__main__":
+    main()

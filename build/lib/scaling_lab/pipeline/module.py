@@ -1,0 +1,158 @@
+"""The LightningModule around ``models.gpt.GPT``, its learning-rate schedule, and the checkpointing callback."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from scaling_lab.models.gpt import GPT
+from scaling_lab.models.shapes import GPTConfig
+from scaling_lab.pipeline.runspec import duration
+
+
+class DivergenceError(RuntimeError):
+    """Training loss became NaN/inf or rose above the configured threshold."""
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay that reaches ``min_ratio`` at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LitGPT(L.LightningModule):
+    def __init__(self, model_config: GPTConfig, lr: float, total_steps: int, warmup_steps: int, min_lr_ratio: float,
+                 weight_decay: float, betas: tuple[float, float], diverge_loss: float, check_every: int,
+                 compile: bool = False):
+        super().__init__()
+        self.model = GPT(model_config)
+        self.forward_model = torch.compile(self.model) if compile else self.model
+        self.lr, self.total_steps, self.warmup_steps, self.min_lr_ratio = lr, total_steps, warmup_steps, min_lr_ratio
+        self.weight_decay, self.betas = weight_decay, betas
+        self.diverge_loss, self.check_every = diverge_loss, max(1, check_every)
+        self.tokens_resumed = 0  # training tokens of earlier attempts, from the checkpoint (all ranks)
+        self.tokens_local = 0  # training tokens this process has seen in this attempt
+        self.last_train_loss = float("nan")
+        self.val_curve: list[tuple[int, float]] = []  # (training tokens seen, validation-curve loss)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self.forward_model(x, y)
+        self.tokens_local += x.numel()
+        step = self.global_step
+        if step % self.check_every == 0 or step == self.total_steps - 1:  # not every step: .item() syncs a GPU
+            value = loss.item()
+            self.last_train_loss = value
+            if not math.isfinite(value) or value > self.diverge_loss:
+                raise DivergenceError(f"diverged at step {step}: training loss {value:.4g} "
+                                      f"(threshold train.diverge_loss={self.diverge_loss})")
+            self.log_dict({"train/loss": value, "train/lr": self.lr_schedulers().get_last_lr()[0],
+                           "train/tokens": float(self.tokens_resumed + self.tokens_local * self.trainer.world_size)},
+                          prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self.forward_model(x, y)
+        self.log("val/loss", loss, prog_bar=True, batch_size=x.size(0))
+
+    def on_validation_epoch_end(self):
+        if "val/loss" in self.trainer.callback_metrics:
+            tokens = self.tokens_resumed + self.tokens_local * self.trainer.world_size
+            self.val_curve.append((tokens, float(self.trainer.callback_metrics["val/loss"])))
+
+    @torch.inference_mode()
+    def heldout_loss(self, loader) -> float:
+        """Mean loss in nats per token over every window of ``loader`` (the fixed final evaluation)."""
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in loader:
+            x, y = x.to(self.device), y.to(self.device)
+            _, loss = self.model(x, y)
+            total += loss.item() * y.numel()
+            count += y.numel()
+        self.model.train(was_training)
+        return total / count
+
+    def configure_optimizers(self):
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, self.total_steps, self.warmup_steps, self.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def tokens_seen(self) -> int:
+        """Training tokens seen so far by all ranks, in this attempt and the ones it resumed (a collective call)."""
+        local = torch.tensor(float(self.tokens_local), device=self.device)
+        return self.tokens_resumed + int(self.trainer.strategy.reduce(local, reduce_op="sum").item())
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["tokens_seen"] = self.tokens_seen()
+        checkpoint["val_curve"] = self.val_curve
+
+    def on_load_checkpoint(self, checkpoint):
+        self.tokens_resumed = checkpoint.get("tokens_seen", 0)
+        self.val_curve = [tuple(p) for p in checkpoint.get("val_curve", [])]
+
+
+class Progress(Callback):
+    """One line of progress every ``every_s`` seconds (step, tokens, training loss, tokens/s, time left): for log
+    files and non-terminal output, where a progress bar would write kilobytes of carriage returns."""
+
+    def __init__(self, log, every_s: float = 30.0):
+        self.logger_, self.every_s = log, every_s
+        self.start = self.last = None
+        self.first_step = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = self.last = time.time()
+        self.first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now, step, total = time.time(), trainer.global_step, pl_module.total_steps
+        if now - self.last < self.every_s and step < total:
+            return
+        self.last = now
+        done = step - self.first_step
+        rate = done / (now - self.start) if now > self.start else 0.0
+        left = (total - step) / rate if rate else float("nan")
+        tokens_this_attempt = pl_module.tokens_local * trainer.world_size
+        self.logger_.info("step %d/%d (%.0f%%)  %s tokens  train loss %.4f  %.0f tokens/s  %s left", step, total,
+                      100 * step / total, f"{pl_module.tokens_resumed + tokens_this_attempt:,}",
+                      pl_module.last_train_loss or float("nan"), tokens_this_attempt / max(now - self.start, 1e-9),
+                      duration(left))
+
+
+class Checkpointing(Callback):
+    """Saves ``path`` (atomically) every ``every`` steps and when the job receives SIGTERM (pre-emption, scancel,
+    a SLURM time limit), so a re-launched run resumes where it stopped."""
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = Path(path), every
+
+    def save(self, trainer: L.Trainer) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        trainer.save_checkpoint(tmp)
+        os.replace(tmp, self.path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every and step % self.every == 0 and step < pl_module.total_steps:
+            self.save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, SIGTERMException):
+            self.save(trainer)

@@ -1,0 +1,152 @@
+"""A run's config resolved and checked into its spec: shape, token budget, batch, learning rate, steps, run id.
+
+Every bad value fails here, before any compute; the sweep check (``pipeline.sweep``) plans every point with it
+before a multirun launches, and ``pipeline.train`` plans its run with it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from scaling_lab.fit.io import store
+from scaling_lab.models.shapes import GPTConfig, resolve_shape
+from scaling_lab.conf import UserError
+
+# Config fields that do not change a run's result: they are left out of its run id.
+NOT_IN_RUN_ID = {"train": {"threads", "progress_bar", "progress_every_s", "log_every", "ckpt_every", "val_every", "compile",
+                           "accelerator", "devices", "strategy", "num_nodes"},
+                 "data": {"cache_dir", "num_workers", "val_curve_tokens", "streaming"}}
+
+
+class ConfigError(UserError):
+    """Bad configuration: raised before any compute is spent."""
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs, resolved from the config and checked."""
+
+    run_id: str
+    sweep: str
+    model: GPTConfig
+    tokens: int  # the training token budget, a whole number of sequences
+    batch_size: int
+    lr: float
+    total_steps: int
+    warmup_steps: int
+    threads: int
+
+
+def _positive(name: str, value) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+# What each corpus source reads; a setting another source would read is refused rather than silently ignored.
+DATA_KEYS = {"stdlib": set(), "files": {"path", "val_path"}, "hub": {"name", "subset"}}
+
+
+def check_data(data: DictConfig) -> None:
+    if data.source not in DATA_KEYS:
+        raise ConfigError(f"data.source={data.source!r}: choose data=stdlib, data=files or data=hub")
+    for key in sorted(set().union(*DATA_KEYS.values()) - DATA_KEYS[data.source]):
+        if data.get(key) is not None:
+            owner = next(s for s, keys in DATA_KEYS.items() if key in keys)
+            raise ConfigError(f"data.{key} is set but data={data.source} does not read it: add data={owner} "
+                              f"(e.g. scaling-train data={owner} data.{key}=...)")
+
+
+def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
+    """Resolve shape, token budget, batch size, learning rate and steps; every bad value fails here."""
+    m, t = cfg.model, cfg.train
+    check_data(cfg.data)
+    try:
+        shape = resolve_shape(n_layers=m.n_layers, d_model=m.d_model, aspect_ratio=m.aspect_ratio, params=m.params,
+                              n_heads=m.n_heads, head_dim=m.head_dim, ffn_ratio=m.ffn_ratio)
+        model = GPTConfig(**shape, vocab_size=vocab_size or _vocab_size(cfg.data), seq_len=m.seq_len,
+                          ffn_ratio=m.ffn_ratio, tie_embeddings=m.tie_embeddings)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    budgets = {k: t[k] for k in ("tokens", "tokens_per_param", "flops") if t[k] is not None}
+    if len(budgets) != 1:
+        raise ConfigError(f"give exactly one token budget of train.tokens, train.tokens_per_param, train.flops; "
+                          f"got {sorted(budgets) or 'none'}")
+    for k, v in budgets.items():
+        _positive(f"train.{k}", v)
+    for k in ("batch_size", "lr", "max_batch_size", "batch_ref_tokens"):
+        _positive(f"train.{k}", t[k])
+    if not 0 <= t.warmup_frac < 1 or not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError("train.warmup_frac must lie in [0, 1) and train.min_lr_ratio in [0, 1]")
+    non_embedding = model.non_embedding_params
+    tokens = t.tokens if t.tokens is not None else (
+        t.tokens_per_param * non_embedding if t.tokens_per_param is not None else t.flops / (6 * non_embedding))
+    sequences = int(tokens // model.seq_len)
+    if sequences < 1:
+        raise ConfigError(f"token budget {tokens:,.0f} is less than one sequence of model.seq_len={model.seq_len}")
+    batch = t.batch_size
+    if t.batch_rule == "sqrt_tokens":
+        batch = int(round(t.batch_size * math.sqrt(tokens / t.batch_ref_tokens)))
+    elif t.batch_rule != "constant":
+        raise ConfigError(f"train.batch_rule={t.batch_rule!r}: choose constant or sqrt_tokens")
+    batch = max(1, min(batch, t.max_batch_size, sequences))
+    if t.lr_rule == "constant":
+        lr = t.lr
+    elif t.lr_rule == "inverse_width":
+        lr = t.lr * t.lr_ref_width / model.d_model
+    else:
+        raise ConfigError(f"train.lr_rule={t.lr_rule!r}: choose constant or inverse_width")
+    lat = cfg.latency
+    if lat.enabled and lat.prompt_len + lat.decode_tokens > model.seq_len:
+        raise ConfigError(f"latency.prompt_len + latency.decode_tokens must not exceed model.seq_len={model.seq_len}")
+    total_steps = math.ceil(sequences / batch)
+    payload = {"model": asdict(model), "tokens": sequences * model.seq_len, "batch_size": batch,
+               **{g: {k: v for k, v in OmegaConf.to_container(cfg[g], resolve=True).items()
+                      if k not in NOT_IN_RUN_ID.get(g, ())} for g in ("data", "train")}}
+    payload["model"].pop("vocab_size")  # fixed by data.tokenizer, which is in the payload
+    return RunSpec(run_id=store.run_id_for(payload), sweep=cfg.sweep.name, model=model,
+                   tokens=sequences * model.seq_len, batch_size=batch, lr=lr, total_steps=total_steps,
+                   warmup_steps=int(round(t.warmup_frac * total_steps)), threads=t.threads or default_threads())
+
+
+def duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``42s``; ``?`` when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    h, rem = divmod(int(round(seconds)), 3600)
+    return f"{h}h{rem // 60:02d}m" if h else (f"{rem // 60}m{rem % 60:02d}s" if rem >= 60 else f"{rem}s")
+
+
+def describe(spec: RunSpec) -> str:
+    """The run's plan in one line: shape, N, D, steps and batch, FLOPs."""
+    m = spec.model
+    n, counts = m.non_embedding_params, m.param_counts()
+    return (f"run {spec.run_id} ({spec.sweep}): n_layers={m.n_layers} d_model={m.d_model} heads={m.n_heads} "
+            f"R={m.aspect_ratio:g}; N={n:,} non-embedding ({counts['total']:,} total); D={spec.tokens:,} tokens "
+            f"({spec.tokens / n:.1f} per parameter); {spec.total_steps:,} steps of {spec.batch_size} x {m.seq_len} "
+            f"tokens; {m.flops_per_token * spec.tokens:.3g} training FLOPs; {spec.threads} thread(s)")
+
+
+def _vocab_size(data_cfg) -> int:
+    return 257 if data_cfg.tokenizer == "bytes" else int(data_cfg.bpe_vocab_size)
+
+
+def default_threads() -> int:
+    """The machine's cores divided among the jobs the Hydra launcher runs at once (joblib n_jobs, or the cpus a
+    submitit task asked for), so parallel sweep jobs split the cores instead of fighting over them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        launcher = HydraConfig.get().launcher
+    except (ValueError, ImportError):
+        return cores
+    if launcher.get("cpus_per_task"):
+        return int(launcher.cpus_per_task)
+    if launcher.get("n_jobs"):
+        jobs = cores if launcher.n_jobs < 0 else launcher.n_jobs
+        return max(1, cores // max(1, jobs))
+    return cores

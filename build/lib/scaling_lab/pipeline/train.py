@@ -1,0 +1,294 @@
+"""``scaling-train``: train one model (or, with ``-m``, every point of a sweep) and write its result record.
+
+``main`` is the Hydra entry point; it calls the plain ``run(cfg)`` that tests call with a composed config. A run:
+resolve and check the whole configuration (bad input stops here, before any compute) -> skip if its record says
+``ok`` -> prepare the tokenized corpus -> train with Lightning (resuming from its last checkpoint if one exists) ->
+evaluate the fixed held-out slice -> measure inference latency -> write the record atomically -> mirror to W&B.
+A run that raises, runs out of memory or diverges is recorded as ``failed`` and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from scaling_lab.conf import command
+from scaling_lab.fit.io import store
+from scaling_lab.pipeline.runspec import ConfigError, RunSpec, describe, duration, plan_run
+
+log = logging.getLogger("scaling.train")
+# A resumed run's sampler continues where the checkpoint stopped (pipeline.data.GlobalBatches); Lightning cannot see
+# that and warns that the dataloader is not resumable.
+warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # torch 2.13 vs Lightning 2.6
+# Hydra 1.3 still merges our conf/hydra/launcher/submitit_*.yaml presets into the plugin's schema of the same name.
+warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name.*")
+
+# ----- the run -------------------------------------------------------------------------------------------------
+
+def run(cfg: DictConfig) -> dict:
+    """Train (or skip, or resume) the run ``cfg`` describes; returns its record."""
+    started = time.time()
+    spec = plan_run(cfg)
+    path = store.record_path(cfg.results_dir, spec.sweep, spec.run_id)
+    previous = store.read_record(path)
+    if previous and (previous["status"] == "ok" or not cfg.sweep.retry_failed):
+        log.info("run %s is already %s (%s); skipping%s", spec.run_id, previous["status"], path,
+                 "" if previous["status"] == "ok" else " (sweep.retry_failed=true re-runs it)")
+        return previous
+
+    from scaling_lab.pipeline.data import TokenDataModule, prepare_corpus
+
+    torch.set_num_threads(spec.threads)
+    corpus = prepare_corpus(cfg.data)
+    spec = plan_run(cfg, vocab_size=corpus.vocab_size)
+    datamodule = TokenDataModule(corpus, spec.model.seq_len, spec.batch_size, spec.tokens // spec.model.seq_len,
+                                 cfg.data.eval_tokens, cfg.data.val_curve_tokens, cfg.train.seed, cfg.data.num_workers)
+    record = _record_head(cfg, spec, corpus)
+    _save_launch(cfg, spec)
+    log.info("%s%s", describe(spec), _estimate(cfg, spec))
+    wandb_logger = _wandb_logger(cfg, spec)
+    status = "failed"
+    marker = store.mark_running(cfg.results_dir, spec.sweep, spec.run_id)
+    try:
+        record.update(_train(cfg, spec, datamodule, corpus, wandb_logger))
+        status = "ok"
+    except (KeyboardInterrupt, SystemExit):
+        status = "interrupted"
+        raise
+    except Exception as e:  # a crash, an OOM or a divergence fails this run only; the sweep goes on
+        record["error"] = f"{type(e).__name__}: {e}"
+        record["traceback"] = traceback.format_exc(limit=20)
+        log.error("run %s failed: %s", spec.run_id, record["error"])
+    finally:
+        marker.unlink(missing_ok=True)
+        if status != "interrupted":
+            record.update(status=status, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            record["timing"]["wall_s"] = time.time() - started
+            store.write_record(cfg.results_dir, record)
+            log.info("record: %s", path)
+        _finish_wandb(wandb_logger, record, status)
+    return record
+
+
+def _record_head(cfg, spec: RunSpec, corpus) -> dict:
+    import lightning
+
+    c = spec.model
+    counts = c.param_counts()
+    return {
+        "run_id": spec.run_id, "sweep": spec.sweep, "status": "running", "error": None, "seed": cfg.train.seed,
+        "group": _group(cfg, counts["non_embedding"], spec.tokens),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "shape": {"n_layers": c.n_layers, "d_model": c.d_model, "n_heads": c.n_heads, "head_dim": c.head_dim,
+                  "ffn_hidden": c.ffn_hidden, "vocab_size": c.vocab_size, "seq_len": c.seq_len,
+                  "aspect_ratio": c.aspect_ratio, "tie_embeddings": c.tie_embeddings},
+        "params": counts,
+        "tokens": {"budget": spec.tokens, "seen": 0},
+        "flops": {"per_token": c.flops_per_token, "total": c.flops_per_token * spec.tokens,
+                  "six_nd": 6 * counts["non_embedding"] * spec.tokens, "budget": cfg.train.flops},
+        "optim": {"batch_size": spec.batch_size, "lr": spec.lr, "total_steps": spec.total_steps,
+                  "warmup_steps": spec.warmup_steps},
+        "data": {k: corpus.meta.get(k) for k in ("corpus", "source", "corpus_hash", "tokenizer", "vocab_size",
+                                                 "train_tokens", "val_tokens", "python")},
+        "timing": {"threads": spec.threads},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "lightning": lightning.__version__, "project": _project_version()},
+    }
+
+
+def _save_launch(cfg, spec: RunSpec) -> None:
+    """This run as a launched point of its sweep, so scaling-sweep-status knows it even before its record exists."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from scaling_lab.pipeline.sweep import Point, save_launch
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    save_launch(cfg.results_dir, spec.sweep, [Point(overrides=overrides).plan(spec)], overrides,
+                name=f"run-{spec.run_id}")
+
+
+def _estimate(cfg, spec: RunSpec) -> str:
+    """About how long the run will train, at the training FLOP/s the sweep's finished runs reached (none yet: the
+    progress lines give the time left once training starts)."""
+    done = [r for r in store.iter_records(cfg.results_dir, spec.sweep) if r.get("status") == "ok"]
+    flops = sum((r.get("flops") or {}).get("total") or 0 for r in done)
+    seconds = sum((r.get("timing") or {}).get("train_s") or 0 for r in done)
+    if not flops or not seconds:
+        return ""
+    return f"; about {duration(spec.model.flops_per_token * spec.tokens * seconds / flops)} at this sweep's rate"
+
+
+def _group(cfg, non_embedding: int, tokens: int) -> str:
+    """Runs of one size class and token budget (shapes that differ only in aspect ratio share it): the sweep's
+    declared target where it has one, else the run's own N and D to two significant figures."""
+    m, t = cfg.model, cfg.train
+    size = f"N~{m.params:g}" if m.params is not None else f"N~{non_embedding:.2g}"
+    budget = (f"D/N={t.tokens_per_param:g}" if t.tokens_per_param is not None else
+              f"C={t.flops:g}" if t.flops is not None else f"D~{tokens:.2g}")
+    return f"{size} {budget}"
+
+
+def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
+    import lightning as L
+
+    from scaling_lab.pipeline.data import bits_per_byte
+    from scaling_lab.pipeline.latency import measure
+    from scaling_lab.pipeline.module import Checkpointing, Progress
+
+    t = cfg.train
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    module = build_module(t, spec)
+    ckpt = store.checkpoint_path(cfg.results_dir, spec.sweep, spec.run_id)
+    callbacks = [Checkpointing(ckpt, t.ckpt_every)]
+    if not _show_bar(t):
+        callbacks.append(Progress(log, t.progress_every_s))
+    trainer = build_trainer(t, spec, logger=wandb_logger, callbacks=callbacks, root_dir=ckpt.parent)
+    resume = ckpt if ckpt.exists() else None
+    if resume:
+        log.info("resuming run %s from %s", spec.run_id, resume)
+    fit_start = time.time()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    train_s = time.time() - fit_start
+    tokens_seen = module.tokens_seen()
+    if tokens_seen != spec.tokens:
+        raise RuntimeError(f"trained on {tokens_seen:,} tokens, budget was {spec.tokens:,}")
+    loss = module.heldout_loss(datamodule.eval_dataloader())
+    if not math.isfinite(loss):
+        raise RuntimeError(f"held-out loss is {loss}")
+    out = {
+        "tokens": {"budget": spec.tokens, "seen": tokens_seen},
+        "loss": {"final": loss, "bits_per_byte": bits_per_byte(loss, corpus), "eval_tokens": cfg.data.eval_tokens,
+                 "train_last": module.last_train_loss, **_curve_summary(module.val_curve)},
+        "timing": {"threads": spec.threads, "train_s": train_s,
+                   "tokens_per_s": (tokens_seen - module.tokens_resumed) / train_s if train_s else None,
+                   "resumed_from_tokens": module.tokens_resumed},
+    }
+    if cfg.latency.enabled:
+        lat = cfg.latency
+        dtype = torch.bfloat16 if "bf16" in t.precision and module.device.type == "cuda" else None
+        out["latency"] = measure(module.model, lat.prompt_len, lat.decode_tokens, list(lat.batch_sizes),
+                                 lat.warmup, lat.repeats, dtype=dtype)
+    ckpt.unlink(missing_ok=True)  # finished: the record is the result
+    return out
+
+
+def build_module(t, spec: RunSpec):
+    from scaling_lab.pipeline.module import LitGPT
+
+    return LitGPT(spec.model, lr=spec.lr, total_steps=spec.total_steps, warmup_steps=spec.warmup_steps,
+                  min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
+                  diverge_loss=t.diverge_loss, check_every=t.log_every, compile=t.compile)
+
+
+def build_trainer(t, spec: RunSpec, logger=None, callbacks=(), root_dir=None, validate: bool = True):
+    """The Lightning Trainer of a run (also used by scripts/bench_train_loop.py, so the benchmark times the same
+    loop): exactly ``total_steps`` optimizer steps, our own checkpointing, validation-curve points."""
+    import lightning as L
+
+    # Lightning's INFO lines (accelerator found, tips, checkpoint loading) drown a sweep's output; warnings still
+    # show. Set here, after Lightning's own import has set its level.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    return L.Trainer(
+        max_steps=spec.total_steps, max_epochs=-1, precision=t.precision, accelerator=t.accelerator,
+        devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, gradient_clip_val=t.grad_clip,
+        logger=logger or False, callbacks=list(callbacks), enable_checkpointing=False,
+        val_check_interval=t.val_every or max(1, spec.total_steps // 8), check_val_every_n_epoch=None,
+        limit_val_batches=None if validate else 0, num_sanity_val_steps=0, use_distributed_sampler=False,
+        log_every_n_steps=t.log_every, enable_progress_bar=_show_bar(t), enable_model_summary=False,
+        default_root_dir=str(root_dir) if root_dir else None)
+
+
+def _show_bar(t) -> bool:
+    """A progress bar only on a terminal (and when asked for); log files get one line every progress_every_s."""
+    return bool(t.progress_bar) and sys.stderr.isatty()
+
+
+def _curve_summary(curve: list[tuple[int, float]]) -> dict:
+    """The validation curve (on data.val_curve_tokens held-out tokens) as (tokens, loss) points, and its extremes."""
+    if not curve:
+        return {"curve": []}
+    return {"curve": [[int(t), float(v)] for t, v in curve], "last_val": curve[-1][1],
+            "min_val": min(v for _, v in curve)}
+
+
+def _project_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scaling-lab")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ----- W&B -----------------------------------------------------------------------------------------------------
+
+def _wandb_logger(cfg, spec: RunSpec):
+    w = cfg.logger.wandb
+    if w is None or w.mode == "disabled":
+        return None
+    if w.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise ConfigError("logger.wandb.mode=online needs WANDB_API_KEY in the environment (or use mode=offline)")
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    save_dir = Path(w.dir or store.sweep_dir(cfg.results_dir, spec.sweep))
+    save_dir.mkdir(parents=True, exist_ok=True)
+    c = spec.model
+    tags = [f"sweep:{spec.sweep}", f"L{c.n_layers}", f"d{c.d_model}", f"R{c.aspect_ratio:g}",
+            f"N{_size_class(c.non_embedding_params)}"]
+    if cfg.train.tokens_per_param is not None:
+        tags.append(f"tpp{cfg.train.tokens_per_param:g}")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["run_id"] = spec.run_id
+    return WandbLogger(project=w.project, entity=w.entity, name=spec.run_id, id=f"{spec.sweep}-{spec.run_id}",
+                       group=spec.sweep, tags=tags, mode=w.mode, save_dir=str(save_dir), config=config,
+                       resume="allow", settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+
+
+def _size_class(n: float) -> str:
+    return f"{n:.0e}".replace("e+0", "e").replace("e+", "e")  # 98624 -> "1e5"
+
+
+def _finish_wandb(wandb_logger, record: dict, status: str) -> None:
+    if wandb_logger is None:
+        return
+    import wandb
+
+    try:
+        run = wandb_logger.experiment
+        flat = store.flatten(record)
+        run.summary.update({k: v for k, v in flat.items() if isinstance(v, (int, float, str)) and v is not None})
+        record_dir = Path(run.dir).parent
+        log.info("W&B run (%s): %s", run.settings.mode, record_dir)
+    finally:
+        wandb.finish(exit_code=0 if status == "ok" else 1)
+
+
+# ----- CLI -----------------------------------------------------------------------------------------------------
+
+def _train_command(cfg: DictConfig) -> None:
+    record = run(cfg)
+    loss = record.get("loss") or {}
+    result = (f"held-out loss {loss['final']:.4f} nats/token ({loss['bits_per_byte']:.4f} bits/byte)"
+              if isinstance(loss.get("final"), float) else record.get("error") or "")
+    print(f"{record['status']}: run {record['run_id']}: {result}; "
+          f"record {store.record_path(cfg.results_dir, record['sweep'], record['run_id'])}")
+
+
+main = command("scaling-train", "train", _train_command, errors=(FileNotFoundError,))
+
+
+if __name__ == "__main__":
+    main()
