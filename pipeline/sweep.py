@@ -89,7 +89,7 @@ class CheckSweep(Callback):
         bad = [p for p in planned if p.error]
         if bad:
             lines = "\n".join(f"  {' '.join(p.overrides)}: {p.error}" for p in bad[:20])
-            print(f"error: {len(bad)} of {len(planned)} sweep points are invalid; nothing was launched:\n{lines}",
+            print(f"scaling-train: error: {len(bad)} of {len(planned)} sweep points are invalid; nothing was launched:\n{lines}",
                   file=sys.stderr)
             sys.exit(2)
         save_launch(config.results_dir, config.sweep.name, planned, list(config.hydra.overrides.task))
