@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Where the demo writes its records, W&B runs, fits, plans and report.
 DEMO_DIR ?= results
+# A torch wheel index, e.g. pytorch.org's CPU or CUDA index (empty: the default index, or a build on local disk).
+TORCH_INDEX ?=
 
 .PHONY: demo test test-fast install clean bench
 
@@ -12,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: a CPU build from local disk here; a looser pin resolved first can pull a multi-GB CUDA build
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
