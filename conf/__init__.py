@@ -100,6 +100,9 @@ def command(prog: str, config_name: str, run: Callable[[Any], Any],
             run(cfg)
         except expected as err:
             fail(prog, err)
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as command-line tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
 
     def main() -> None:
         old = renamed_keys(sys.argv[1:])
@@ -113,9 +116,6 @@ def command(prog: str, config_name: str, run: Callable[[Any], Any],
             _hydra_main()
         except (HydraException, OmegaConfBaseException) as err:
             fail(prog, _hydra_message(err))
-        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as command-line tools do
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(1)
 
     main.__doc__ = f"{prog}: see `{prog} --help`."
     return main
