@@ -19,12 +19,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hydra
 import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from scaling_lab.conf import command
+from scaling_lab.conf import command, compose
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
 from scaling_lab.pipeline import select as select_cli
@@ -106,7 +105,7 @@ def run(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     print(f"== verification at N = {cfg.params_factor:g} x {ref['largest_N']:.4g} = {target_n:.4g} "
           f"({convention}), D = {tokens:,} tokens; conventional R = the sweep's median {ref['median_R']:.4g}")
-    select_cfg = hydra.compose(config_name="select", overrides=[
+    select_cfg = compose("select", [
         f"constants={fit_path}", f"budget.params={target_n}",
         f"budget.band={cfg.band}", f"budget.tokens={tokens}", f"select.loss_tolerance={cfg.loss_tolerance}",
         f"select.measure={str(cfg.measure).lower()}", f"out={out / 'selection'}"])
