@@ -81,6 +81,26 @@ def tie_label(spec: LawSpec, ties: Sequence[Sequence[str]]) -> str:
     return ", ".join(tied) if tied else "none"
 
 
+def linear_params(spec: LawSpec, ties: Sequence[Sequence[str]] = ()) -> tuple[str, ...]:
+    """The untied parameters in which the formula is jointly linear at fixed values of the others (E, A, B in
+    ``E + A/N^alpha + B/D^beta``; also in the inference-efficient law, where epsilon multiplies them and so is
+    left out). Found from the formula's second derivatives: a set is kept while any pair in it, or any member with
+    itself, has a non-zero one; the member with most such pairs is dropped first."""
+    law = spec.law
+    rep = tie_map(law.params, ties)
+    symbols = {name: sp.Symbol(name, real=True) for name in (*law.inputs, *law.params)}
+    expr = sp.parse_expr(law.formula, local_dict={**_SYMPY_FUNCTIONS, **symbols})
+    alone = [p for p in law.params if rep[p] == p and sum(r == p for r in rep.values()) == 1]
+    chosen = [p for p in alone if sp.simplify(sp.diff(expr, symbols[p], 2)) == 0 and expr.has(symbols[p])]
+    while True:
+        clash = {p: sum(sp.simplify(sp.diff(expr, symbols[p], symbols[q])) != 0 for q in chosen if q != p)
+                 for p in chosen}
+        worst = max(chosen, key=lambda p: clash[p], default=None)
+        if worst is None or clash[worst] == 0:
+            return tuple(chosen)
+        chosen.remove(worst)
+
+
 class CompiledLaw:
     """The law as a function of its free parameters ``theta`` (one per tie group, a positive parameter as its log
     when ``log_space``), evaluated for a batch of K parameter vectors at once over n data points.
@@ -90,12 +110,15 @@ class CompiledLaw:
     through their logarithms, so powers of the data are exponentials (fast, and overflow-free in the usual range).
     """
 
-    def __init__(self, spec: LawSpec, ties: Sequence[Sequence[str]] = (), log_space: bool = True):
+    def __init__(self, spec: LawSpec, ties: Sequence[Sequence[str]] = (), log_space: bool = True,
+                 natural: Sequence[str] = ()):
         self.spec = spec
         self.rep = tie_map(spec.law.params, ties)
         self.free = tuple(p for p in spec.law.params if self.rep[p] == p)
-        self.is_log = np.array([log_space and p in spec.positive for p in self.free])
+        self.is_log = np.array([log_space and p in spec.positive and p not in natural for p in self.free],
+                               dtype=bool)
         self.log_space = log_space
+        self.natural = tuple(p for p in natural if p in self.free)
 
         law = spec.law
         symbols = {name: sp.Symbol(name, real=True) for name in (*law.inputs, *law.params)}
