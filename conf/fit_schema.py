@@ -13,6 +13,10 @@ from hydra.core.config_store import ConfigStore
 class BootstrapConf:
     n: int = 200
     seed: int = 0
+    screen: int = 32
+    refine: int = 2
+    groups: Any = "auto"           # auto | true | false
+    min_groups: int = 10
 
 
 @dataclass

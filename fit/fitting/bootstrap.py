@@ -8,17 +8,24 @@ from scaling_lab.fit.laws.spec import CompiledLaw
 from scaling_lab.fit.fitting.optimize import refit
 
 
-def resample_counts(n_rows: int, n: int, seed: int) -> np.ndarray:
-    """(n, n_rows) multiplicities: each row of the result is one bootstrap resample of the rows."""
+def resample_counts(n_rows: int, n: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """(n, n_rows) multiplicities: each row of the result is one bootstrap resample of the rows, or, with
+    ``groups`` (a label per row), of whole groups: a group drawn k times counts each of its rows k times."""
     rng = np.random.default_rng(seed)
-    return rng.multinomial(n_rows, np.full(n_rows, 1.0 / n_rows), size=n).astype(float)
+    if groups is None:
+        return rng.multinomial(n_rows, np.full(n_rows, 1.0 / n_rows), size=n).astype(float)
+    labels, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    drawn = rng.multinomial(len(labels), np.full(len(labels), 1.0 / len(labels)), size=n).astype(float)
+    return drawn[:, index]
 
 
-def bootstrap(model: CompiledLaw, log_inputs, y, protocol, theta_hat: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Free parameters refitted on ``n`` resamples, warm-started at the point estimate (NaN rows: failed)."""
+def bootstrap(model: CompiledLaw, log_inputs, y, protocol, starts: np.ndarray, n: int, seed: int,
+              groups: np.ndarray | None = None, n_refine: int = 1) -> np.ndarray:
+    """Free parameters refitted on ``n`` resamples (NaN rows: failed). ``starts`` (S, P): the point estimate
+    first, then the grid starts the point fit's screen kept; each resample refines its ``n_refine`` best."""
     if n <= 0:
         return np.empty((0, model.n_free))
-    return refit(model, log_inputs, y, protocol, theta_hat, resample_counts(len(y), n, seed))
+    return refit(model, log_inputs, y, protocol, starts, resample_counts(len(y), n, seed, groups), n_refine)
 
 
 def percentile_ci(samples: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:

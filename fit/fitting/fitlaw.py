@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import numpy as np
 
 from scaling_lab.fit.laws.chinchilla import frontier
 from scaling_lab.fit.fitting.bootstrap import bootstrap, not_identified, percentile_ci
 from scaling_lab.fit.laws.law import LawConstants
-from scaling_lab.fit.laws.spec import CompiledLaw, LawSpec, tie_label
+from scaling_lab.fit.laws.spec import CompiledLaw, LawSpec, linear_params, tie_label
 from scaling_lab.fit.fitting.metrics import law_metrics
 from scaling_lab.fit.fitting.optimize import FitResult, fit
 from scaling_lab.fit.fitting.sources import Table
@@ -30,20 +31,62 @@ class LawFit:
     n_boot_failed: int
     ties: str
     compute_optimal: dict[str, Any] | None
+    pred_pi: tuple[np.ndarray, np.ndarray] = (np.empty(0), np.empty(0))   # 95% prediction interval, every row
+    boot_info: dict[str, Any] = field(default_factory=dict)
+    protocol: dict[str, Any] = field(default_factory=dict)     # the protocol this law was fitted with
+    n_convention: str = ""
+
+
+@dataclass
+class BootstrapSettings:
+    """How resamples are drawn and refitted (conf/fit.yaml ``bootstrap``)."""
+    n: int = 200
+    seed: int = 0
+    screen: int = 32        # starts each resample screens: the point estimate, then the grid starts the fit kept
+    refine: int = 2         # of which the best this many are refitted
+    groups: Any = "auto"    # resample whole groups: auto (when min_groups exist) | true | false
+    min_groups: int = 10
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "BootstrapSettings":
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
 
 
 def compile_law(spec: LawSpec, protocol) -> CompiledLaw:
-    return CompiledLaw(spec, ties=list(protocol.get("ties") or []), log_space=protocol.method == "huber_grid")
+    """The law in the protocol's parametrisation: positive parameters as logs except for least squares; for
+    vpnls, the parameters it solves linearly stay natural."""
+    ties = list(protocol.get("ties") or [])
+    natural = linear_params(spec, ties) if protocol.method == "vpnls" else ()
+    return CompiledLaw(spec, ties=ties, log_space=protocol.method != "least_squares", natural=natural)
 
 
-def fit_law(model: CompiledLaw, table: Table, protocol, n_boot: int, seed: int, budgets) -> LawFit:
+def bootstrap_groups(table: Table, boot: BootstrapSettings) -> np.ndarray | None:
+    """The group label of each fit row when resamples draw whole groups, else None (resample rows)."""
+    if boot.groups is False or str(boot.groups).lower() == "false" or "group" not in table.data:
+        return None
+    labels = table.fit_rows["group"].to_numpy()
+    if boot.groups is True or str(boot.groups).lower() == "true" or len(set(labels)) >= int(boot.min_groups):
+        return labels
+    return None
+
+
+def fit_law(model: CompiledLaw, table: Table, protocol, boot: BootstrapSettings | int, seed: int | None = None,
+            budgets=()) -> LawFit:
+    """``boot``: BootstrapSettings (or a number of resamples, with ``seed``)."""
+    if not isinstance(boot, BootstrapSettings):
+        boot = BootstrapSettings(n=int(boot), seed=int(seed or 0))
     spec, data = model.spec, table.data
     fit_data = table.fit_rows
     log_inputs = {x: np.log(fit_data[x].to_numpy()) for x in spec.law.inputs}
     y = fit_data["loss"].to_numpy()
     result = fit(model, log_inputs, y, protocol)
 
-    samples = bootstrap(model, log_inputs, y, protocol, result.theta, n_boot, seed)
+    t0 = time.perf_counter()
+    groups = bootstrap_groups(table, boot)
+    starts = np.vstack([result.theta[None, :], result.screened.reshape(-1, model.n_free)])[:max(1, boot.screen)]
+    samples = bootstrap(model, log_inputs, y, protocol, starts, boot.n, boot.seed, groups, boot.refine)
+    boot_info = {"seconds": time.perf_counter() - t0, "screen": int(len(starts)), "refine": int(boot.refine),
+                 "resampled": f"{len(set(groups))} groups" if groups is not None else f"{len(y)} rows"}
     failed = int(np.isnan(samples).any(axis=1).sum()) if len(samples) else 0
     samples = samples[~np.isnan(samples).any(axis=1)]
     values = {p: float(v) for p, v in model.values(result.theta).items()}
@@ -60,11 +103,23 @@ def fit_law(model: CompiledLaw, table: Table, protocol, n_boot: int, seed: int, 
     if len(samples):
         pred_samples, _ = model.predict_jac(samples, {x: np.log(v) for x, v in inputs.items()})
         pred_ci = percentile_ci(pred_samples)
+        # prediction intervals: each resample's law plus a residual of the point fit drawn at random (on log
+        # loss for a log objective, on raw loss for least squares)
+        fit_pred = np.asarray(constants.predict(**{x: fit_data[x].to_numpy() for x in spec.law.inputs}), float)
+        draw = np.random.default_rng(boot.seed + 1).integers(0, len(y), size=pred_samples.shape)
+        if protocol.method == "huber_grid":
+            pred_pi = percentile_ci(pred_samples * (y / fit_pred)[draw])
+        else:
+            pred_pi = percentile_ci(pred_samples + (y - fit_pred)[draw])
     else:
-        pred_ci = (np.full(len(data), np.nan), np.full(len(data), np.nan))
+        pred_ci = pred_pi = (np.full(len(data), np.nan), np.full(len(data), np.nan))
     scored = pred if protocol.get("round_predictions") is None else np.round(pred, int(protocol.round_predictions))
     groups = data["group"].to_numpy() if "group" in data else None
-    metrics = law_metrics(scored, data["loss"].to_numpy(), data["heldout"].to_numpy(), groups)
+    heldout = data["heldout"].to_numpy()
+    metrics = law_metrics(scored, data["loss"].to_numpy(), heldout, groups)
+    loss = data["loss"].to_numpy()
+    inside = (loss >= pred_pi[0]) & (loss <= pred_pi[1])
+    metrics["heldout_in_pi95"] = float(inside[heldout].mean()) if heldout.any() and len(samples) else float("nan")
 
     allocation = None
     if spec.compute_optimal:
@@ -80,4 +135,7 @@ def fit_law(model: CompiledLaw, table: Table, protocol, n_boot: int, seed: int, 
     return LawFit(spec=spec, model=model, result=result, constants=constants,
                   not_identified=not_identified(model, result.theta, ci95, log_inputs), metrics=metrics, pred=pred,
                   pred_ci=pred_ci, n_boot=len(samples), n_boot_failed=failed,
-                  ties=tie_label(spec, list(protocol.get("ties") or [])), compute_optimal=allocation)
+                  ties=tie_label(spec, list(protocol.get("ties") or [])), compute_optimal=allocation,
+                  pred_pi=pred_pi, boot_info=boot_info,
+                  protocol={k: v for k, v in dict(protocol).items() if k in ("name", "method", "ties")},
+                  n_convention=str(table.provenance.get("n_convention", "")))
