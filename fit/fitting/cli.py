@@ -12,11 +12,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from scaling_lab.fit.fitting import export, isoflop, summary
+from scaling_lab.fit.fitting import choose, export, isoflop, summary
 from scaling_lab.conf import command, compose
-from scaling_lab.fit.fitting.fitlaw import compile_law, fit_law
+from scaling_lab.fit.fitting.fitlaw import BootstrapSettings, compile_law, fit_law
+from scaling_lab.fit.fitting.optimize import METHODS
 from scaling_lab.fit.laws.spec import load_laws
-from scaling_lab.fit.fitting.sources import FitInputError, load
+from scaling_lab.fit.fitting.sources import FitInputError, load, with_n_convention
 
 
 def _plain(node) -> dict:
@@ -26,8 +27,8 @@ def _plain(node) -> dict:
 def run(cfg: DictConfig) -> dict:
     """Fit every selected law; returns the fit.json document (also written to ``cfg.out``)."""
     protocol = _plain(cfg.protocol)
-    if protocol.get("method") not in ("huber_grid", "least_squares"):
-        raise FitInputError(f"unknown protocol method {protocol.get('method')!r} (huber_grid or least_squares)")
+    if protocol.get("method") not in (*METHODS, "auto"):
+        raise FitInputError(f"unknown protocol method {protocol.get('method')!r} ({', '.join(METHODS)} or auto)")
     protocol = OmegaConf.create(protocol)
     try:
         specs = load_laws(_plain(cfg.law))
@@ -65,8 +66,15 @@ def run(cfg: DictConfig) -> dict:
           + f"; N convention: {prov['n_convention']}; protocol: {protocol.name}")
 
     budgets = list(cfg.allocation.budgets)
-    fits = {name: fit_law(model, table, protocol, int(cfg.bootstrap.n), int(cfg.bootstrap.seed), budgets)
-            for name, model in models.items()}
+    boot = BootstrapSettings.from_config(_plain(cfg.bootstrap))
+    selection = None
+    if protocol.method == "auto":
+        choices, selection = choose.choose({name: specs[name] for name in models}, table, protocol)
+        print(choose.table_text(selection))
+        fits = {name: fit_law(compile_law(specs[name], c.protocol), with_n_convention(table, c.n_convention),
+                              c.protocol, boot, budgets=budgets) for name, c in choices.items()}
+    else:
+        fits = {name: fit_law(model, table, protocol, boot, budgets=budgets) for name, model in models.items()}
     for name, f in fits.items():
         print(summary.law_block(name, f))
     print(summary.comparison(fits))
@@ -80,7 +88,7 @@ def run(cfg: DictConfig) -> dict:
         iso["reported"] = {"a": cfg.isoflop.reported_a, "b": cfg.isoflop.reported_b}
         print(summary.isoflop_block(iso, iso["reported"]))
 
-    doc = export.document(table, fits, _plain(cfg.protocol), skipped, iso, int(cfg.bootstrap.seed))
+    doc = export.document(table, fits, _plain(cfg.protocol), skipped, iso, int(cfg.bootstrap.seed), selection)
     path = export.write(cfg.out, doc, table, fits)
     if cfg.plots:
         from scaling_lab.fit.fitting import plots      # matplotlib only when drawing

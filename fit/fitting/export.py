@@ -2,8 +2,10 @@
 
 Each law entry is ``LawConstants.to_dict()`` (formula, inputs, params, ci95) plus ``not_identified`` (a list of
 parameter names) and ``not_identified_why`` (name -> reason), ``ties``,
-``fit`` (protocol, objective, starts), ``bootstrap``, ``metrics`` and, for laws with a closed-form frontier,
-``compute_optimal``. Planners read it with ``fit.constants.load_constants(path, law)``.
+``fit`` (protocol, objective, starts screened, refined and reaching the best, converged, seconds of fitting,
+N convention), ``bootstrap`` (resamples, what was resampled, seconds), ``metrics`` and, for laws with a closed-form frontier,
+``compute_optimal``; with ``protocol=auto``, ``protocol_selection`` (rule, candidates and their
+validation scores, chosen per law). Planners read it with ``fit.constants.load_constants(path, law)``.
 """
 
 from __future__ import annotations
@@ -37,16 +39,17 @@ def _clean(obj):
     return obj
 
 
-def law_entry(f: LawFit, protocol: Mapping[str, Any]) -> dict:
+def law_entry(f: LawFit) -> dict:
     entry = f.constants.to_dict()
     entry.update({
         "not_identified": sorted(f.not_identified, key=list(f.spec.law.params).index),
         "not_identified_why": f.not_identified,
         "ties": f.ties,
-        "fit": {"protocol": protocol["name"], "method": protocol["method"], "objective": f.result.objective,
-                "starts": f.result.n_starts, "grid": f.result.n_grid, "reached_best": f.result.n_best,
-                "converged": f.result.converged},
-        "bootstrap": {"n": f.n_boot, "failed": f.n_boot_failed},
+        "fit": {"protocol": f.protocol["name"], "method": f.protocol["method"], "objective": f.result.objective,
+                "starts": f.result.n_starts, "grid": f.result.n_grid, "refined": f.result.n_refined,
+                "reached_best": f.result.n_best, "converged": f.result.converged, "seconds": f.result.seconds,
+                "n_convention": f.n_convention, **({"warning": f.result.warning} if f.result.warning else {})},
+        "bootstrap": {"n": f.n_boot, "failed": f.n_boot_failed, **f.boot_info},
         "metrics": f.metrics,
     })
     if f.compute_optimal is not None:
@@ -55,7 +58,8 @@ def law_entry(f: LawFit, protocol: Mapping[str, Any]) -> dict:
 
 
 def document(table: Table, fits: Mapping[str, LawFit], protocol: Mapping[str, Any], skipped: Mapping[str, str],
-             isoflop: Mapping[str, Any] | None, bootstrap_seed: int) -> dict:
+             isoflop: Mapping[str, Any] | None, bootstrap_seed: int,
+             protocol_selection: Mapping[str, Any] | None = None) -> dict:
     try:
         tool_version = version("scaling-lab")
     except PackageNotFoundError:
@@ -64,7 +68,9 @@ def document(table: Table, fits: Mapping[str, LawFit], protocol: Mapping[str, An
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "tool": {"name": "scaling-lab", "version": tool_version},
            "provenance": {**table.provenance, "protocol": protocol["name"], "bootstrap_seed": bootstrap_seed},
-           "laws": {name: law_entry(f, protocol) for name, f in fits.items()}}
+           "laws": {name: law_entry(f) for name, f in fits.items()}}
+    if protocol_selection is not None:
+        doc["protocol_selection"] = protocol_selection
     if skipped:
         doc["skipped_laws"] = dict(skipped)
     if isoflop is not None:
@@ -91,5 +97,6 @@ def write(out: str | Path, doc: dict, table: Table, fits: Mapping[str, LawFit]) 
     for name, f in fits.items():
         rows[f"pred_{name}"] = f.pred
         rows[f"pred_{name}_lo"], rows[f"pred_{name}_hi"] = f.pred_ci
+        rows[f"pred_{name}_pi_lo"], rows[f"pred_{name}_pi_hi"] = f.pred_pi
     rows.to_csv(out / "predictions.csv", index=False)
     return path

@@ -76,7 +76,14 @@ def _read_results(src: Mapping[str, Any]) -> tuple[pd.DataFrame, dict]:
         raise FitInputError(f"source.n_convention must be total or non_embedding, not {src['n_convention']!r}")
     columns = {"N": n_col, **{k: v for k, v in src["columns"].items() if v}}
     info = {"sweep": str(sweep), "results_dir": str(src["results_dir"]), "excluded_failed": int((~ok).sum())}
-    return table[ok].reset_index(drop=True), {"columns": columns, **info}
+    table = table[ok].reset_index(drop=True)
+    if {"params_non_embedding", "vocab_size", "d_model"} <= set(table.columns):
+        # the output head (vocab x d_model) counted as compute, tied to the embedding or not
+        table["params_non_embedding_head"] = table["params_non_embedding"] + table["vocab_size"] * table["d_model"]
+    n_columns = {"total": "params_total", "non_embedding": "params_non_embedding",
+                 "non_embedding_head": "params_non_embedding_head"}
+    info["n_columns"] = {k: v for k, v in n_columns.items() if v in table.columns and table[v].notna().all()}
+    return table, {"columns": columns, **info}
 
 
 def _groups_of_equal_size(N: np.ndarray, D: np.ndarray) -> np.ndarray:
@@ -100,14 +107,16 @@ def load(src: Mapping[str, Any]) -> Table:
     if kind == "csv":
         raw = _read_csv(str(src.get("path")))
         columns = {k: v for k, v in src["columns"].items() if v}
-        info = {"path": str(Path(str(src["path"])).resolve())}
+        info = {"path": str(Path(str(src["path"])).resolve()),
+                "n_columns": {k: v for k, v in (src.get("n_columns") or {}).items() if v}}
     elif kind == "results":
         raw, info = _read_results(src)
         columns = info.pop("columns")
     else:
         raise FitInputError(f"unknown source kind {kind!r} (csv or results)")
 
-    missing = [f"{k}={v!r}" for k, v in columns.items() if v not in raw.columns]
+    n_columns = info.pop("n_columns")
+    missing = [f"{k}={v!r}" for k, v in {**columns, **n_columns}.items() if v not in raw.columns]
     if missing:
         raise FitInputError(f"missing column(s) {', '.join(missing)}; the data has {list(raw.columns)}")
     if "D" not in columns and "C" not in columns:
@@ -122,6 +131,8 @@ def load(src: Mapping[str, Any]) -> Table:
     for name in ("N", "D", "loss", "C", "R", "budget"):
         if name in columns:
             data[name] = pd.to_numeric(raw[columns[name]], errors="coerce").to_numpy(dtype=float)
+    for convention, column in n_columns.items():     # N under other conventions, for the protocol choice
+        data[f"N@{convention}"] = pd.to_numeric(raw[column], errors="coerce").to_numpy(dtype=float)
     if "D" not in data:
         data["D"] = data["C"] / (6.0 * data["N"])
     if "R" not in data and "d_model" in columns and "n_layers" in columns:
@@ -156,3 +167,22 @@ def load(src: Mapping[str, Any]) -> Table:
                   "queries": {k: src.get(k) for k in ("rows", "fit_rows", "heldout_rows")},
                   "n_convention": str(src.get("n_convention", "unknown"))}
     return Table(data=data, provenance=provenance)
+
+
+def n_conventions(table: Table) -> list[str]:
+    """The N conventions the table can give (each a column ``N@<convention>``, positive everywhere); the
+    table's own when it has no others."""
+    have = [c.split("@", 1)[1] for c in table.data.columns if c.startswith("N@")
+            and np.isfinite(table.data[c]).all() and (table.data[c] > 0).all()]
+    return have or [str(table.provenance.get("n_convention", "unknown"))]
+
+
+def with_n_convention(table: Table, convention: str) -> Table:
+    """The table with N counted by ``convention`` (D derived from C follows it, as the source derives it)."""
+    if f"N@{convention}" not in table.data or convention == table.provenance.get("n_convention"):
+        return table
+    data = table.data.copy()
+    data["N"] = data[f"N@{convention}"]
+    if "C" in data and "D" not in table.provenance.get("columns", {}):
+        data["D"] = data["C"] / (6.0 * data["N"])
+    return Table(data=data, provenance={**table.provenance, "n_convention": convention})

@@ -17,12 +17,24 @@ def _num(x, digits: int = 4) -> str:
 
 def law_block(name: str, f: LawFit) -> str:
     r = f.result
+    if r.n_starts > 1:
+        how = (f"{r.n_best} of {r.n_refined} refined starts reached the best objective (screened {r.n_starts}"
+               + (f" of a grid of {r.n_grid}, subsampled" if r.n_grid > r.n_starts else "") + ")"
+               if r.n_refined < r.n_starts else f"{r.n_best} of {r.n_starts} starts reached the best objective"
+               + (f" (grid of {r.n_grid} subsampled)" if r.n_grid > r.n_starts else ""))
+    else:
+        how = "converged" if r.converged else f"NOT converged: {r.message}"
+    boot = f"; bootstrap {f.n_boot}" + (f" ({f.n_boot_failed} failed)" if f.n_boot_failed else "")
+    if f.boot_info and f.n_boot:
+        boot += f" over {f.boot_info['resampled']}, {f.boot_info['seconds']:.1f} s"
     lines = [f"== {name}: {f.spec.law.formula}",
-             f"   ties: {f.ties}; objective {r.objective:.6g}; "
-             + (f"{r.n_best} of {r.n_starts} starts reached the best objective"
-                + (f" (grid of {r.n_grid} subsampled)" if r.n_grid > r.n_starts else "")
-                if r.n_starts > 1 else ("converged" if r.converged else f"NOT converged: {r.message}"))
-             + f"; bootstrap {f.n_boot}" + (f" ({f.n_boot_failed} failed)" if f.n_boot_failed else ""),
+             f"   protocol {f.protocol.get('name')} ({f.protocol.get('method')}); ties: {f.ties}; "
+             f"N: {f.n_convention}; objective {r.objective:.6g}; {how}; fit {r.seconds:.2f} s{boot}"]
+    if r.warning:
+        lines.append(f"   WARNING: not converged: {r.warning}")
+    if "fell back" in r.message:
+        lines.append(f"   note: {r.message}")
+    lines += [
              f"   {'param':<10}{'estimate':>12}   {'95% interval':<26}"]
     for p in f.spec.law.params:
         lo, hi = f.constants.ci95.get(p, (np.nan, np.nan))
@@ -41,7 +53,8 @@ def comparison(fits: Mapping[str, LawFit]) -> str:
     names = list(fits)
     keys = [("mse", "MSE (all rows)"), ("r2", "R^2 (all rows)"), ("mse_heldout", "MSE (held-out)"),
             ("r2_heldout", "R^2 (held-out)"), ("mean_rel_err_heldout", "mean rel err (held-out)"),
-            ("max_rel_err_heldout", "max rel err (held-out)")]
+            ("max_rel_err_heldout", "max rel err (held-out)"),
+            ("heldout_in_pi95", "held-out in 95% PI")]
     width = max(14, *(len(n) + 2 for n in names))
     first = next(iter(fits.values())).metrics
     lines = [f"== comparison ({first['n_rows']} rows, {first['n_heldout']} held-out)",
