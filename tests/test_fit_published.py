@@ -32,7 +32,9 @@ def test_default_protocol_recommended_tie_heldout(tmp_path):
     ie = doc["laws"]["inference_efficient"]
     assert ie["metrics"]["mse_heldout"] <= 0.00075
     assert ie["metrics"]["mse_heldout"] < doc["laws"]["chinchilla"]["metrics"]["mse_heldout"]
-    assert ie["fit"]["starts"] == ie["fit"]["grid"] == 3600 and ie["fit"]["reached_best"] > 100
+    # every start of the grid screened, the 128 most promising refined, several of them reaching the best
+    assert ie["fit"]["starts"] == ie["fit"]["grid"] == 3600 and ie["fit"]["refined"] == 128
+    assert ie["fit"]["reached_best"] > 10 and ie["fit"]["converged"]
 
 
 def test_epoch_chinchilla_optimum(tmp_path):
@@ -43,8 +45,10 @@ def test_epoch_chinchilla_optimum(tmp_path):
                          "law=chinchilla", "bootstrap.n=0", "plots=false", f"out={tmp_path}"))
     law = doc["laws"]["chinchilla"]
     assert doc["provenance"]["rows"]["total"] == 240
-    assert law["fit"]["starts"] == 4500 and law["fit"]["reached_best"] > 500
-    assert law["fit"]["objective"] == pytest.approx(0.0010182740, rel=1e-7)
+    assert law["fit"]["starts"] == 4500 and law["fit"]["reached_best"] > 10 and law["fit"]["converged"]
+    # the optimum of all 4500 starts refined (the plain loop's, to 6e-8; scripts/bench_fit.py compares them)
+    assert law["fit"]["objective"] == pytest.approx(0.00101827401780, rel=1e-9)
+    assert law["fit"]["seconds"] > 0
     # Epoch AI's published fit (E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658) maximised a Huber
     # likelihood with a fitted scale; the fixed-delta objective's optimum is next to it:
     expected = {"E": 1.8172, "A": 477.83, "B": 2143.4, "alpha": 0.34731, "beta": 0.36717}
