@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.stats import spearmanr
 
@@ -27,7 +29,8 @@ def spearman_by_group(pred: np.ndarray, y: np.ndarray, groups: np.ndarray | None
         rows = groups == g
         if rows.sum() < 3:
             continue
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # a constant input: undefined, reported as None below
             rho = spearmanr(pred[rows], y[rows]).statistic
         out[str(g)] = None if not np.isfinite(rho) else float(rho)
     return out
