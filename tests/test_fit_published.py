@@ -25,7 +25,8 @@ def test_bian2025_protocol_reproduces_paper_table(tmp_path):
 
 
 def test_default_protocol_recommended_tie_heldout(tmp_path):
-    """The recommended tie (alpha = beta; see the README table) under the default Huber protocol."""
+    """alpha = beta under the default Huber protocol (a row of the README's table): the screened grid reaches the
+    held-out MSE of the full grid (0.000656)."""
     path = shared_reference() / "bian2025" / "losses.csv"
     doc = run(fit_config(*BIAN, f"source.path={path}", "protocol.ties=[[alpha,beta]]", "bootstrap.n=10",
                          f"out={tmp_path}"))

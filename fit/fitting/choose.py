@@ -105,7 +105,7 @@ def choose(specs: Mapping[str, LawSpec], table: Table, protocol) -> tuple[dict[s
             train, val = data[~held], data[held]
             model = compile_law(spec, node)
             row = {"law": name, "objective": objective, "protocol": str(node.name), "ties": label,
-                   "n_convention": conv, "n_train": int(len(train)), "n_validation": int(len(val))}
+                   "tie_groups": OmegaConf.to_container(node.ties), "n_convention": conv, "n_train": int(len(train)), "n_validation": int(len(val))}
             if len(train) < model.n_free:
                 rows.append({**row, "mse": None, "mean_rel_err": None, "max_rel_err": None, "score": None,
                              "chosen": False, "note": f"{len(train)} rows for {model.n_free} parameters"})
@@ -128,7 +128,8 @@ def choose(specs: Mapping[str, LawSpec], table: Table, protocol) -> tuple[dict[s
                               label=f"{r['objective']}, ties {r['ties']}, N {r['n_convention']}")
     scored = [r for r in rows if r["chosen"]]
     doc = {"rule": {**rule, "score": metric}, "candidates": rows,
-           "chosen": {r["law"]: {k: r[k] for k in ("objective", "protocol", "ties", "n_convention", "score")}
+           "chosen": {r["law"]: {k: r[k] for k in ("objective", "protocol", "ties", "tie_groups", "n_convention",
+                                                   "score")}
                       for r in scored},
            "best_law": min(scored, key=lambda r: r["score"])["law"]}
     return chosen, doc
