@@ -90,3 +90,14 @@ def test_bian_split_auto_meets_the_heldout_target(tmp_path, capsys):
     assert {r["n_validation"] for r in sel["candidates"]} == {4}       # the 313M class of the 27 rows
     assert json.loads((tmp_path / "fit.json").read_text())["protocol_selection"]["chosen"] == sel["chosen"]
     assert "held-out in 95% PI" in capsys.readouterr().out
+
+
+def test_converged_needs_more_than_one_start_at_the_best(tmp_path, capsys):
+    frame = synthetic_sweep(CHINCHILLA, noise=0.003, seed=1, with_r=False)
+    doc = _run(tmp_path, frame, "law=chinchilla", "bootstrap.n=0", "protocol.refine=1")
+    fit = doc["laws"]["chinchilla"]["fit"]
+    assert fit["refined"] == 1 and fit["reached_best"] == 1 and fit["converged"] is False
+    assert "only one of 1 refined starts" in fit["warning"]
+    assert "WARNING: not converged" in capsys.readouterr().out
+    doc = _run(tmp_path, frame, "law=chinchilla", "bootstrap.n=0", name="again.csv")
+    assert doc["laws"]["chinchilla"]["fit"]["converged"] is True and "warning" not in doc["laws"]["chinchilla"]["fit"]
