@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from scaling_lab.fit.fitting.cli import run
-from tests.fit_support import fit_config, synthetic_sweep
+from tests.helpers import fit_config, synthetic_sweep
 from tests.test_fit_synthetic import CHINCHILLA
 
 SEEDS = range(20)

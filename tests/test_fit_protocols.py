@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from scaling_lab.fit.fitting.cli import run
-from tests.fit_support import fit_config, shared_reference, synthetic_sweep
+from tests.helpers import fit_config, shared_reference, synthetic_sweep
 from tests.test_fit_published import BIAN
 from tests.test_fit_synthetic import CHINCHILLA, INFERENCE
 
