@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
-from scipy.optimize import least_squares, lsq_linear, minimize
+from scipy.optimize import least_squares, minimize
 
 from scaling_lab.fit.laws.spec import CompiledLaw
 
