@@ -81,6 +81,10 @@ class TrainConf:
     compile: bool = False  # torch.compile the model (slow to start; pays off on large models only)
     progress_bar: bool = True  # on a terminal only; otherwise one progress line every progress_every_s
     progress_every_s: float = 30.0
+    # Keep the finished run's weights beside its record (<results_dir>/<sweep>/weights/<run_id>.pt, a plain
+    # state dict read back with torch.load(weights_only=True), so loading never runs code). The serving stage
+    # (scaling-quantize, scaling-speculate) needs them.
+    save_model: bool = False
 
 
 @dataclass

@@ -32,6 +32,13 @@ class KVCache:
         self.kv[layer, 1, :, :, start:end] = v
         return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
 
+    def rollback(self, length: int) -> None:
+        """Forget every token after the first ``length`` (speculative decoding rejects a draft's tail); the
+        stale keys and values past ``length`` are overwritten by the next update."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll a KV cache of {self.length} tokens back to {length}")
+        self.length = length
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -44,12 +51,14 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        mask = None
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)
-            if T > 1 and past > 0:
-                raise ValueError("prefill into a non-empty KV cache is not supported; decode one token at a time")
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # a single query attends to the whole cache
+            if T > 1 and past > 0:  # several new tokens after a cached prefix (speculative verification)
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        # a single query attends to the whole cache; T > 1 queries causally (offset by the cached prefix)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and mask is None)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 

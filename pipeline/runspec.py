@@ -18,7 +18,8 @@ from scaling_lab.conf import UserError
 
 # Config fields that do not change a run's result: they are left out of its run id.
 NOT_IN_RUN_ID = {"train": {"threads", "progress_bar", "progress_every_s", "log_every", "ckpt_every", "val_every", "compile",
-                           "accelerator", "devices", "strategy", "num_nodes"},
+                           "accelerator", "devices", "strategy", "num_nodes",
+                           "save_model"},
                  "data": {"cache_dir", "num_workers", "val_curve_tokens", "streaming"}}
 
 

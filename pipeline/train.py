@@ -43,6 +43,9 @@ def run(cfg: DictConfig) -> dict:
     spec = plan_run(cfg)
     path = store.record_path(cfg.results_dir, spec.sweep, spec.run_id)
     previous = store.read_record(path)
+    if previous and previous["status"] == "ok" and cfg.train.save_model and not previous.get("weights"):
+        log.info("run %s is ok but kept no weights; re-running it with train.save_model=true", spec.run_id)
+        previous = None
     if previous and (previous["status"] == "ok" or not cfg.sweep.retry_failed):
         log.info("run %s is already %s (%s); skipping%s", spec.run_id, previous["status"], path,
                  "" if previous["status"] == "ok" else " (sweep.retry_failed=true re-runs it)")
@@ -180,8 +183,19 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
         dtype = torch.bfloat16 if "bf16" in t.precision and module.device.type == "cuda" else None
         out["latency"] = measure(module.model, lat.prompt_len, lat.decode_tokens, list(lat.batch_sizes),
                                  lat.warmup, lat.repeats, dtype=dtype)
+    if t.save_model:
+        out["weights"] = save_weights(module.model, store.weights_path(cfg.results_dir, spec.sweep, spec.run_id))
     ckpt.unlink(missing_ok=True)  # finished: the record is the result
     return out
+
+
+def save_weights(model, path: Path) -> dict:
+    """The model's state dict (tensors only), written atomically; what the record says about it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, path)
+    return {"path": f"weights/{path.name}", "format": "torch_state_dict", "bytes": path.stat().st_size}
 
 
 def build_module(t, spec: RunSpec):

@@ -61,6 +61,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "tokenizer": ("data", "tokenizer"),
     "corpus": ("data", "corpus"),
     "corpus_hash": ("data", "corpus_hash"),
+    "weights": ("weights", "path"),
     "finished_at": ("finished_at",),
 }
 
@@ -126,6 +127,11 @@ def load_table(results_dir: str | Path, sweep: str) -> pd.DataFrame:
 
 def checkpoint_path(results_dir: str | Path, sweep: str, run_id: str) -> Path:
     return sweep_dir(results_dir, sweep) / "checkpoints" / f"{run_id}.ckpt"
+
+
+def weights_path(results_dir: str | Path, sweep: str, run_id: str) -> Path:
+    """A finished run's weights (``train.save_model=true``): a torch state dict, read with ``weights_only=True``."""
+    return sweep_dir(results_dir, sweep) / "weights" / f"{run_id}.pt"
 
 
 def marker_path(results_dir, sweep: str, run_id: str) -> Path:
