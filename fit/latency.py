@@ -1,30 +1,36 @@
-"""Latency model: inference time of a shape as a linear function of its depth and width, fitted to measurements.
+"""The latency law: prefill and decode time of a shape from what a forward pass reads and computes, fitted per
+device and serving mode to measurements, with held-out errors. The one latency model of the project (selection,
+verification and the planner all read it).
 
-    time(L, d) = intercept + per_layer * L + per_layer_d2 * L * d^2        (ms; L = n_layers, d = d_model)
+One pass of a batch of ``b`` sequences, ``t`` new tokens each (decode: t = 1; prefill: t = the prompt length),
+attending to a context of ``c`` tokens (decode: the prompt plus half the decoded tokens, the mean over the timed
+steps; prefill: the prompt), through ``L`` layers of width ``d`` with vocabulary ``V``::
 
-A fixed cost (embedding, head, the host's per-step overhead), a cost per layer (kernel launches, norms, the KV cache:
-what makes deep models slow at equal size) and a cost per layer weight (the matmuls, 12 d^2 a layer). At a fixed
-non-embedding size N = 12 L d^2 the last term is constant, so the model says decode time grows linearly with depth
-at fixed N, the finding of Bian et al. 2025. One such model is fitted per quantity (``decode_ms_per_token``,
-``prefill_ms``) and per batch size, by least squares on relative errors with non-negative coefficients, from a table
-of measurements (``scaling-latency`` writes one: columns n_layers, d_model, batch, decode_ms_per_token, prefill_ms).
+    ms = call + layer * L                                   fixed cost per pass, and per layer (kernel launches)
+       + weight_bytes * (bytes of the block weights in this mode + 4 V d)     weights read once a pass, the
+                                                                             untied-or-tied output head included
+       + matmul_flops * 2 b t (12 L d^2 + V d)             multiply-adds of the blocks and the head
+       + kv * b t L c d                                     the KV cache read (and scores computed) at context c
 
-Held-out error: leave-one-shape-out (each shape predicted by the model fitted on the others) and extrapolation
-(the largest shapes by size predicted by the model fitted on the smaller ones: selection extrapolates upwards).
+``12 L d^2`` are the block weights (attention 4 d^2, MLP 8 d^2 at ffn_ratio 4). Block weights take 4 bytes in mode
+``none``, 1 in ``int8``, 1/2 in ``int4`` (a matrix INT4 skips, width not divisible by the group size, stays at 4:
+the same rule as ``pipeline/serving.py``); embedding and head stay fp32. Element-wise work per token and layer
+(``b t L d``) is not a separate term: at the one context a protocol measures it is proportional to the KV term,
+which absorbs it (so a prediction at another context scales it with the context too). All coefficients >= 0, fitted by least
+squares on relative errors jointly over batch sizes (so bytes and FLOPs separate), one law per (mode, quantity).
 
-The fit.json ``latency`` section (``to_dict``/``from_dict``; the planner reads ``model`` and the top-level
-``decode_ms_per_token``)::
+Held-out errors per (mode, quantity): leave-one-shape-out (every batch of a shape predicted by the law fitted on
+the other shapes) and leave-largest-out (the largest quarter of the shapes by weights predicted from the rest).
 
-    {"model": "linear", "form": "intercept + per_layer*n_layers + per_layer_d2*n_layers*d_model^2",
-     "device": "cpu:x86_64", "threads": 1, "dtype": "float32", "prompt_len": 64, "decode_tokens": 32,
-     "batch_size": 1,                                   # batch of the headline decode_ms_per_token / prefill_ms
-     "decode_ms_per_token": {"intercept": c0, "per_layer": c1, "per_layer_d2": c2},
-     "prefill_ms": {...},
-     "by_batch": {"1": {"decode_ms_per_token": {...}, "prefill_ms": {...}}, "8": {...}},
-     "heldout": {"<batch>": {"<quantity>": {"loso_mape": .., "loso_max_ape": .., "extrapolation_mape": ..,
-                                            "extrapolation_shapes": k}}},
-     "shapes": {"count": 12, "n_layers": [lo, hi], "d_model": [lo, hi]},
-     "source": "<latency.csv>"}
+fit.json ``latency`` section, ``model: "roofline"``, ``version: 2``::
+
+    {"model": "roofline", "version": 2, "form": "...", "terms": [...], "device": "cpu:x86_64", "threads": 1,
+     "dtype": "float32", "prompt_len": 64, "decode_tokens": 32, "batch_size": 1, "group_size": 32,
+     "vocab_size": 257,
+     "modes": {"none": {"decode_ms_per_token": {"call": .., "layer": .., ...}, "prefill_ms": {...}}, "int8": ...},
+     "heldout": {"none": {"decode_ms_per_token": {"loso_mape", "loso_max_ape", "largest_mape", "largest_max_ape",
+                                                 "largest_shapes"}}},
+     "shapes": {"count": 27, "n_layers": [lo, hi], "d_model": [lo, hi]}, "source": "<latency.csv>"}
 """
 
 from __future__ import annotations
@@ -38,167 +44,189 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import nnls
 
+from scaling_lab.conf import UserError
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
-from scaling_lab.conf import UserError
 
-MODEL = "linear"
-FORM = "intercept + per_layer*n_layers + per_layer_d2*n_layers*d_model^2"
-TERMS = ("intercept", "per_layer", "per_layer_d2")
+MODEL = "roofline"
+VERSION = 2
+TERMS = ("call", "layer", "weight_bytes", "matmul_flops", "kv")
+FORM = "call + layer*L + weight_bytes*(block weight bytes + 4 V d) + matmul_flops*2 b t (12 L d^2 + V d) + kv*b t L c d"
 QUANTITIES = ("decode_ms_per_token", "prefill_ms")
-MEASUREMENT_COLUMNS = ("n_layers", "d_model", "batch", *QUANTITIES)
+MODES = ("none", "int8", "int4")
+BYTES_PER_WEIGHT = {"none": 4.0, "int8": 1.0, "int4": 0.5}
 
 
-def _features(n_layers, d_model) -> np.ndarray:
-    L = np.asarray(n_layers, dtype=float)
-    d = np.asarray(d_model, dtype=float)
-    return np.column_stack([np.ones_like(L), L, L * d ** 2])
+def block_weight_bytes(n_layers, d_model, mode: str = "none", group_size: int = 32):
+    """Bytes of the blocks' four weight matrices in ``mode`` (qkv d x 3d, proj d x d, MLP d x 4d and 4d x d);
+    INT4 keeps a matrix in fp32 when its input width is not a multiple of ``group_size`` or its output width
+    not a multiple of 16 (torchao's CPU packing)."""
+    if mode not in BYTES_PER_WEIGHT:
+        raise ValueError(f"unknown serving mode {mode!r}: the latency law knows {list(BYTES_PER_WEIGHT)}")
+    L, d = np.asarray(n_layers, dtype=float), np.asarray(d_model, dtype=float)
+    total = 0.0
+    for fan_in, fan_out in ((1, 3), (1, 1), (1, 4), (4, 1)):
+        weights = fan_in * fan_out * d * d
+        per = BYTES_PER_WEIGHT[mode]
+        if mode == "int4":
+            fits = (np.mod(fan_in * d, group_size) == 0) & (np.mod(fan_out * d, 16) == 0)
+            per = np.where(fits, per, 4.0)
+        total = total + L * weights * per
+    return total
 
 
-@dataclass(frozen=True)
-class LinearLatency:
-    """``intercept + per_layer * n_layers + per_layer_d2 * n_layers * d_model^2`` (ms)."""
-
-    intercept: float
-    per_layer: float
-    per_layer_d2: float
-
-    def predict(self, n_layers, d_model):
-        """Milliseconds: a float for one shape, an array for arrays of shapes."""
-        ms = _features(n_layers, d_model) @ np.array([self.intercept, self.per_layer, self.per_layer_d2])
-        return float(ms[0]) if np.ndim(n_layers) == 0 and np.ndim(d_model) == 0 else ms
-
-    def to_dict(self) -> dict:
-        return {k: float(getattr(self, k)) for k in TERMS}
-
-    @classmethod
-    def from_dict(cls, spec: Mapping[str, Any]) -> "LinearLatency":
-        missing = [k for k in TERMS if k not in spec]
-        if missing:
-            raise ValueError(f"latency coefficients lack {missing} (have {sorted(spec)})")
-        return cls(**{k: float(spec[k]) for k in TERMS})
+def features(n_layers, d_model, vocab_size, batch, quantity: str, mode: str, prompt_len: int,
+             decode_tokens: int, group_size: int = 32, context=None) -> np.ndarray:
+    """The law's terms (one row per shape), in the order of ``TERMS``."""
+    if quantity not in QUANTITIES:
+        raise ValueError(f"latency quantity must be one of {QUANTITIES}, got {quantity!r}")
+    L, d = np.atleast_1d(np.asarray(n_layers, dtype=float)), np.atleast_1d(np.asarray(d_model, dtype=float))
+    V = np.broadcast_to(np.asarray(vocab_size, dtype=float), L.shape)
+    b = np.broadcast_to(np.asarray(batch, dtype=float), L.shape)
+    decode = quantity == "decode_ms_per_token"
+    t = 1.0 if decode else float(prompt_len)
+    c = context if context is not None else (prompt_len + (decode_tokens - 1) / 2 if decode else prompt_len)
+    c = np.broadcast_to(np.asarray(c, dtype=float), L.shape)
+    weight_bytes = block_weight_bytes(L, d, mode, group_size) + 4 * V * d
+    return np.column_stack([np.ones_like(L), L, weight_bytes, 2 * b * t * (12 * L * d ** 2 + V * d),
+                            b * t * L * c * d])
 
 
-def fit_linear(n_layers, d_model, ms) -> LinearLatency:
-    """Least squares on relative error (each row divided by its measured time), coefficients >= 0."""
-    y = np.asarray(ms, dtype=float)
+def _fit_terms(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares on relative error (each row divided by its measured time)."""
     if len(y) < len(TERMS):
-        raise ValueError(f"the latency model has {len(TERMS)} coefficients; need at least {len(TERMS)} shapes, "
+        raise ValueError(f"the latency law has {len(TERMS)} terms; need at least {len(TERMS)} measurements, "
                          f"got {len(y)}")
     if not np.all(np.isfinite(y)) or np.any(y <= 0):
         raise ValueError("latency measurements must be finite and positive")
-    X = _features(n_layers, d_model)
-    scale = X.max(axis=0)  # columns of very different magnitude (1, L, L d^2): scale for a well-posed solve
+    scale = np.abs(X).max(axis=0)
+    scale[scale == 0] = 1.0
     coef, _ = nnls(X / scale / y[:, None], np.ones_like(y))
-    return LinearLatency(*(coef / scale))
-
-
-def _ape(model: LinearLatency, rows: pd.DataFrame, quantity: str) -> np.ndarray:
-    return np.abs(model.predict(rows.n_layers, rows.d_model) / rows[quantity].to_numpy() - 1)
-
-
-def heldout_errors(rows: pd.DataFrame, quantity: str, extrapolate_frac: float = 0.25) -> dict:
-    """Leave-one-shape-out error and the error on the largest shapes (by L d^2) fitted on the rest."""
-    out: dict[str, Any] = {"loso_mape": None, "loso_max_ape": None, "extrapolation_mape": None,
-                           "extrapolation_shapes": 0}
-    n = len(rows)
-    if n > len(TERMS):
-        apes = np.concatenate([_ape(fit_linear(*_xy(rows.drop(index=i), quantity)), rows.loc[[i]], quantity)
-                               for i in rows.index])
-        out.update(loso_mape=float(apes.mean()), loso_max_ape=float(apes.max()))
-    k = int(round(n * extrapolate_frac))
-    if k >= 1 and n - k >= len(TERMS):
-        order = (rows.n_layers * rows.d_model ** 2).sort_values(kind="stable").index
-        train, test = rows.loc[order[:n - k]], rows.loc[order[n - k:]]
-        out.update(extrapolation_mape=float(_ape(fit_linear(*_xy(train, quantity)), test, quantity).mean()),
-                   extrapolation_shapes=k)
-    return out
-
-
-def _xy(rows: pd.DataFrame, quantity: str):
-    return rows.n_layers, rows.d_model, rows[quantity]
+    return coef / scale
 
 
 @dataclass
 class LatencyModel:
-    """Linear latency models per batch size and quantity, with their held-out errors and where they were measured."""
+    """The fitted law per serving mode and quantity, where it was measured, and its held-out errors."""
 
-    by_batch: dict[int, dict[str, LinearLatency]]
-    heldout: dict[int, dict[str, dict]] = field(default_factory=dict)
-    batch_size: int | None = None  # the headline batch (default: the smallest)
-    meta: dict = field(default_factory=dict)  # device, threads, dtype, prompt_len, decode_tokens, shapes, source
+    modes: dict[str, dict[str, dict[str, float]]]
+    heldout: dict[str, dict[str, dict]] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # device, threads, dtype, prompt_len, decode_tokens, vocab_size, ...
 
     def __post_init__(self):
-        if not self.by_batch:
-            raise ValueError("a latency model needs at least one batch size")
-        if self.batch_size is None:
-            self.batch_size = min(self.by_batch)
-        if self.batch_size not in self.by_batch:
-            raise ValueError(f"batch size {self.batch_size} was not fitted (have {sorted(self.by_batch)})")
+        if not self.modes:
+            raise ValueError("a latency model needs at least one serving mode")
+        for k in ("prompt_len", "decode_tokens"):
+            if k not in self.meta:
+                raise ValueError(f"a latency model needs its protocol's {k}")
 
     @property
     def device(self) -> str:
         return str(self.meta.get("device", "unknown"))
 
-    def model(self, quantity: str = "decode_ms_per_token", batch: int | None = None) -> LinearLatency:
-        batch = self.batch_size if batch is None else int(batch)
-        if batch not in self.by_batch:
-            raise ValueError(f"the latency model has batch sizes {sorted(self.by_batch)}, not {batch}")
-        if quantity not in self.by_batch[batch]:
-            raise ValueError(f"the latency model has {sorted(self.by_batch[batch])} at batch {batch}, not {quantity}")
-        return self.by_batch[batch][quantity]
+    @property
+    def batch_size(self) -> int:
+        return int(self.meta.get("batch_size") or 1)
 
-    def predict(self, n_layers, d_model, quantity: str = "decode_ms_per_token", batch: int | None = None):
-        return self.model(quantity, batch).predict(n_layers, d_model)
+    def coefficients(self, quantity: str = "decode_ms_per_token", mode: str = "none") -> dict[str, float]:
+        if mode not in self.modes:
+            raise ValueError(f"the latency law was fitted for serving modes {sorted(self.modes)}, not {mode!r}: "
+                             f"measure it with scaling-latency measure.modes=[...,{mode}]")
+        if quantity not in self.modes[mode]:
+            raise ValueError(f"the latency law has {sorted(self.modes[mode])} for mode {mode}, not {quantity}")
+        return self.modes[mode][quantity]
+
+    def predict(self, n_layers, d_model, quantity: str = "decode_ms_per_token", batch: int | None = None,
+                mode: str = "none", vocab_size=None, context=None):
+        """Milliseconds: a float for one shape, an array for arrays of shapes."""
+        coef = self.coefficients(quantity, mode)
+        X = features(n_layers, d_model, vocab_size if vocab_size is not None else self.meta.get("vocab_size", 257),
+                     self.batch_size if batch is None else batch, quantity, mode, int(self.meta["prompt_len"]),
+                     int(self.meta["decode_tokens"]), int(self.meta.get("group_size") or 32), context)
+        ms = X @ np.array([coef[k] for k in TERMS])
+        return float(ms[0]) if np.ndim(n_layers) == 0 and np.ndim(d_model) == 0 else ms
 
     def to_dict(self) -> dict:
-        head = self.by_batch[self.batch_size]
-        return {"model": MODEL, "form": FORM, **self.meta, "batch_size": self.batch_size,
-                **{q: m.to_dict() for q, m in head.items()},
-                "by_batch": {str(b): {q: m.to_dict() for q, m in models.items()}
-                             for b, models in sorted(self.by_batch.items())},
-                "heldout": {str(b): h for b, h in sorted(self.heldout.items())}}
+        return {"model": MODEL, "version": VERSION, "form": FORM, "terms": list(TERMS), **self.meta,
+                "modes": self.modes, "heldout": self.heldout}
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> "LatencyModel":
-        if not isinstance(spec, Mapping) or spec.get("model") != MODEL:
-            got = spec.get("model") if isinstance(spec, Mapping) else spec
-            raise ValueError(f"a latency section needs model {MODEL!r}; got {got!r}")
-        batch = spec.get("batch_size")
-        if spec.get("by_batch"):
-            by_batch = {int(b): {q: LinearLatency.from_dict(c) for q, c in models.items()}
-                        for b, models in spec["by_batch"].items()}
-        else:  # the minimal section the planner reads: decode at one batch size
-            if "decode_ms_per_token" not in spec:
-                raise ValueError("a latency section needs decode_ms_per_token {intercept, per_layer, per_layer_d2}")
-            batch = int(batch or 1)
-            by_batch = {batch: {q: LinearLatency.from_dict(spec[q]) for q in QUANTITIES if q in spec}}
-        meta = {k: v for k, v in spec.items()
-                if k not in {"model", "form", "batch_size", "by_batch", "heldout", *QUANTITIES}}
-        heldout = {int(b): h for b, h in (spec.get("heldout") or {}).items()}
-        return cls(by_batch=by_batch, heldout=heldout, batch_size=int(batch) if batch is not None else None,
-                   meta=meta)
+        if not isinstance(spec, Mapping) or spec.get("model") != MODEL or spec.get("version") != VERSION:
+            got = (spec.get("model"), spec.get("version")) if isinstance(spec, Mapping) else spec
+            raise ValueError(f"a latency section needs model {MODEL!r} version {VERSION} (re-run scaling-latency); "
+                             f"got {got!r}")
+        modes = {m: {q: {k: float(c[k]) for k in TERMS} for q, c in qs.items()} for m, qs in spec["modes"].items()}
+        meta = {k: v for k, v in spec.items() if k not in {"model", "version", "form", "terms", "modes", "heldout"}}
+        return cls(modes=modes, heldout=dict(spec.get("heldout") or {}), meta=meta)
 
 
-def fit_latency(table: pd.DataFrame, meta: Mapping[str, Any] | None = None, batch_size: int | None = None,
-                extrapolate_frac: float = 0.25) -> LatencyModel:
-    """Fit the linear model per batch size and quantity from a table of measurements (one row per shape and batch;
-    repeated shapes are averaged), with held-out errors."""
+def _design(rows: pd.DataFrame, quantity: str, mode: str, meta: Mapping[str, Any]) -> np.ndarray:
+    return features(rows.n_layers.to_numpy(), rows.d_model.to_numpy(), rows.vocab_size.to_numpy(),
+                    rows.batch.to_numpy(), quantity, mode, int(meta["prompt_len"]), int(meta["decode_tokens"]),
+                    int(meta.get("group_size") or 32))
+
+
+def _ape(coef, rows, quantity, mode, meta) -> np.ndarray:
+    return np.abs(_design(rows, quantity, mode, meta) @ coef / rows[quantity].to_numpy() - 1)
+
+
+def heldout_errors(rows: pd.DataFrame, quantity: str, mode: str, meta: Mapping[str, Any],
+                   extrapolate_frac: float = 0.25) -> dict:
+    """Leave-one-shape-out, and the largest ``extrapolate_frac`` of the shapes (by weights) from the rest."""
+    out: dict[str, Any] = {"loso_mape": None, "loso_max_ape": None, "largest_mape": None, "largest_max_ape": None,
+                           "largest_shapes": 0}
+    keys = rows[["n_layers", "d_model"]].apply(tuple, axis=1)
+    shapes = list(dict.fromkeys(keys))
+    y = rows[quantity].to_numpy()
+
+    def fit_on(mask):
+        return _fit_terms(_design(rows[mask], quantity, mode, meta), y[mask])
+
+    if len(rows) - max(keys.value_counts()) >= len(TERMS) and len(shapes) > 2:
+        apes = np.concatenate([_ape(fit_on((keys != s).to_numpy()), rows[(keys == s).to_numpy()], quantity, mode,
+                                    meta) for s in shapes])
+        out.update(loso_mape=float(apes.mean()), loso_max_ape=float(apes.max()))
+    k = int(round(len(shapes) * extrapolate_frac))
+    size = {s: 12 * s[0] * s[1] ** 2 for s in shapes}
+    largest = set(sorted(shapes, key=size.get)[len(shapes) - k:]) if k else set()
+    test = keys.isin(largest).to_numpy()
+    if k and (~test).sum() >= len(TERMS):
+        apes = _ape(fit_on(~test), rows[test], quantity, mode, meta)
+        out.update(largest_mape=float(apes.mean()), largest_max_ape=float(apes.max()), largest_shapes=k)
+    return out
+
+
+def fit_latency(table: pd.DataFrame, meta: Mapping[str, Any], extrapolate_frac: float = 0.25) -> LatencyModel:
+    """The law per serving mode (column ``mode``, default ``none``) and quantity from a table of measurements (one
+    row per shape, batch and mode; repeats averaged by median), with held-out errors. ``meta`` needs the protocol's
+    ``prompt_len`` and ``decode_tokens``."""
+    table = table.copy()
+    if "mode" not in table:
+        table["mode"] = "none"
+    if "vocab_size" not in table:
+        table["vocab_size"] = meta.get("vocab_size", 257)
     missing = [c for c in ("n_layers", "d_model", "batch") if c not in table.columns]
     quantities = [q for q in QUANTITIES if q in table.columns]
     if missing or not quantities:
         raise ValueError(f"latency measurements need columns n_layers, d_model, batch and one of {QUANTITIES}; "
                          f"missing {missing or list(QUANTITIES)}")
-    by_batch, heldout = {}, {}
-    for batch, rows in table.groupby("batch"):
-        rows = rows.groupby(["n_layers", "d_model"], as_index=False)[quantities].median()
-        by_batch[int(batch)] = {q: fit_linear(*_xy(rows, q)) for q in quantities}
-        heldout[int(batch)] = {q: heldout_errors(rows, q, extrapolate_frac) for q in quantities}
+    meta = dict(meta)
+    modes, heldout = {}, {}
+    for mode, rows in table.groupby("mode"):
+        rows = rows.groupby(["n_layers", "d_model", "vocab_size", "batch"], as_index=False)[quantities].median()
+        modes[str(mode)], heldout[str(mode)] = {}, {}
+        for q in quantities:
+            coef = _fit_terms(_design(rows, q, str(mode), meta), rows[q].to_numpy())
+            modes[str(mode)][q] = {k: float(v) for k, v in zip(TERMS, coef)}
+            heldout[str(mode)][q] = heldout_errors(rows, q, str(mode), meta, extrapolate_frac)
     shapes = table[["n_layers", "d_model"]].drop_duplicates()
-    info = {**(meta or {}), "shapes": {"count": len(shapes),
-                                       "n_layers": [int(shapes.n_layers.min()), int(shapes.n_layers.max())],
-                                       "d_model": [int(shapes.d_model.min()), int(shapes.d_model.max())]}}
-    return LatencyModel(by_batch=by_batch, heldout=heldout, batch_size=batch_size, meta=info)
+    meta.setdefault("batch_size", int(table.batch.min()))
+    meta.setdefault("vocab_size", int(table.vocab_size.iloc[0]))
+    meta["batch_sizes"] = sorted(int(b) for b in table.batch.unique())
+    meta["shapes"] = {"count": len(shapes), "n_layers": [int(shapes.n_layers.min()), int(shapes.n_layers.max())],
+                      "d_model": [int(shapes.d_model.min()), int(shapes.d_model.max())]}
+    return LatencyModel(modes=modes, heldout=heldout, meta=meta)
 
 
 class MissingLatency(UserError):
@@ -206,7 +234,7 @@ class MissingLatency(UserError):
 
 
 def load_latency(path: str | Path) -> LatencyModel:
-    """The latency model in a fit.json's ``latency`` section, or in a latency.json (the section alone)."""
+    """The latency law in a fit.json's ``latency`` section, or in a latency.json (the section alone)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no latency model at {path}: run scaling-latency first")

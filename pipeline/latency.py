@@ -156,8 +156,9 @@ def shapes_to_measure(cfg) -> list[GPTConfig]:
 
 
 def measure_shapes(configs: list[GPTConfig], protocol: dict, device: str = "cpu", rounds: int = 1,
-                   log=print) -> list[dict]:
-    """Measure each shape with ``measure`` on randomly initialised weights; one row per shape and batch size
+                   log=print, modes: tuple[str, ...] = ("none",), group_size: int = 32) -> list[dict]:
+    """Measure each shape with ``measure`` on randomly initialised weights, in each serving mode (quantized by
+    ``pipeline/serving.py``: latency does not depend on the weights' values); one row per shape, mode and batch size
     (median over ``rounds`` interleaved rounds)."""
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           ("cpu" if device == "auto" else device))
@@ -165,34 +166,42 @@ def measure_shapes(configs: list[GPTConfig], protocol: dict, device: str = "cpu"
         raise ValueError(f"measure.prompt_len + measure.decode_tokens = "
                          f"{protocol['prompt_len'] + protocol['decode_tokens']} exceeds the shortest seq_len "
                          f"{min(c.seq_len for c in configs)}")
-    samples: dict[tuple[int, int], dict] = {}  # (shape, round) -> measure's result
+    samples: dict[tuple[int, str, int], dict] = {}  # (shape, mode, round) -> measure's result
     torch.manual_seed(0)
+    total = len(configs) * len(modes) * max(1, int(rounds))
+    done = 0
+    if any(m != "none" for m in modes):
+        from scaling_lab.pipeline.serving import quantize
     for r in range(max(1, int(rounds))):
         for i, c in enumerate(configs):
-            model = GPT(c).to(device)
-            result = measure(model, protocol["prompt_len"], protocol["decode_tokens"], protocol["batch_sizes"],
-                             protocol["warmup"], protocol["repeats"])
-            samples[(i, r)] = result
-            del model
-            log(f"  [{r * len(configs) + i + 1}/{len(configs) * max(1, int(rounds))}] n_layers={c.n_layers} "
-                f"d_model={c.d_model}: decode {result['decode_ms_per_token']:.3f} ms/token, "
-                f"prefill {result['prefill_ms']:.3f} ms (batch {result['batch_sizes'][0]})")
+            base = GPT(c).to(device).eval()
+            for mode in modes:
+                model = base if mode == "none" else quantize(base, mode, group_size)[0]
+                result = measure(model, protocol["prompt_len"], protocol["decode_tokens"], protocol["batch_sizes"],
+                                 protocol["warmup"], protocol["repeats"])
+                samples[(i, mode, r)] = result
+                done += 1
+                log(f"  [{done}/{total}] n_layers={c.n_layers} d_model={c.d_model} {mode}: decode "
+                    f"{result['decode_ms_per_token']:.3f} ms/token, prefill {result['prefill_ms']:.3f} ms "
+                    f"(batch {result['batch_sizes'][0]})")
+            del base, model
     rows = []
     for i, c in enumerate(configs):
-        results = [samples[(i, r)] for r in range(max(1, int(rounds)))]
-        counts = c.param_counts()
-        for b in results[0]["batch_sizes"]:
-            per = [res["by_batch"][str(b)] for res in results]
-            rows.append({
-                "n_layers": c.n_layers, "d_model": c.d_model, "n_heads": c.n_heads,
-                "aspect_ratio": c.aspect_ratio, "params_non_embedding": counts["non_embedding"],
-                "params_total": counts["total"], "vocab_size": c.vocab_size, "batch": int(b),
-                "decode_ms_per_token": statistics.median(p["decode_ms_per_token"]["median"] for p in per),
-                "prefill_ms": statistics.median(p["prefill_ms"]["median"] for p in per),
-                "decode_iqr_rel": statistics.median(p["decode_ms_per_token"]["iqr_rel"] for p in per),
-                "prefill_iqr_rel": statistics.median(p["prefill_ms"]["iqr_rel"] for p in per),
-                "device": results[0]["device"], "threads": results[0]["threads"], "dtype": results[0]["dtype"],
-            })
+        for mode in modes:
+            results = [samples[(i, mode, r)] for r in range(max(1, int(rounds)))]
+            counts = c.param_counts()
+            for b in results[0]["batch_sizes"]:
+                per = [res["by_batch"][str(b)] for res in results]
+                rows.append({
+                    "mode": mode, "n_layers": c.n_layers, "d_model": c.d_model, "n_heads": c.n_heads,
+                    "aspect_ratio": c.aspect_ratio, "params_non_embedding": counts["non_embedding"],
+                    "params_total": counts["total"], "vocab_size": c.vocab_size, "batch": int(b),
+                    "decode_ms_per_token": statistics.median(p["decode_ms_per_token"]["median"] for p in per),
+                    "prefill_ms": statistics.median(p["prefill_ms"]["median"] for p in per),
+                    "decode_iqr_rel": statistics.median(p["decode_ms_per_token"]["iqr_rel"] for p in per),
+                    "prefill_iqr_rel": statistics.median(p["prefill_ms"]["iqr_rel"] for p in per),
+                    "device": results[0]["device"], "threads": results[0]["threads"], "dtype": results[0]["dtype"],
+                })
     return rows
 
 
@@ -209,15 +218,20 @@ def run_latency(cfg) -> dict:
     print(f"measuring {len(configs)} shapes: prompt {protocol['prompt_len']}, {protocol['decode_tokens']} decode "
           f"tokens, batches {protocol['batch_sizes']}, warmup {protocol['warmup']}, repeats {protocol['repeats']}, "
           f"{torch.get_num_threads()} threads")
-    rows = measure_shapes(configs, protocol, cfg.measure.device, cfg.measure.rounds)
+    modes = tuple(str(m) for m in cfg.measure.modes)
+    rows = measure_shapes(configs, protocol, cfg.measure.device, cfg.measure.rounds, modes=modes,
+                          group_size=int(cfg.measure.group_size))
     table = pd.DataFrame(rows)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "latency.csv", index=False)
     meta = {"device": rows[0]["device"], "threads": rows[0]["threads"], "dtype": rows[0]["dtype"],
             **{k: protocol[k] for k in ("prompt_len", "decode_tokens", "warmup", "repeats")},
-            "rounds": int(cfg.measure.rounds), "source": str((out / "latency.csv").resolve())}
-    model = fit_latency(table, meta, cfg.latency_model.batch_size, cfg.latency_model.extrapolate_frac)
+            "rounds": int(cfg.measure.rounds), "group_size": int(cfg.measure.group_size),
+            "source": str((out / "latency.csv").resolve())}
+    if cfg.latency_model.batch_size is not None:
+        meta["batch_size"] = int(cfg.latency_model.batch_size)
+    model = fit_latency(table, meta, cfg.latency_model.extrapolate_frac)
     section = model.to_dict()
     write_json_atomic(out / "latency.json", section)
     if cfg.constants:
@@ -229,25 +243,26 @@ def run_latency(cfg) -> dict:
 
 
 def format_latency(table, section: dict) -> str:
-    """The measurements beside the model's predictions, the coefficients and the held-out errors."""
+    """The measurements beside the law's predictions, the coefficients and the held-out errors."""
     model = LatencyModel.from_dict(section)
-    lines = [f"== latency on {section['device']} ({section['threads']} threads, {section['dtype']}): "
-             f"ms = {section['form']}",
-             f"   {'n_layers':>8} {'d_model':>7} {'R':>7} {'N (non-emb)':>11} {'batch':>5} {'decode ms/tok':>13} "
-             f"{'model':>8} {'prefill ms':>10} {'model':>8}"]
+    lines = [f"== latency law on {section['device']} ({section['threads']} threads, {section['dtype']}; context: "
+             f"prompt {section['prompt_len']}, {section['decode_tokens']} decoded): ms = {section['form']}",
+             f"   {'mode':>4} {'n_layers':>8} {'d_model':>7} {'N (non-emb)':>11} {'batch':>5} {'decode ms/tok':>13} "
+             f"{'law':>8} {'prefill ms':>10} {'law':>8}"]
     for row in table.itertuples():
-        decode, prefill = (model.predict(row.n_layers, row.d_model, q, row.batch)
+        decode, prefill = (model.predict(row.n_layers, row.d_model, q, row.batch, row.mode, row.vocab_size)
                            for q in ("decode_ms_per_token", "prefill_ms"))
-        lines.append(f"   {row.n_layers:>8} {row.d_model:>7} {row.aspect_ratio:>7.3g} "
-                     f"{row.params_non_embedding:>11.3g} {row.batch:>5} {row.decode_ms_per_token:>13.4g} "
-                     f"{decode:>8.4g} {row.prefill_ms:>10.4g} {prefill:>8.4g}")
-    for batch, models in section["by_batch"].items():
-        for quantity, c in models.items():
-            err = section["heldout"][batch][quantity]
-            lines.append(f"   batch {batch} {quantity}: {c['intercept']:.4g} + {c['per_layer']:.4g} L + "
-                         f"{c['per_layer_d2']:.4g} L d^2; held-out: leave-one-shape-out MAPE "
-                         f"{_pct(err['loso_mape'])} (max {_pct(err['loso_max_ape'])}), largest "
-                         f"{err['extrapolation_shapes']} shapes from the rest {_pct(err['extrapolation_mape'])}")
+        lines.append(f"   {row.mode:>4} {row.n_layers:>8} {row.d_model:>7} {row.params_non_embedding:>11.3g} "
+                     f"{row.batch:>5} {row.decode_ms_per_token:>13.4g} {decode:>8.4g} {row.prefill_ms:>10.4g} "
+                     f"{prefill:>8.4g}")
+    for mode, quantities in section["modes"].items():
+        for quantity, c in quantities.items():
+            err = section["heldout"][mode][quantity]
+            terms = " + ".join(f"{v:.3g} {k}" for k, v in c.items())
+            lines.append(f"   {mode} {quantity}: {terms}")
+            lines.append(f"      held out: leave-one-shape-out MAPE {_pct(err['loso_mape'])} (max "
+                         f"{_pct(err['loso_max_ape'])}); largest {err['largest_shapes']} shapes from the rest MAPE "
+                         f"{_pct(err['largest_mape'])} (max {_pct(err['largest_max_ape'])})")
     return "\n".join(lines)
 
 

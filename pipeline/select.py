@@ -107,14 +107,15 @@ def predicted_latency(cfg: DictConfig, shapes: pd.DataFrame, model: LatencyModel
             protocol["threads"] = cfg.select.threads
         ms, device = measure_candidates(shapes, cfg.arch, protocol, batch)
         return ms, {"source": "measured", "device": device, "batch": int(batch), "protocol": protocol}
-    ms = model.predict(shapes.n_layers.to_numpy(), shapes.d_model.to_numpy(), "decode_ms_per_token", batch)
+    ms = model.predict(shapes.n_layers.to_numpy(), shapes.d_model.to_numpy(), "decode_ms_per_token", batch,
+                       vocab_size=int(cfg.arch.vocab_size))
     measured = model.meta.get("shapes") or {}
     size = shapes.n_layers * shapes.d_model ** 2
     extrapolated = bool(measured) and bool((size > measured["n_layers"][1] * measured["d_model"][1] ** 2).any()
                                            or (shapes.n_layers > measured["n_layers"][1]).any())
     return np.asarray(ms), {"source": "model", "device": model.device, "batch": int(batch), "form": FORM,
-                            "coefficients": model.model("decode_ms_per_token", batch).to_dict(),
-                            "heldout": model.heldout.get(int(batch), {}).get("decode_ms_per_token"),
+                            "coefficients": model.coefficients("decode_ms_per_token", "none"),
+                            "heldout": model.heldout.get("none", {}).get("decode_ms_per_token"),
                             "measured_shapes": measured, "extrapolated": extrapolated}
 
 

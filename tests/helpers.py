@@ -53,3 +53,15 @@ def synthetic_sweep(params: dict, noise: float, seed: int, with_r: bool) -> pd.D
                     loss *= 1 + params["epsilon"] * r ** params["gamma"]
                 rows.append({"params": n, "tokens": d, "R": r, "loss": loss * np.exp(noise * rng.standard_normal())})
     return pd.DataFrame(rows)
+
+
+def latency_section(device: str = "cpu", modes=("none",), **coefficients) -> dict:
+    """A fit.json latency section (the roofline law of fit/latency.py) with the given decode coefficients (the
+    rest 0), the same in every mode; prefill 10x decode."""
+    from scaling_lab.fit.latency import TERMS, LatencyModel
+
+    decode = {k: float(coefficients.get(k, 0.0)) for k in TERMS}
+    prefill = {k: 10 * v for k, v in decode.items()}
+    return LatencyModel(modes={m: {"decode_ms_per_token": decode, "prefill_ms": prefill} for m in modes},
+                        meta={"device": device, "threads": 1, "prompt_len": 8, "decode_tokens": 4, "warmup": 1,
+                              "repeats": 2, "vocab_size": 257, "batch_size": 1, "batch_sizes": [1]}).to_dict()

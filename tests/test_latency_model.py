@@ -1,4 +1,4 @@
-"""The latency model (fit/latency_model.py) and scaling-latency (pipeline/latency.py main/run_latency)."""
+"""The latency law (fit/latency.py) and scaling-latency (pipeline/latency.py main/run_latency)."""
 
 import json
 import subprocess
@@ -9,17 +9,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scaling_lab.fit.plan import planner as plan
 from scaling_lab.conf import compose
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
-from scaling_lab.fit.latency import (LatencyModel, LinearLatency, fit_latency, fit_linear, load_latency,
-                               merge_into_fit_json)
+from scaling_lab.fit.latency import (TERMS, LatencyModel, block_weight_bytes, features, fit_latency, load_latency,
+                                     merge_into_fit_json)
 from scaling_lab.fit.io import store
 from scaling_lab.pipeline.latency import run_latency
 
-TRUE = {1: LinearLatency(0.2, 0.15, 5e-6), 8: LinearLatency(0.4, 0.2, 1.5e-5)}
-SHAPES = [(L, d) for L in (1, 2, 4, 8, 16) for d in (16, 48, 128, 256)]
+META = {"prompt_len": 16, "decode_tokens": 8, "device": "cpu:test", "threads": 1}
+# per-call 0.3 ms, 0.1 ms a layer, 20 GB/s weight reads, 5 GFLOP/s matmuls, a KV-cache term
+TRUE = {"none": {"decode_ms_per_token": dict(zip(TERMS, (0.3, 0.1, 5e-8, 2e-7, 1e-8))),
+                 "prefill_ms": dict(zip(TERMS, (0.5, 0.2, 5e-8, 2e-7, 1e-8)))},
+        "int8": {"decode_ms_per_token": dict(zip(TERMS, (0.3, 0.2, 5e-8, 4e-7, 1e-8))),
+                 "prefill_ms": dict(zip(TERMS, (0.5, 0.3, 5e-8, 4e-7, 1e-8)))}}
+SHAPES = [(L, d) for L in (1, 2, 4, 8, 16) for d in (32, 64, 128, 256)]
 TINY_PROTOCOL = ["measure.prompt_len=8", "measure.decode_tokens=4", "measure.batch_sizes=[1,2]",
                  "measure.warmup=1", "measure.repeats=2", "measure.threads=1"]
 
@@ -27,86 +31,98 @@ TINY_PROTOCOL = ["measure.prompt_len=8", "measure.decode_tokens=4", "measure.bat
 def measurements(noise=0.0, seed=0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     rows = []
-    for L, d in SHAPES:
-        for batch, model in TRUE.items():
-            wobble = np.exp(noise * rng.standard_normal(2))
-            rows.append({"n_layers": L, "d_model": d, "batch": batch,
-                         "decode_ms_per_token": model.predict(L, d) * wobble[0],
-                         "prefill_ms": 10 * model.predict(L, d) * wobble[1]})
+    for mode, quantities in TRUE.items():
+        for L, d in SHAPES:
+            for batch in (1, 8):
+                row = {"mode": mode, "n_layers": L, "d_model": d, "vocab_size": 257, "batch": batch}
+                for q, coef in quantities.items():
+                    x = features(L, d, 257, batch, q, mode, META["prompt_len"], META["decode_tokens"])[0]
+                    row[q] = float(x @ np.array([coef[k] for k in TERMS])) * np.exp(noise * rng.standard_normal())
+                rows.append(row)
     return pd.DataFrame(rows)
 
 
+def test_terms_count_weights_head_kv_and_batch():
+    # decode, batch 2, context 16 + 3.5: the head's V d weights and the KV cache are in the terms
+    x = features(2, 64, 100, 2, "decode_ms_per_token", "none", 16, 8)[0]
+    assert x[0] == 1 and x[1] == 2
+    assert x[2] == 4 * 2 * 12 * 64 ** 2 + 4 * 100 * 64
+    assert x[3] == 2 * 2 * (2 * 12 * 64 ** 2 + 100 * 64)
+    assert x[4] == 2 * 2 * (16 + 3.5) * 64
+    # quantized block weights: 1 byte (int8), half a byte (int4), fp32 where int4 skips a matrix
+    assert block_weight_bytes(1, 64, "int8") == 12 * 64 ** 2
+    assert block_weight_bytes(1, 64, "int4") == 6 * 64 ** 2
+    assert block_weight_bytes(1, 48, "int4") == (12 + 4 + 16) * 48 ** 2 + 2 * 48 ** 2  # only MLP out (4d -> d)
+    assert block_weight_bytes(1, 40, "int4") == 48 * 40 ** 2  # out_features 40: no matrix packs
+
+
 def test_recovers_known_coefficients_exactly_without_noise():
-    model = fit_latency(measurements())
-    for batch, true in TRUE.items():
-        got = model.model("decode_ms_per_token", batch)
-        np.testing.assert_allclose([got.intercept, got.per_layer, got.per_layer_d2],
-                                   [true.intercept, true.per_layer, true.per_layer_d2], rtol=1e-6)
-        assert model.heldout[batch]["decode_ms_per_token"]["loso_mape"] < 1e-6
+    model = fit_latency(measurements(), META)
+    for mode, quantities in TRUE.items():
+        for q, coef in quantities.items():
+            got = model.coefficients(q, mode)
+            np.testing.assert_allclose([got[k] for k in TERMS], [coef[k] for k in TERMS], rtol=1e-5)
+            err = model.heldout[mode][q]
+            assert err["loso_mape"] < 1e-6 and err["largest_mape"] < 1e-6 and err["largest_shapes"] == 5
 
 
-def test_recovers_coefficients_under_noise_and_reports_heldout_error():
-    model = fit_latency(measurements(noise=0.03))
-    got, true = model.model("decode_ms_per_token", 1), TRUE[1]
-    assert got.per_layer == pytest.approx(true.per_layer, rel=0.1)
-    assert got.per_layer_d2 == pytest.approx(true.per_layer_d2, rel=0.1)
-    err = model.heldout[1]["decode_ms_per_token"]
-    assert 0.005 < err["loso_mape"] < 0.06 and err["loso_max_ape"] >= err["loso_mape"]
-    assert err["extrapolation_shapes"] == 5 and 0 < err["extrapolation_mape"] < 0.1
-    # linear in depth at fixed N = 12 L d^2: the modelled time rises with n_layers
-    widths = [128, 64, 32]  # L = 1, 4, 16: equal L d^2
-    ms = [got.predict(L, d) for L, d in zip((1, 4, 16), widths)]
+def test_extrapolates_under_noise_and_reports_heldout_error():
+    model = fit_latency(measurements(noise=0.03), META)
+    err = model.heldout["none"]["decode_ms_per_token"]
+    assert 0.005 < err["loso_mape"] < 0.08 and err["loso_max_ape"] >= err["loso_mape"]
+    assert err["largest_shapes"] == 5 and 0 < err["largest_mape"] < 0.15
+    # at a fixed N = 12 L d^2 the per-layer term makes deep shapes slower
+    ms = [model.predict(L, d) for L, d in zip((1, 4, 16), (128, 64, 32))]
     assert ms[0] < ms[1] < ms[2]
 
 
-def test_section_round_trip_and_planner_compatibility(tmp_path):
-    model = fit_latency(measurements(), meta={"device": "cpu:test", "threads": 1})
+def test_section_round_trip(tmp_path):
+    model = fit_latency(measurements(), META)
     section = model.to_dict()
-    assert section["model"] == "linear" and section["device"] == "cpu:test" and section["batch_size"] == 1
-    assert set(section["by_batch"]) == {"1", "8"} and set(section["heldout"]["8"]) == {"decode_ms_per_token",
-                                                                                       "prefill_ms"}
+    assert section["model"] == "roofline" and section["version"] == 2 and section["device"] == "cpu:test"
+    assert set(section["modes"]) == {"none", "int8"} and section["batch_sizes"] == [1, 8]
     again = LatencyModel.from_dict(json.loads(json.dumps(section)))
-    assert again.predict(4, 64, batch=8) == pytest.approx(model.predict(4, 64, batch=8))
-    # what scaling-plan reads (fit/plan_cli.py load_shape_inputs)
-    planner = plan.DecodeLatency(**section["decode_ms_per_token"])
-    assert planner.ms_per_token(4, 64) == pytest.approx(model.predict(4, 64))
-    # the planner's minimal section is enough for selection
-    minimal = LatencyModel.from_dict({"model": "linear", "device": "x", "decode_ms_per_token": section[
-        "decode_ms_per_token"]})
-    assert minimal.predict(4, 64) == pytest.approx(model.predict(4, 64))
+    for mode in ("none", "int8"):
+        assert again.predict(4, 64, batch=8, mode=mode) == pytest.approx(model.predict(4, 64, batch=8, mode=mode))
+    with pytest.raises(ValueError, match="roofline"):
+        LatencyModel.from_dict({"model": "linear", "decode_ms_per_token": {}})
+    with pytest.raises(ValueError, match="int4"):
+        model.predict(4, 64, mode="int4")
 
 
 def test_merge_keeps_laws_and_replaces_latency(tmp_path):
     path = write_json_atomic(tmp_path / "fit.json", {"schema_version": 1, "laws": {"x": {"formula": "E", "inputs": [],
                                                                                          "params": {"E": 1.0}}},
                                                       "provenance": {"n_convention": "total"}})
-    section = fit_latency(measurements()).to_dict()
+    section = fit_latency(measurements(), META).to_dict()
     merge_into_fit_json(path, section)
     merge_into_fit_json(path, section)
     doc = read_fit_json(path)
     assert doc["laws"]["x"]["params"] == {"E": 1.0} and doc["provenance"] == {"n_convention": "total"}
-    assert doc["latency"]["decode_ms_per_token"] == section["decode_ms_per_token"]
-    assert load_latency(path).predict(2, 32) == pytest.approx(fit_latency(measurements()).predict(2, 32))
+    assert doc["latency"]["modes"] == section["modes"]
+    assert load_latency(path).predict(2, 32) == pytest.approx(fit_latency(measurements(), META).predict(2, 32))
     with pytest.raises(FileNotFoundError):
         merge_into_fit_json(tmp_path / "missing.json", section)
 
 
 @pytest.mark.parametrize("table,message", [
     (pd.DataFrame({"n_layers": [1, 2], "d_model": [8, 8], "batch": [1, 1], "decode_ms_per_token": [1.0, 2.0]}),
-     "at least 3 shapes"),
-    (pd.DataFrame({"n_layers": [1, 2, 4], "d_model": [8, 8, 8], "batch": [1, 1, 1],
-                   "decode_ms_per_token": [1.0, 0.0, 2.0]}), "finite and positive"),
+     "at least 5 measurements"),
+    (pd.DataFrame({"n_layers": [1, 2, 4, 1, 2, 4], "d_model": [8, 8, 8, 16, 16, 16], "batch": [1] * 6,
+                   "decode_ms_per_token": [1.0, 0.0, 2.0, 1.0, 1.0, 1.0]}), "finite and positive"),
     (pd.DataFrame({"n_layers": [1], "d_model": [8]}), "need columns"),
 ])
 def test_bad_measurements(table, message):
     with pytest.raises(ValueError, match=message):
-        fit_latency(table)
+        fit_latency(table, META)
 
 
-def test_fit_linear_is_nonnegative():
-    # measurements that fall with size would need a negative coefficient: clipped at 0
-    model = fit_linear([1, 2, 4, 8], [64, 64, 64, 64], [4.0, 3.0, 2.0, 1.0])
-    assert min(model.intercept, model.per_layer, model.per_layer_d2) >= 0
+def test_coefficients_are_nonnegative():
+    # measurements that fall with size would need negative coefficients: clipped at 0
+    table = pd.DataFrame({"n_layers": [1, 2, 4, 8, 1, 2, 4, 8], "d_model": [64] * 4 + [32] * 4, "batch": [1] * 8,
+                          "decode_ms_per_token": [8.0, 6.0, 4.0, 2.0, 7.0, 5.0, 3.0, 1.0]})
+    coef = fit_latency(table, META).coefficients()
+    assert min(coef.values()) >= 0
 
 
 def latency_config(tmp_path, *overrides):
@@ -126,14 +142,14 @@ def test_scaling_latency_measures_writes_csv_and_merges_section(tmp_path, capsys
     doc = read_fit_json(fit_json)
     assert doc["laws"]["x"]["params"] == {"E": 1.0}
     assert doc["latency"] == section == json.loads((tmp_path / "lat" / "latency.json").read_text())
-    assert section["model"] == "linear" and section["device"].startswith("cpu") and section["threads"] == 1
+    assert section["model"] == "roofline" and section["device"].startswith("cpu") and section["threads"] == 1
     assert section["prompt_len"] == 8 and section["shapes"]["count"] == 4
-    assert section["heldout"]["1"]["decode_ms_per_token"]["loso_mape"] is not None
+    assert section["heldout"]["none"]["decode_ms_per_token"]["loso_mape"] is not None
     assert "leave-one-shape-out" in capsys.readouterr().out
 
 
 def test_scaling_latency_takes_a_sweeps_shapes_and_protocol(tmp_path):
-    for L, d in ((1, 16), (2, 16), (1, 24)):
+    for L, d in ((1, 16), (2, 16), (1, 24), (2, 24), (4, 16)):
         store.write_record(tmp_path / "res", {
             "run_id": f"r{L}{d}", "sweep": "s", "status": "ok",
             "shape": {"n_layers": L, "d_model": d, "n_heads": d // 8, "head_dim": 8, "ffn_hidden": 4 * d,
@@ -143,8 +159,8 @@ def test_scaling_latency_takes_a_sweeps_shapes_and_protocol(tmp_path):
     section = run_latency(latency_config(tmp_path, "shapes.n_layers=[]", "sweep=s",
                                          f"results_dir={tmp_path / 'res'}", "measure.prompt_len=null",
                                          "measure.decode_tokens=null", "measure.batch_sizes=null"))
-    assert section["prompt_len"] == 6 and section["decode_tokens"] == 3 and list(section["by_batch"]) == ["1"]
-    assert section["shapes"] == {"count": 3, "n_layers": [1, 2], "d_model": [16, 24]}
+    assert section["prompt_len"] == 6 and section["decode_tokens"] == 3 and section["batch_sizes"] == [1]
+    assert section["shapes"] == {"count": 5, "n_layers": [1, 4], "d_model": [16, 24]}
 
 
 def test_console_script_bad_input_and_nothing_in_cwd(tmp_path):

@@ -15,10 +15,18 @@ from scaling_lab.conf import compose
 from scaling_lab.fit.laws.law import LawConstants
 from scaling_lab.models.shapes import continuous_shape, non_embedding_params
 from scaling_lab.fit.io.files import write_json_atomic
+from tests.helpers import latency_section
 
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.336, "beta": 0.283}
 IE_FORMULA = "(E + A / N**alpha + B / D**beta) * (1 + epsilon * R**gamma)"
 LATENCY = {"intercept": 1.0, "per_layer": 0.5, "per_layer_d2": 1.2e-8}
+# The same in the latency law's terms (fit/latency.py): 1.2e-8 ms per layer weight = 1e-9 ms per fp32 weight byte
+# of the blocks (12 d^2 weights, 4 bytes each) when the head is negligible (vocab 0 here).
+SECTION = latency_section(call=1.0, layer=0.5, weight_bytes=1.2e-8 / 48)
+
+
+def linear(intercept, per_layer, per_layer_d2):
+    return lambda n_layers, d_model: intercept + per_layer * n_layers + per_layer_d2 * n_layers * d_model ** 2
 PRICES = plan.Prices(plan.dollars_per_flop(1.5, 3.12e14, 0.5), plan.dollars_per_flop(1.1, 6.24e14, 0.5),
                      plan.dollars_per_flop(1.1, 6.24e14, 0.01))
 DEMAND = plan.Inference(prefill_tokens=7e11, decode_tokens=2.15e12)
@@ -42,7 +50,7 @@ def test_continuous_shape_inverts_the_parameter_count():
 
 
 def test_joint_optimum_is_cheapest_and_reaches_the_loss():
-    constants, latency = ie_law(), plan.DecodeLatency(**LATENCY)
+    constants, latency = ie_law(), linear(**LATENCY)
     result = plan.shape_plan(constants, 2.1, DEMAND, PRICES, latency, PER_MS, (16, 512), 128)
     best, at_ref, chin = result["optimal"], result["optimal_at_reference_shape"], result["chinchilla"]
     assert best["total_cost"] <= at_ref["total_cost"] <= chin["total_cost"]
@@ -58,25 +66,25 @@ def test_joint_optimum_is_cheapest_and_reaches_the_loss():
             if excess > 0:
                 n = (A / excess) ** (1 / alpha)
                 layers, width = continuous_shape(n, r)
-                cost = plan.lifetime(n, d, DEMAND, PRICES, latency.ms_per_token(layers, width) * PER_MS)
+                cost = plan.lifetime(n, d, DEMAND, PRICES, latency(layers, width) * PER_MS)
                 assert best["total_cost"] <= cost["total_cost"] * (1 + 1e-6)
 
 
 def test_shape_follows_the_latency_model():
     constants = ie_law()
     # per-layer overhead dominates: fewer, wider layers than the reference
-    deep_is_slow = plan.shape_plan(constants, 2.1, DEMAND, PRICES, plan.DecodeLatency(0.0, 5.0, 0.0), PER_MS,
+    deep_is_slow = plan.shape_plan(constants, 2.1, DEMAND, PRICES, linear(0.0, 5.0, 0.0), PER_MS,
                                    (16, 512), 128)
     assert deep_is_slow["optimal"]["R"] > 128
     # latency blind to shape: only the loss factor (1 + eps R^gamma) matters, so the narrowest allowed R wins
-    blind = plan.shape_plan(constants, 2.1, DEMAND, PRICES, plan.DecodeLatency(0.0, 0.0, 1.2e-8), PER_MS,
+    blind = plan.shape_plan(constants, 2.1, DEMAND, PRICES, linear(0.0, 0.0, 1.2e-8), PER_MS,
                             (16, 512), 128)
     assert blind["optimal"]["R"] == pytest.approx(16, rel=1e-3)
 
 
 def test_unreachable_loss_is_refused():
     with pytest.raises(ValueError, match="no aspect ratio"):
-        plan.shape_plan(ie_law(epsilon=0.5), 1.75, DEMAND, PRICES, plan.DecodeLatency(**LATENCY), PER_MS,
+        plan.shape_plan(ie_law(epsilon=0.5), 1.75, DEMAND, PRICES, linear(**LATENCY), PER_MS,
                         (16, 512), 128)
 
 
@@ -97,8 +105,7 @@ def config(tmp_path, *overrides):
 
 
 def test_cli_writes_the_shape_plan(tmp_path, capsys):
-    fit_json = write_fit_json(tmp_path / "fit.json", {"device": "cpu", "model": "linear",
-                                                      "decode_ms_per_token": LATENCY})
+    fit_json = write_fit_json(tmp_path / "fit.json", SECTION)
     doc = plan_cli.run(config(tmp_path, f"constants={fit_json}"))
     shape = doc["shape"]
     for model in ("chinchilla", "optimal_at_reference_shape", "optimal"):
@@ -110,14 +117,13 @@ def test_cli_writes_the_shape_plan(tmp_path, capsys):
 
 @pytest.mark.parametrize("latency,laws,overrides,message", [
     (None, ("chinchilla", "inference_efficient"), [], "latency section"),
-    ({"model": "table", "decode_ms_per_token": LATENCY}, ("chinchilla", "inference_efficient"), [], "linear"),
-    ({"model": "linear", "decode_ms_per_token": {"intercept": 1.0}}, ("chinchilla", "inference_efficient"), [],
-     "lacks"),
-    ({"model": "linear", "decode_ms_per_token": LATENCY}, ("chinchilla",), [], "no 'inference_efficient' law"),
-    ({"model": "linear", "decode_ms_per_token": LATENCY}, ("chinchilla", "inference_efficient"),
-     ["objective=flops"], "objective=cost"),
-    ({"model": "linear", "decode_ms_per_token": LATENCY}, ("chinchilla", "inference_efficient"),
-     ["shape.decode_batch=0"], "decode_batch"),
+    ({"model": "linear", "decode_ms_per_token": LATENCY}, ("chinchilla", "inference_efficient"), [],
+     "roofline"),
+    ({**SECTION, "modes": {"none": {"decode_ms_per_token": {"call": 1.0}}}}, ("chinchilla", "inference_efficient"),
+     [], "layer"),
+    (SECTION, ("chinchilla",), [], "no 'inference_efficient' law"),
+    (SECTION, ("chinchilla", "inference_efficient"), ["objective=flops"], "objective=cost"),
+    (SECTION, ("chinchilla", "inference_efficient"), ["shape.decode_batch=0"], "decode_batch"),
 ])
 def test_cli_shape_bad_input(tmp_path, latency, laws, overrides, message):
     fit_json = write_fit_json(tmp_path / "fit.json", latency, laws)

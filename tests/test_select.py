@@ -21,14 +21,14 @@ from scaling_lab.models.shapes import non_embedding_params
 from scaling_lab.fit.io import store
 from scaling_lab.pipeline import verify
 from scaling_lab.pipeline import select as select_cli
-from tests.helpers import shared_path
+from tests.helpers import latency_section, shared_path
+from scaling_lab.fit.latency import LatencyModel
 
 IE_FORMULA = "(E + A / N**alpha + B / D**beta) * (1 + epsilon * R**gamma)"
 # Toy law with a noticeable shape term, and the planner tests' latency model: 1 ms + 0.5 ms a layer + 1.2e-8 ms per
 # layer weight; at a fixed N it grows linearly with depth (Bian et al.'s finding).
 PARAMS = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.336, "beta": 0.283, "epsilon": 0.005, "gamma": 0.5}
-LATENCY = {"model": "linear", "device": "gpu:toy", "prompt_len": 8, "decode_tokens": 4, "warmup": 1, "repeats": 2,
-           "threads": 1, "decode_ms_per_token": {"intercept": 1.0, "per_layer": 0.5, "per_layer_d2": 1.2e-8}}
+LATENCY = latency_section("gpu:toy", call=1.0, layer=0.5, weight_bytes=1.2e-8 / 48)
 
 
 def law(**params) -> LawConstants:
@@ -161,9 +161,10 @@ def test_cli_selects_and_writes(tmp_path, capsys):
     assert table.N.between(1.8e5, 2.2e5).all() and (table.d_model % 8 == 0).all()
     assert table.n_layers.between(1, 16).all()
     assert np.allclose(table.loss, law().predict(N=table.N, D=1e7, R=table.R))
-    lat = LATENCY["decode_ms_per_token"]
-    assert np.allclose(table.latency_ms, lat["intercept"] + lat["per_layer"] * table.n_layers
-                       + lat["per_layer_d2"] * table.n_layers * table.d_model ** 2)
+    head = 4 * 1.2e-8 / 48 * 257 * table.d_model  # the fp32 output head the law reads per token
+    assert np.allclose(table.latency_ms, 1.0 + 0.5 * table.n_layers + 1.2e-8 * table.n_layers * table.d_model ** 2
+                       + head)
+    assert np.allclose(table.latency_ms, LatencyModel.from_dict(LATENCY).predict(table.n_layers, table.d_model))
     chosen = result["chosen"]
     assert chosen["loss"] <= table.loss.min() * 1.01 and chosen["pareto"]
     assert result["latency"]["source"] == "model" and result["latency"]["device"] == "gpu:toy"

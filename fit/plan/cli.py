@@ -25,8 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from scaling_lab.fit.plan import planner
 from scaling_lab.conf import command
 from scaling_lab.fit.laws.law import LawConstants
-from scaling_lab.fit.io.fitfile import load_law
+from scaling_lab.fit.io.fitfile import load_law, read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.fit.latency import LatencyModel
+from scaling_lab.fit.plan import serving as serving_modes
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -56,9 +58,27 @@ def _law_from_fit(path: Path, name: str, formula: str) -> tuple[LawConstants, di
     return constants, doc
 
 
-def load_shape_inputs(cfg: DictConfig) -> tuple[LawConstants, planner.DecodeLatency, dict]:
-    """The inference-efficient law, the decode latency model and the record of both (latency section, the fit's
-    N convention) from the fit.json in ``cfg.constants``."""
+def load_latency_law(cfg: DictConfig, why: str) -> tuple[LatencyModel, dict]:
+    """The latency law of the fit.json in ``cfg.constants`` (``why`` names what needs it)."""
+    if str(cfg.constants) in cfg.presets.constants:
+        raise ValueError(f"{why} needs constants=<fit.json> with a latency section; the preset {cfg.constants!r} "
+                         f"has none")
+    path = Path(str(cfg.constants))
+    doc = read_fit_json(path)
+    if not doc.get("latency"):
+        raise ValueError(f"{path} has no latency section ({why} prices decode by it): run scaling-latency "
+                         f"constants={path}")
+    try:
+        model = LatencyModel.from_dict(doc["latency"])
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{path}: {err}") from None
+    return model, {"latency": {k: v for k, v in doc["latency"].items() if k not in ("modes",)},
+                   "n_convention": doc.get("provenance", {}).get("n_convention")}
+
+
+def load_shape_inputs(cfg: DictConfig) -> tuple[LawConstants, LatencyModel, dict]:
+    """The inference-efficient law, the latency law and the record of both (latency section, the fit's N
+    convention) from the fit.json in ``cfg.constants``."""
     if cfg.objective != "cost":
         raise ValueError("shape.enabled=true prices decode by latency: it needs objective=cost")
     if str(cfg.constants) in cfg.presets.constants:
@@ -67,18 +87,9 @@ def load_shape_inputs(cfg: DictConfig) -> tuple[LawConstants, planner.DecodeLate
     if cfg.shape.decode_batch < 1:
         raise ValueError(f"shape.decode_batch must be >= 1, got {cfg.shape.decode_batch}")
     path = Path(str(cfg.constants))
-    constants, doc = _law_from_fit(path, "inference_efficient", cfg.law.inference_efficient.formula)
-    latency = doc.get("latency") or {}
-    coefficients = latency.get("decode_ms_per_token")
-    if latency.get("model") != "linear" or not isinstance(coefficients, dict):
-        raise ValueError(f"{path}: shape planning needs a latency section with model 'linear' and "
-                         f"decode_ms_per_token {{intercept, per_layer, per_layer_d2}}; got {latency or 'none'}")
-    try:
-        model = planner.DecodeLatency(**{k: float(coefficients[k]) for k in ("intercept", "per_layer",
-                                                                              "per_layer_d2")})
-    except KeyError as missing:
-        raise ValueError(f"{path}: latency.decode_ms_per_token lacks {missing}") from None
-    return constants, model, {"latency": latency, "n_convention": doc.get("provenance", {}).get("n_convention")}
+    constants, _ = _law_from_fit(path, "inference_efficient", cfg.law.inference_efficient.formula)
+    model, record = load_latency_law(cfg, "shape.enabled=true")
+    return constants, model, record
 
 
 def _exactly_one(section: DictConfig, a: str, b: str, name: str):
@@ -163,10 +174,14 @@ def run(cfg: DictConfig) -> dict:
     inference = split_demand(cfg)
     prices, hardware = resolve_hardware(cfg)
     shape_inputs = load_shape_inputs(cfg) if cfg.shape.enabled else None
+    serving_inputs = load_serving_inputs(cfg) if cfg.serving.mode is not None else None
 
     result = planner.plan(constants, target["trained_loss"], inference, prices, cfg.objective)
     if shape_inputs:
         result["shape"] = shape_plan(cfg, shape_inputs, target["trained_loss"], inference, prices)
+    if serving_inputs:
+        result["serving_modes"] = plan_serving_modes(cfg, serving_inputs, constants, target["served_loss"],
+                                                     inference, prices, shape_inputs)
     doc = {"schema_version": PLAN_SCHEMA_VERSION, "objective": cfg.objective,
            "constants": {**source, "params": dict(constants.values), "formula": constants.law.formula},
            "target": target,
@@ -191,13 +206,93 @@ def shape_plan(cfg: DictConfig, shape_inputs: tuple, loss: float, inference: pla
     constants, latency, record = shape_inputs
     shape = cfg.shape
     dollars_per_ms = float(cfg.hardware.inference.price_per_hour) / 3.6e6 / shape.decode_batch
-    result = planner.shape_plan(constants, loss, inference, prices, latency, dollars_per_ms,
+
+    def decode_ms(n_layers, d_model):  # one decode step of decode_batch sequences (the law's batch input)
+        return latency.predict(n_layers, d_model, "decode_ms_per_token", int(shape.decode_batch), "none")
+
+    result = planner.shape_plan(constants, loss, inference, prices, decode_ms, dollars_per_ms,
                                 (float(shape.aspect_ratio_min), float(shape.aspect_ratio_max)),
                                 float(shape.reference_aspect_ratio))
     r = result["optimal"]["R"]
     result["R_at_bound"] = bool(min(abs(math.log(r / shape.aspect_ratio_min)),
                                     abs(math.log(r / shape.aspect_ratio_max))) < 0.01)
     return {**result, **record, "params": dict(constants.values), "dollars_per_ms": dollars_per_ms}
+
+
+def load_serving_inputs(cfg: DictConfig) -> tuple[dict, list[str], LatencyModel, dict]:
+    """The serving modes our measurements support, the ones asked for, and the latency law (every check here)."""
+    import json
+
+    mode = str(cfg.serving.mode)
+    if mode not in (*serving_modes.MODES, "auto"):
+        raise ValueError(f"serving.mode must be auto or one of {list(serving_modes.MODES)}, got {mode!r}")
+    if cfg.objective != "cost":
+        raise ValueError("serving.mode prices decode by the measured latency law: it needs objective=cost")
+    latency, record = load_latency_law(cfg, f"serving.mode={mode}")
+    folder = Path(str(cfg.serving.measurements)) if cfg.serving.measurements else None
+    if mode not in ("none",) and (folder is None or not folder.is_dir()):
+        raise FileNotFoundError(f"serving.mode={mode} needs serving.measurements=<results_dir>/serving/<sweep> "
+                                f"(scaling-quantize and scaling-speculate write it); got {folder}")
+    docs = {}
+    for name in ("quantization", "speculative"):
+        path = folder / f"{name}.json" if folder else None
+        docs[name] = json.loads(path.read_text()) if path and path.is_file() else None
+    modes = serving_modes.modes_from_measurements(docs["quantization"], docs["speculative"])
+    modes = {m: v for m, v in modes.items() if v.latency_mode in latency.modes}
+    wanted = [m for m in serving_modes.MODES if m in modes] if mode == "auto" else [mode]
+    if mode != "auto" and mode not in modes:
+        raise ValueError(f"serving.mode={mode}: no measurement for it (in {folder} and the latency law's modes "
+                         f"{sorted(latency.modes)}); measured: {sorted(modes)}")
+    return modes, wanted, latency, {**record, "measurements": str(folder) if folder else None}
+
+
+def plan_serving_modes(cfg: DictConfig, serving_inputs: tuple, constants: LawConstants, served_loss: float,
+                       inference: planner.Inference, prices: planner.Prices, shape_inputs) -> dict:
+    """Each serving mode's cheapest model of ``served_loss`` and the chosen mode (``fit/plan/serving.py``)."""
+    modes, wanted, latency, record = serving_inputs
+    shape = cfg.shape
+    if shape_inputs:  # size, tokens and shape together: the inference-efficient law
+        law = shape_inputs[0]
+
+        def loss_fn(n, d, r):
+            return law.predict(N=n, D=d, R=r)
+        ratios = (float(shape.aspect_ratio_min), float(shape.aspect_ratio_max))
+    else:
+        law = constants
+
+        def loss_fn(n, d, r):
+            return law.predict(N=n, D=d)
+        ratios = None
+    dollars_per_ms = float(cfg.hardware.inference.price_per_hour) / 3.6e6 / shape.decode_batch
+
+    def decode_ms(n_layers, d_model, mode):  # one decode step of decode_batch sequences (the law's batch input)
+        return latency.predict(n_layers, d_model, "decode_ms_per_token", int(shape.decode_batch), mode)
+
+    d_chin = planner.chinchilla_style_for_loss(constants, served_loss)[1]
+    log_tokens = (math.log(d_chin) - 4.0, math.log(d_chin) + 8.0)
+    result = serving_modes.serving_plan(loss_fn, modes, wanted, served_loss, inference, prices, decode_ms,
+                                        dollars_per_ms, ratios, float(shape.reference_aspect_ratio), log_tokens)
+    return {"requested": str(cfg.serving.mode), **result, "law": "inference_efficient" if shape_inputs else
+            "chinchilla", "dollars_per_ms": dollars_per_ms, "decode_batch": int(shape.decode_batch), **record}
+
+
+def serving_table(section: dict) -> str:
+    lines = ["", f"serving modes (requested {section['requested']}; loss law {section['law']}; decode priced by the "
+                 f"{section['latency'].get('device', '?')} latency law per mode)",
+             f"{'mode':>12}{'N':>11}{'D':>11}{'R':>8}{'penalty':>10}{'decode ms':>11}{'train $':>11}"
+             f"{'infer $':>11}{'total $':>11}{'vs none':>9}"]
+    for name, o in section["modes"].items():
+        if not math.isfinite(o["total_cost"]):
+            lines.append(f"{name:>12}  does not reach the target")
+            continue
+        vs = "" if o.get("cost_vs_none") is None else f"{100 * o['cost_vs_none']:.2f}%"
+        lines.append(f"{name:>12}{o['N']:11.4g}{o['D']:11.4g}{o['R']:8.3g}{o['loss_penalty']:10.3g}"
+                     f"{o['decode_ms_per_token']:11.4g}{o['train_cost']:11.4g}{o['inference_cost']:11.4g}"
+                     f"{o['total_cost']:11.4g}{vs:>9}" + ("  <- chosen" if name == section["chosen"] else ""))
+    for name, o in section["modes"].items():
+        if "source" in o:
+            lines.append(f"   {name}: {o['source']}")
+    return "\n".join(lines)
 
 
 def table(doc: dict) -> str:
@@ -214,6 +309,8 @@ def table(doc: dict) -> str:
     if doc["constants"].get("not_identified"):
         lines.append(f"warning: the fit did not identify {doc['constants']['not_identified']}; the plan inherits that")
     lines.append(f"saving in total {'FLOPs' if doc['objective'] == 'flops' else 'cost'}: {100 * doc['saving']:.4g}%")
+    if "serving_modes" in doc:
+        lines.append(serving_table(doc["serving_modes"]))
     if "shape" in doc:
         shape = doc["shape"]
         models = ("chinchilla", "optimal_at_reference_shape", "optimal")

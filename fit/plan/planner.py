@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
@@ -241,21 +242,13 @@ def plan(constants: LawConstants, loss: float, inference: Inference, prices: Pri
 # L(N, D, R) = (E + A/N^alpha + B/D^beta)(1 + epsilon R^gamma), R = d_model / n_layers, and decode priced by a
 # latency model of the shape instead of 2N FLOPs at a fixed MFU.
 
-@dataclass(frozen=True)
-class DecodeLatency:
-    """Decode time per output token: ``intercept + per_layer * n_layers + per_layer_d2 * n_layers * d_model^2`` ms
-    (fit.json ``latency`` with ``model: linear``): a fixed cost, a per-layer cost, and one per weight of a layer."""
-
-    intercept: float
-    per_layer: float
-    per_layer_d2: float
-
-    def ms_per_token(self, n_layers: float, d_model: float) -> float:
-        return self.intercept + self.per_layer * n_layers + self.per_layer_d2 * n_layers * d_model ** 2
+# Decode time per token (ms) of a shape, ``decode_ms(n_layers, d_model)``: the latency law of a fit.json
+# (``fit/latency.py``), bound to a serving mode and batch by the caller.
+DecodeMs = Callable[[float, float], float]
 
 
 def _shaped(constants: LawConstants, loss: float, aspect_ratio: float, train_tokens: float, inference: Inference,
-            prices: Prices, latency: DecodeLatency, dollars_per_ms: float) -> dict:
+            prices: Prices, latency: DecodeMs, dollars_per_ms: float) -> dict:
     """The model of ``loss`` with this aspect ratio and training tokens (inference-efficient law), and its costs."""
     E, A, B, alpha, beta = chinchilla_terms(constants)
     excess = loss / (1 + constants["epsilon"] * aspect_ratio ** constants["gamma"]) - E - B / train_tokens ** beta
@@ -263,7 +256,7 @@ def _shaped(constants: LawConstants, loss: float, aspect_ratio: float, train_tok
         return {"total_cost": math.inf}
     n = (A / excess) ** (1 / alpha)
     n_layers, d_model = continuous_shape(n, aspect_ratio)
-    ms = latency.ms_per_token(n_layers, d_model)
+    ms = float(latency(n_layers, d_model))
     return {**lifetime(n, train_tokens, inference, prices, ms * dollars_per_ms), "R": aspect_ratio,
             "n_layers": n_layers, "d_model": d_model, "decode_ms_per_token": ms,
             "loss": float(constants.predict(N=n, D=train_tokens, R=aspect_ratio))}
@@ -294,7 +287,7 @@ def _best_tokens(constants, loss, aspect_ratio, inference, prices, latency, doll
         span *= 2
 
 
-def shape_plan(constants: LawConstants, loss: float, inference: Inference, prices: Prices, latency: DecodeLatency,
+def shape_plan(constants: LawConstants, loss: float, inference: Inference, prices: Prices, latency: DecodeMs,
                dollars_per_ms: float, aspect_ratios: tuple[float, float], reference_aspect_ratio: float,
                grid: int = 33) -> dict:
     """Chinchilla-style at ``reference_aspect_ratio`` vs N, D and R chosen together to minimise dollars, with
