@@ -27,18 +27,22 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The demo sweep on 2 parallel jobs (1 thread each), then fit (held out: the largest size, to measure
-# extrapolation), select and verify a shape, plan, and report. Every stage is a command a user can run alone.
+# The demo sweep on 2 parallel jobs (1 thread each; weights kept), then fit (held out: the largest size, to measure
+# extrapolation), the latency law per serving mode, INT8/INT4 quantization and speculative decoding of the trained
+# models, select and verify a shape, plan (choosing the serving mode from those measurements), and report. Every
+# stage is a command a user can run alone.
 demo: $(STAMP)
 	$(BIN)/scaling-train -m sweep=demo hydra/launcher=joblib hydra.launcher.n_jobs=2 results_dir=$(DEMO_DIR)
 	$(BIN)/scaling-sweep-status sweep=demo results_dir=$(DEMO_DIR)
 	$(BIN)/scaling-fit sweep=demo results_dir=$(DEMO_DIR) out=$(DEMO_DIR)/fit/demo \
 		'source.fit_rows="params_non_embedding < 1e5"' 'protocol.ties=[[alpha,beta]]'
 	$(BIN)/scaling-latency sweep=demo results_dir=$(DEMO_DIR) constants=$(DEMO_DIR)/fit/demo/fit.json \
-		out=$(DEMO_DIR)/latency/demo
+		out=$(DEMO_DIR)/latency/demo 'measure.modes=[none,int8,int4]'
+	$(BIN)/scaling-quantize sweep=demo results_dir=$(DEMO_DIR)
+	$(BIN)/scaling-speculate sweep=demo results_dir=$(DEMO_DIR) 'ks=[1,2,4]' prompts=2
 	$(BIN)/scaling-verify results_dir=$(DEMO_DIR) sweep=demo constants=$(DEMO_DIR)/fit/demo/fit.json
 	$(BIN)/scaling-plan constants=$(DEMO_DIR)/fit/demo/fit.json objective=cost target.chinchilla_params=1e6 \
-		demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo
+		demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo serving.mode=auto serving.measurements=$(DEMO_DIR)/serving/demo
 	$(BIN)/scaling-report sweep=demo results_dir=$(DEMO_DIR)
 
 bench: $(STAMP)
