@@ -6,7 +6,7 @@ untimed passes, then ``repeats`` timed ones; we report the median and the spread
 range relative to the median). On CUDA every timing is bracketed by ``torch.cuda.synchronize``.
 
 ``scaling-latency`` (``main``, configuration ``conf/latency_cli.yaml``) measures any list of shapes this way, writes
-``<out>/latency.csv``, fits the latency model (``fit/latency_model.py``) and writes its section to
+``<out>/latency.csv``, fits the latency law per serving mode (``fit/latency.py``) and writes its section to
 ``<out>/latency.json`` and, with ``constants=<fit.json>``, into that file.
 """
 

@@ -11,7 +11,7 @@ from scaling_lab.fit.io.files import write_json_atomic
 from scaling_lab.fit.laws.law import LawConstants
 from scaling_lab.fit.latency import LatencyModel
 from scaling_lab.fit.plan import cli as plan_cli
-from tests.fit_support import latency_section
+from tests.helpers import latency_section
 
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.336, "beta": 0.283}
 PENALTY = {"k": 1e-4, "a": 0.5, "b": 0.3}

@@ -17,7 +17,7 @@ from scaling_lab.fit.io import store
 from scaling_lab.models.speculative import speculative_generate, target_generate, verify
 from scaling_lab.pipeline import quantize, serving, speculate
 from scaling_lab.pipeline.train import run as train
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 SWEEP = "serve"
 

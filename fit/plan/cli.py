@@ -292,6 +292,10 @@ def serving_table(section: dict) -> str:
     for name, o in section["modes"].items():
         if "source" in o:
             lines.append(f"   {name}: {o['source']}")
+    edge = [name for name, o in section["modes"].items() if o.get("D_at_bound")]
+    if edge:
+        lines.append(f"   note: D sits at the search's edge (e^-4 to e^8 x the Chinchilla D) for {edge}: decode cost "
+                     f"barely changes with N there, so the cheapest model is as small and as over-trained as allowed")
     return "\n".join(lines)
 
 
