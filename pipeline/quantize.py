@@ -115,9 +115,12 @@ def fit_penalties(cfg: DictConfig, csv: Path, table: pd.DataFrame, modes: list[s
         if mode == "none":
             continue
         rows = table[(table["mode"] == mode)]
+        if cfg.penalty.fully_quantized_only:  # a run whose layers were partly skipped measures less than the mode
+            rows = rows[rows.layers_skipped == 0]
         positive = int((rows.loss_delta > 0).sum())
+        what = "fully quantized " if cfg.penalty.fully_quantized_only else ""
         if positive < int(cfg.penalty.min_rows) or rows.params_non_embedding.nunique() < 2:
-            fits[mode] = {"fitted": False, "why": f"{positive} of {len(rows)} runs have loss_delta > 0 "
+            fits[mode] = {"fitted": False, "why": f"{positive} of {len(rows)} {what}runs have loss_delta > 0 "
                           f"(need {cfg.penalty.min_rows}, over at least 2 sizes)",
                           "mean_delta": float(rows.loss_delta.mean()) if len(rows) else None}
             continue
@@ -125,7 +128,9 @@ def fit_penalties(cfg: DictConfig, csv: Path, table: pd.DataFrame, modes: list[s
         fit_cfg = compose("fit", [
             "source=csv", f"source.path={csv}", "source.columns.N=params_non_embedding",
             "source.columns.D=tokens_seen", "source.columns.loss=loss_delta", "source.n_convention=non_embedding",
-            f"source.rows='mode == \"{mode}\" and loss_delta > 0'", "law=[quant_penalty]", "plots=false",
+            f"source.rows='mode == \"{mode}\" and loss_delta > 0"
+            + (" and layers_skipped == 0" if cfg.penalty.fully_quantized_only else "") + "'",
+            "law=[quant_penalty]", "plots=false",
             f"bootstrap.n={int(cfg.penalty.bootstrap)}", f"out={fit_out}", "isoflop.enabled=false"])
         doc = fit_cli.run(fit_cfg)
         law = doc["laws"]["quant_penalty"]

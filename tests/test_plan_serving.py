@@ -23,7 +23,8 @@ def measurements(tmp_path, speculative=True):
     write_json_atomic(folder / "quantization.json", {
         "modes": ["int8", "int4"], "rows": rows,
         "penalty": {"int8": {"fitted": False, "why": "0 of 2 runs have loss_delta > 0"},
-                    "int4": {"fitted": True, "params": PENALTY, "rows": 5, "fit_json": "penalty_int4/fit.json"}}})
+                    "int4": {"fitted": True, "params": PENALTY, "rows": 5, "fit_json": "penalty_int4/fit.json",
+                             "not_identified": []}}})
     (folder / "speculative.json").unlink(missing_ok=True)
     if speculative:
         best = {"draft_run_id": "d", "target_run_id": "t", "mode": "greedy", "k": 2, "speedup_measured": 1.25,

@@ -3,15 +3,16 @@
 A serving mode changes two things (both measured on our own models, never assumed):
 
 * the loss the served model gives up, ``penalty(N, D)``: the penalty law ``k D^a / N^b`` that ``scaling-quantize``
-  fitted per quantization mode (``<serving>/quantization.json``, ``penalty``); a mode whose law could not be fitted
-  uses its mean measured delta (at least 0), and says so. Speculative decoding is exact: no penalty.
+  fitted per quantization mode (``<serving>/quantization.json``, ``penalty``); a mode whose law could not be fitted,
+  or was fitted without identifying its constants, uses its mean measured delta over the runs it quantized entirely
+  (at least 0), and says so: extrapolating an unidentified power law far outside the sweep means nothing. Speculative decoding is exact: no penalty.
 * the decode time of a token: the latency law of the fit.json, fitted per serving mode (``scaling-latency
   measure.modes=[none,int8,int4]``) at the shape's (n_layers, d_model); speculative decoding divides the target's
   time by the best measured wall-clock speedup (``<serving>/speculative.json``) and multiplies its FLOPs by the
   measured ``(k + 1 + k c) / tokens per target step``.
 
 For each mode the trained model must reach ``target + penalty(N, D)``: for every D (and R), N solves
-``L(N, D[, R]) + penalty(N, D) = target`` (a bracketed root in log N); total dollars = training + prefill (2N FLOPs a
+``L(N, D[, R]) + penalty(N, D) = target`` (the smallest such N: a log grid, then a bracketed root); total dollars = training + prefill (2N FLOPs a
 token) + decode (latency law x dollars per ms) are minimised over log D (a grid, then a bounded refinement) and,
 with a shape, over log R. The chosen mode is the cheapest of the modes asked for.
 """
@@ -58,15 +59,18 @@ def modes_from_measurements(quantization: dict | None, speculative: dict | None)
             continue
         fit = (quantization.get("penalty") or {}).get(mode) or {}
         rows = [r for r in quantization["rows"] if r["mode"] == mode]
-        if fit.get("fitted"):
+        full = [r for r in rows if not r.get("layers_skipped")] or rows  # runs the mode quantized entirely
+        mean = max(0.0, float(np.mean([r["loss_delta"] for r in full]))) if full else 0.0
+        if fit.get("fitted") and not fit.get("not_identified"):
             p = fit["params"]
             modes[mode] = ServingMode(mode, mode, penalty=(p["k"], p["a"], p["b"]),
                                       source=f"penalty law fitted on {fit['rows']} runs ({fit['fit_json']})")
         else:
-            mean = max(0.0, float(np.mean([r["loss_delta"] for r in rows]))) if rows else 0.0
+            why = (f"its penalty law did not identify {fit['not_identified']}" if fit.get("fitted")
+                   else f"no penalty law: {fit.get('why', 'not fitted')}")
             modes[mode] = ServingMode(mode, mode, constant_penalty=mean,
-                                      source=f"mean measured delta over {len(rows)} runs (no law: "
-                                             f"{fit.get('why', 'not fitted')})")
+                                      source=f"mean measured delta {mean:.3g} over {len(full)} fully quantized runs "
+                                             f"({why})")
     if speculative and speculative.get("best"):
         best = max(speculative["best"], key=lambda r: r["speedup_measured"])
         rows = [r for r in speculative["rows"] if r["draft_run_id"] == best["draft_run_id"] and
@@ -83,17 +87,21 @@ def modes_from_measurements(quantization: dict | None, speculative: dict | None)
 
 
 def _n_for(loss_fn: Callable, mode: ServingMode, target: float, tokens: float, aspect_ratio: float) -> float:
-    """N with ``loss(N, D, R) + penalty(N, D) = target``, or inf when no N up to 1e16 reaches it."""
+    """The smallest N with ``loss(N, D, R) + penalty(N, D) <= target``, or inf when no N up to 1e16 reaches it.
+    (A fitted penalty may grow with N, so the gap need not be monotone: scan a log grid, then bracket.)"""
     def gap(log_n):
         n = math.exp(log_n)
         return float(loss_fn(n, tokens, aspect_ratio)) + mode.loss_penalty(n, tokens) - target
 
-    lo, hi = math.log(10.0), math.log(1e16)
-    if gap(hi) > 0:
+    grid = np.linspace(math.log(10.0), math.log(1e16), 65)
+    gaps = [gap(x) for x in grid]
+    reached = [i for i, g in enumerate(gaps) if g <= 0]
+    if not reached:
         return math.inf
-    if gap(lo) <= 0:
-        return math.exp(lo)
-    return math.exp(brentq(gap, lo, hi, xtol=1e-10))
+    i = reached[0]
+    if i == 0:
+        return math.exp(grid[0])
+    return math.exp(brentq(gap, grid[i - 1], grid[i], xtol=1e-10))
 
 
 def _costed(loss_fn, mode: ServingMode, target, tokens, aspect_ratio, inference: Inference, prices: Prices,
