@@ -11,7 +11,7 @@ import pytest
 
 BIN = Path(sys.executable).parent
 COMMANDS = ["scaling-train", "scaling-sweep-status", "scaling-fit", "scaling-latency", "scaling-select",
-            "scaling-verify", "scaling-plan", "scaling-report"]
+            "scaling-verify", "scaling-plan", "scaling-report", "scaling-quantize", "scaling-speculate"]
 
 
 def cli(tmp_path, *args):
@@ -37,6 +37,8 @@ BAD = {  # one bad input per command, each caught before any compute
     "scaling-verify": ["constants=missing.json"],
     "scaling-plan": ["target.loss=1.0", "demand.tokens=2e12"],
     "scaling-report": ["sweep=nothing_here", "results_dir=nowhere"],
+    "scaling-quantize": ["sweep=nothing_here", "results_dir=nowhere"],
+    "scaling-speculate": ["sweep=nothing_here", "results_dir=nowhere"],
 }
 
 
