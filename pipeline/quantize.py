@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from scaling_lab.conf import command, compose
 from scaling_lab.fit.io.files import write_json_atomic
