@@ -61,8 +61,11 @@ def sweep_section(results_dir: str, sweep: str) -> str:
     return head + body + "\n"
 
 
-def fit_section(fit_dir: Path, report_dir: Path) -> str:
-    doc = _load(fit_dir / "fit.json")
+def fit_section(fit_dir: Path, report_dir: Path, path: Path | None = None) -> str:
+    from scaling_lab.fit.io.fitfile import read_fit_json
+
+    path = path or fit_dir / "fit.json"
+    doc = read_fit_json(path) if path.is_file() else None  # its laws parsed and checked, as every reader does
     if doc is None:
         return f"## Fit\n\nNo `{fit_dir}/fit.json`: run `scaling-fit`.\n"
     prov = doc.get("provenance", {})
@@ -132,7 +135,8 @@ def write_report(cfg: DictConfig) -> Path:
                         f"-m sweep={cfg.sweep} results_dir={cfg.results_dir} first")
     parts = [f"# Scaling report: sweep `{cfg.sweep}`\n\nWritten {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by "
              "`scaling-report`; every number below is copied from the files each stage wrote.\n",
-             sweep_section(cfg.results_dir, cfg.sweep), fit_section(Path(cfg.constants).parent, out.parent),
+             sweep_section(cfg.results_dir, cfg.sweep), fit_section(Path(cfg.constants).parent, out.parent,
+                                                                        Path(cfg.constants)),
              verify_section(Path(cfg.verify)), plan_section(Path(cfg.plan), out.parent)]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

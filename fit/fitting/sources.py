@@ -37,13 +37,13 @@ class Table:
 def _query(frame: pd.DataFrame, query: str | None, what: str) -> pd.Series:
     if not query:
         return pd.Series(True, index=frame.index)
+    # Parsed against a whitelist (comparisons, arithmetic, and/or/not over columns and numbers), never evaluated.
+    from scaling_lab.fit.expr import ExpressionError, query_mask
+
     try:
-        mask = frame.eval(str(query), engine="python")
-    except Exception as err:  # pandas raises many kinds for a bad query; the message is what matters
-        raise FitInputError(f"{what} query {query!r} failed: {err} (columns: {list(frame.columns)})") from None
-    if not isinstance(mask, pd.Series) or mask.dtype != bool:
-        raise FitInputError(f"{what} query {query!r} must give one true/false per row")
-    return mask
+        return query_mask(frame, str(query), f"{what} query")
+    except ExpressionError as err:
+        raise FitInputError(str(err)) from None
 
 
 def _read_csv(path: str) -> pd.DataFrame:

@@ -6,15 +6,13 @@ in configuration (``conf/law/*.yaml``); fitting, prediction, planning and select
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
-# Names a formula may use besides its inputs and parameters.
-_FUNCTIONS = {"exp": np.exp, "log": np.log, "sqrt": np.sqrt, "abs": np.abs, "minimum": np.minimum,
-              "maximum": np.maximum, "pi": math.pi}
+from scaling_lab.conf import UserError
+from scaling_lab.fit.expr import evaluate, parse_formula, same_formula
 
 
 @dataclass(frozen=True)
@@ -27,24 +25,39 @@ class Law:
     params: tuple[str, ...]
 
     def __post_init__(self):
-        code = compile(self.formula, f"<law {self.name}>", "eval")
-        unknown = set(code.co_names) - set(self.inputs) - set(self.params) - set(_FUNCTIONS)
-        if unknown:
-            raise ValueError(f"law {self.name!r}: formula {self.formula!r} uses undeclared names {sorted(unknown)}; "
-                             f"declare them under inputs {list(self.inputs)} or params {list(self.params)}")
-        object.__setattr__(self, "_code", code)
+        # Parsed against a whitelist, never evaluated (scaling_lab.fit.expr): a hostile formula is a UserError here.
+        tree = parse_formula(self.formula, (*self.inputs, *self.params), f"law {self.name!r}: formula")
+        object.__setattr__(self, "tree", tree)
 
     @classmethod
     def from_dict(cls, name: str, spec: Mapping[str, Any]) -> "Law":
-        return cls(name=name, formula=str(spec["formula"]), inputs=tuple(spec["inputs"]), params=tuple(spec["params"]))
+        if not isinstance(spec, Mapping):
+            raise UserError(f"law {name!r} must be a mapping with formula, inputs and params")
+        for key in ("formula", "inputs", "params"):
+            if key not in spec:
+                raise UserError(f"law {name!r} needs {key!r} (has {sorted(spec)})")
+        return cls(name=name, formula=spec["formula"], inputs=_names(spec["inputs"], name, "inputs"),
+                   params=_names(spec["params"], name, "params"))
+
+    def same_as(self, other: "Law") -> bool:
+        """The same formula over the same inputs (spacing and redundant parentheses aside)."""
+        return same_formula(self.tree, other.tree) and set(self.inputs) == set(other.inputs)
 
     def evaluate(self, params: Mapping[str, Any], **inputs: Any):
         missing = [p for p in self.params if p not in params] + [i for i in self.inputs if i not in inputs]
         if missing:
             raise ValueError(f"law {self.name!r} needs {missing}")
-        scope = {**_FUNCTIONS, **{k: params[k] for k in self.params},
-                 **{k: np.asarray(inputs[k], dtype=float) for k in self.inputs}}
-        return eval(self._code, {"__builtins__": {}}, scope)  # noqa: S307 - formula comes from the user's own config
+        scope = {**{k: params[k] for k in self.params}, **{k: np.asarray(inputs[k], dtype=float) for k in self.inputs}}
+        return evaluate(self.tree, scope)
+
+
+def _names(value: Any, law: str, key: str) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise UserError(f"law {law!r}: {key} must be a list of names, not {value!r}")
+    names = tuple(value)
+    if not all(isinstance(n, str) for n in names):
+        raise UserError(f"law {law!r}: {key} must be names, got {list(names)!r}")
+    return names
 
 
 @dataclass(frozen=True)
@@ -68,7 +81,13 @@ class LawConstants:
 
     @classmethod
     def from_dict(cls, name: str, spec: Mapping[str, Any]) -> "LawConstants":
-        values = {k: float(v) for k, v in spec["params"].items()}
-        law = Law(name=name, formula=spec["formula"], inputs=tuple(spec["inputs"]), params=tuple(values))
-        ci = {k: (float(v[0]), float(v[1])) for k, v in (spec.get("ci95") or {}).items()}
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("params"), Mapping):
+            raise UserError(f"law {name!r} needs params as a mapping of name -> value")
+        try:
+            values = {k: float(v) for k, v in spec["params"].items()}
+            ci = {k: (float(v[0]), float(v[1])) for k, v in (spec.get("ci95") or {}).items()}
+        except (TypeError, ValueError, IndexError, AttributeError) as err:
+            raise UserError(f"law {name!r}: params and ci95 must be numbers ({err})") from None
+        law = Law.from_dict(name, {"formula": spec.get("formula"), "inputs": spec.get("inputs"),
+                                   "params": list(values)})
         return cls(law=law, values=values, ci95=ci)

@@ -14,11 +14,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import sympy as sp
 
+from scaling_lab.fit.expr import to_sympy
 from scaling_lab.fit.laws.law import Law
-
-# Formula names that map to sympy functions (the numpy side is fit.constants._FUNCTIONS).
-_SYMPY_FUNCTIONS = {"exp": sp.exp, "log": sp.log, "sqrt": sp.sqrt, "abs": sp.Abs, "minimum": sp.Min,
-                    "maximum": sp.Max, "pi": sp.pi}
 
 
 @dataclass(frozen=True)
@@ -122,7 +119,7 @@ class CompiledLaw:
 
         law = spec.law
         symbols = {name: sp.Symbol(name, real=True) for name in (*law.inputs, *law.params)}
-        expr = sp.parse_expr(law.formula, local_dict={**_SYMPY_FUNCTIONS, **symbols})
+        expr = to_sympy(law.tree, symbols)  # the parsed tree (scaling_lab.fit.expr), never sympy's own parser
         theta = [sp.Symbol(f"log_{p}" if log else p, real=True) for p, log in zip(self.free, self.is_log)]
         log_inputs = [sp.Symbol(f"log_{x}", real=True) for x in law.inputs]
         subs = {symbols[x]: sp.exp(lx) for x, lx in zip(law.inputs, log_inputs)}
