@@ -10,6 +10,7 @@ repeat; held-out windows are the same fixed slice for every run.
 
 from __future__ import annotations
 
+import collections
 import glob
 import hashlib
 import json
@@ -258,6 +259,8 @@ def prepare_corpus(cfg) -> Corpus:
     cache = Path(cfg.cache_dir) / "tokens" / key
     cache.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache) + ".lock"):
+        for orphan in cache.parent.glob(cache.name + ".tmp*"):  # left by a killed process (we hold the lock)
+            shutil.rmtree(orphan, ignore_errors=True)
         if not (cache / "meta.json").exists():
             tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -308,15 +311,19 @@ class GlobalBatches(Sampler):
     resumed epoch from where the checkpoint left off, so the run still ends exactly at the token budget.
     """
 
-    def __init__(self, n: int, batch_size: int, start: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, start: int = 0, rank: int = 0, world: int = 1, on_batch=None):
         self.n, self.batch_size, self.start, self.rank, self.world = n, batch_size, start, rank, world
+        self.on_batch = on_batch  # called with each batch's indices as the loader takes it (in order)
 
     def __len__(self):
         return math.ceil(self.n / self.batch_size)
 
     def __iter__(self):
         for b in range(self.start, len(self)):
-            yield list(range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size)))[self.rank::self.world]
+            batch = list(range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size)))[self.rank::self.world]
+            if self.on_batch is not None:
+                self.on_batch(batch)
+            yield batch
 
 
 def unique_windows(n_tokens: int, seq_len: int) -> int:
@@ -352,12 +359,15 @@ class TokenDataModule(L.LightningDataModule):
         self.val_curve_windows = np.arange(max(1, min(n_eval, val_curve_tokens // seq_len)))
         order = np.random.default_rng(seed).permutation(available)
         self.train_windows = order[:train_sequences]
+        self.fed: collections.deque = collections.deque()  # window indices of batches taken, not yet trained on
 
     def train_dataloader(self):
         # A run resumed from a checkpoint continues with the batches it has not seen yet (one batch per step).
         trainer = self.trainer
         start, rank, world = (trainer.global_step, trainer.global_rank, trainer.world_size) if trainer else (0, 0, 1)
-        sampler = GlobalBatches(len(self.train_windows), self.batch_size, start, rank, world)
+        self.fed.clear()
+        sampler = GlobalBatches(len(self.train_windows), self.batch_size, start, rank, world,
+                                on_batch=lambda b: self.fed.append(self.train_windows[b]))
         ds = Windows(self.corpus.tokens("train"), self.seq_len, self.train_windows)
         return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers)
 

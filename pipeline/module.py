@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from scaling_lab.models.gpt import GPT
+from scaling_lab.pipeline import signals
 from scaling_lab.models.shapes import GPTConfig
 from scaling_lab.pipeline.runspec import duration
 
@@ -42,12 +45,18 @@ class LitGPT(L.LightningModule):
         self.tokens_resumed = 0  # training tokens of earlier attempts, from the checkpoint (all ranks)
         self.tokens_local = 0  # training tokens this process has seen in this attempt
         self.last_train_loss = float("nan")
+        self.windows_hash = ""  # a chained hash of the training windows' indices, step by step (this rank)
         self.val_curve: list[tuple[int, float]] = []  # (training tokens seen, validation-curve loss)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         _, loss = self.forward_model(x, y)
         self.tokens_local += x.numel()
+        fed = getattr(getattr(self.trainer, "datamodule", None), "fed", None)
+        if fed:
+            windows = np.asarray(fed.popleft(), dtype=np.int64)
+            self.windows_hash = hashlib.blake2b(self.windows_hash.encode() + windows.tobytes(),
+                                                digest_size=16).hexdigest()
         step = self.global_step
         if step % self.check_every == 0 or step == self.total_steps - 1:  # not every step: .item() syncs a GPU
             value = loss.item()
@@ -101,10 +110,12 @@ class LitGPT(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["tokens_seen"] = self.tokens_seen()
         checkpoint["val_curve"] = self.val_curve
+        checkpoint["windows_hash"] = self.windows_hash
 
     def on_load_checkpoint(self, checkpoint):
         self.tokens_resumed = checkpoint.get("tokens_seen", 0)
         self.val_curve = [tuple(p) for p in checkpoint.get("val_curve", [])]
+        self.windows_hash = checkpoint.get("windows_hash", "")
 
 
 class Progress(Callback):
@@ -136,23 +147,65 @@ class Progress(Callback):
 
 
 class Checkpointing(Callback):
-    """Saves ``path`` (atomically) every ``every`` steps and when the job receives SIGTERM (pre-emption, scancel,
-    a SLURM time limit), so a re-launched run resumes where it stopped."""
+    """Saves ``path`` (atomically) every ``every`` steps and at a pre-emption signal (SIGTERM, SIGUSR1, SIGUSR2: see
+    ``pipeline.signals``), so a re-launched run resumes where it stopped.
 
-    def __init__(self, path: Path, every: int):
-        self.path, self.every = Path(path), every
+    Under DDP every rank calls ``save`` (Lightning's ``save_checkpoint`` is collective and writes on rank 0 only):
+    one writer, one temporary name shared by all ranks, one rename by rank 0, then a barrier, so no rank goes on
+    (or exits) before the checkpoint is in place. A signal seen by rank 0 is broadcast so every rank saves at the
+    same step."""
 
-    def save(self, trainer: L.Trainer) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+    def __init__(self, path: Path, every: int, claim=None):
+        self.path, self.every, self.claim = Path(path), every, claim
+        self.reason = "periodic"
+        self.saved_for_signal = False
+
+    def on_train_start(self, trainer, pl_module):
+        if self.claim is not None:  # the attempt's resume point, in the claim (kept if this attempt is killed)
+            self.claim.info["tokens_resumed"] = int(pl_module.tokens_resumed)
+            self.claim.heartbeat()
+
+    def save(self, trainer: L.Trainer, reason: str = "periodic") -> Path:
+        self.reason = reason
+        tmp = self.path.with_name(f".{self.path.name}.tmp")  # the same name on every rank; rank 0 writes it
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(tmp)
-        os.replace(tmp, self.path)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        trainer.strategy.barrier("checkpoint-renamed")
+        self.reason = "periodic"
+        return self.path
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["saved"] = {"reason": self.reason, "step": int(trainer.global_step)}
+
+    def _signal(self, trainer) -> int:
+        guard = signals.current
+        signum = int(guard.signum or 0) if guard is not None else 0
+        if trainer.world_size > 1:
+            signum = int(trainer.strategy.broadcast(signum, src=0))
+        return signum
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        signum = self._signal(trainer)
+        if signum:
+            self.save_at_signal(trainer, pl_module, signum, "training")
         step = trainer.global_step
         if self.every and step % self.every == 0 and step < pl_module.total_steps:
             self.save(trainer)
 
+    def save_at_signal(self, trainer, pl_module, signum: int, phase: str):
+        """Save the state at the signal and raise ``Preempted`` carrying where it is."""
+        name = signals.signal.Signals(signum).name
+        self.save(trainer, reason=name)
+        self.saved_for_signal = True
+        stop = signals.Preempted(signum, phase)
+        stop.checkpoint, stop.step, stop.tokens = self.path, int(trainer.global_step), pl_module.tokens_seen()
+        raise stop
+
     def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, SIGTERMException):
-            self.save(trainer)
+        # Lightning raises its own SIGTERMException at the step after a SIGTERM it saw before we did
+        if isinstance(exception, SIGTERMException) and not self.saved_for_signal:
+            self.save(trainer, reason="SIGTERM")
+            self.saved_for_signal = True

@@ -143,16 +143,11 @@ def point_states(results_dir, sweep: str, planned: list[Point]) -> list[Point]:
             p.state = "invalid"
             continue
         p.record = records.get(p.run_id)
-        marker = store.marker_path(results_dir, sweep, p.run_id)
         if p.record and p.record.get("status") in ("ok", "failed"):
             p.state = "done" if p.record["status"] == "ok" else "failed"
             p.loss = (p.record.get("loss") or {}).get("final")
-        elif marker.exists() and store.claim_alive(_read(marker)):
-            p.state = "running"
-        elif store.checkpoint_path(results_dir, sweep, p.run_id).exists():
-            p.state = "interrupted"
-        else:
-            p.state = "pending"
+        else:  # damaged, running (a live claim), interrupted, pending: the one state logic (fit.io.store)
+            p.state = store.run_state(results_dir, sweep, p.run_id)
     return planned
 
 
@@ -180,8 +175,7 @@ def status(results_dir, sweep: str) -> list[Point]:
 
 
 def format_status(name: str, planned: list[Point]) -> str:
-    counts = {s: sum(p.state == s for p in planned) for s in ("done", "running", "interrupted", "failed", "pending",
-                                                              "invalid")}
+    counts = {s: sum(p.state == s for p in planned) for s in (*store.STATES, "invalid")}
     lines = [f"sweep {name}: {len(planned)} points: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)]
     lines.append(f"{'state':<12}{'run_id':<14}{'N':>10}{'D':>12}{'FLOPs':>10}  {'shape':<18}{'loss':>8}")
     for p in sorted(planned, key=lambda p: (p.n_params or 0, p.tokens or 0, p.shape)):

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -38,7 +39,22 @@ warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStor
 # ----- the run -------------------------------------------------------------------------------------------------
 
 def run(cfg: DictConfig) -> dict:
-    """Train (or skip, or resume) the run ``cfg`` describes; returns its record."""
+    """Train (or skip, or resume) the run ``cfg`` describes; returns its record. A pre-emption signal (SIGTERM,
+    SIGUSR1, SIGUSR2) saves a checkpoint at the signal and raises ``signals.Preempted``."""
+    from scaling_lab.pipeline import signals
+
+    with signals.Guard() as guard:
+        outer, signals.current = signals.current, guard
+        try:
+            record = _run(cfg)
+            guard.phase = "done"
+            guard.check()  # a signal while the record was written: the record is in place, the process stops
+            return record
+        finally:
+            signals.current = outer
+
+
+def _run(cfg: DictConfig) -> dict:
     started = time.time()
     spec = plan_run(cfg)
     path = store.record_path(cfg.results_dir, spec.sweep, spec.run_id)
@@ -51,8 +67,39 @@ def run(cfg: DictConfig) -> dict:
                  "" if previous["status"] == "ok" else " (sweep.retry_failed=true re-runs it)")
         return previous
 
+    if _global_rank() != 0:  # a DDP rank Lightning started: rank 0 holds the claim and writes the record
+        return _run_claimed(cfg, spec, None, previous, started)
+    # Claim the run (an exclusive create; a live claim of another process means it is training this run now).
+    claim = store.Claim.acquire(cfg.results_dir, spec.sweep, spec.run_id)
+    if claim is None:
+        holder = store.read_claim(store.claim_path(cfg.results_dir, spec.sweep, spec.run_id)) or {}
+        log.info("run %s is being trained by %s (pid %s); skipping", spec.run_id, holder.get("host"), holder.get("pid"))
+        return {"run_id": spec.run_id, "sweep": spec.sweep, "status": "running", "skipped": True,
+                "claim": {k: holder.get(k) for k in ("host", "pid", "start", "heartbeat")}}
+    try:
+        previous = store.read_record(path)  # finished by another process between our check and our claim?
+        if previous and (previous["status"] == "ok" or not cfg.sweep.retry_failed):
+            return previous
+        store.sweep_temp_files(cfg.results_dir, spec.sweep, spec.run_id)
+        claim.start_heartbeat()
+        return _run_claimed(cfg, spec, claim, previous, started)
+    finally:
+        claim.release()
+
+
+def _global_rank() -> int:
+    """This process's rank in a multi-process run (0 when it is the only one, or before Lightning starts others)."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key]) if key != "SLURM_PROCID" or int(os.environ.get("SLURM_NTASKS", "1")) > 1 else 0
+    return 0
+
+
+def _run_claimed(cfg, spec: RunSpec, claim, previous: dict | None, started: float) -> dict:
+    from scaling_lab.pipeline import signals
     from scaling_lab.pipeline.data import TokenDataModule, prepare_corpus
 
+    path = store.record_path(cfg.results_dir, spec.sweep, spec.run_id)
     torch.set_num_threads(spec.threads)
     corpus = prepare_corpus(cfg.data)
     spec = plan_run(cfg, vocab_size=corpus.vocab_size)
@@ -63,23 +110,29 @@ def run(cfg: DictConfig) -> dict:
     log.info("%s%s", describe(spec), _estimate(cfg, spec))
     wandb_logger = _wandb_logger(cfg, spec)
     status = "failed"
-    marker = store.mark_running(cfg.results_dir, spec.sweep, spec.run_id)
+    earlier = store.attempts(cfg.results_dir, spec.sweep, spec.run_id, previous) if claim else []
     try:
-        record.update(_train(cfg, spec, datamodule, corpus, wandb_logger))
+        record.update(_train(cfg, spec, datamodule, corpus, wandb_logger, claim=claim))
         status = "ok"
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, signals.Preempted) as stop:
         status = "interrupted"
+        if claim:
+            how = f"interrupted ({stop})" if isinstance(stop, signals.Preempted) else "interrupted"
+            store.note_attempt(cfg.results_dir, spec.sweep, spec.run_id,
+                               {**claim.attempt(how), "tokens_end": getattr(stop, "tokens", None)})
         raise
     except Exception as e:  # a crash, an OOM or a divergence fails this run only; the sweep goes on
         record["error"] = f"{type(e).__name__}: {e}"
         record["traceback"] = traceback.format_exc(limit=20)
         log.error("run %s failed: %s", spec.run_id, record["error"])
     finally:
-        marker.unlink(missing_ok=True)
-        if status != "interrupted":
+        if status != "interrupted" and claim is not None:  # one writer: the claiming process (rank 0)
+            signals.current.phase = "finishing"
             record.update(status=status, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             record["timing"]["wall_s"] = time.time() - started
-            store.write_record(cfg.results_dir, record)
+            record["attempts"] = [*earlier, claim.attempt(status)]
+            # The record is in place before the checkpoint is removed: a kill in between loses nothing.
+            store.finish_run(cfg.results_dir, record)
             log.info("record: %s", path)
         _finish_wandb(wandb_logger, record, status)
     return record
@@ -143,7 +196,7 @@ def _group(cfg, non_embedding: int, tokens: int) -> str:
     return f"{size} {budget}"
 
 
-def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
+def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> dict:
     import lightning as L
 
     from scaling_lab.pipeline.data import bits_per_byte
@@ -154,39 +207,61 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger) -> dict:
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = build_module(t, spec)
     ckpt = store.checkpoint_path(cfg.results_dir, spec.sweep, spec.run_id)
-    callbacks = [Checkpointing(ckpt, t.ckpt_every)]
+    callbacks = [Checkpointing(ckpt, t.ckpt_every, claim=claim)]
     if not _show_bar(t):
         callbacks.append(Progress(log, t.progress_every_s))
     trainer = build_trainer(t, spec, logger=wandb_logger, callbacks=callbacks, root_dir=ckpt.parent)
     resume = ckpt if ckpt.exists() else None
     if resume:
         log.info("resuming run %s from %s", spec.run_id, resume)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from scaling_lab.pipeline import signals
+
+    guard = signals.current
+    guard.phase = "training"
     fit_start = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    except SIGTERMException:  # Lightning saw the SIGTERM first (at the end of a step); Checkpointing saved there
+        stop = signals.Preempted(signal.SIGTERM, "training")
+        stop.checkpoint, stop.step, stop.tokens = ckpt, int(trainer.global_step), module.tokens_seen()
+        raise stop from None
     train_s = time.time() - fit_start
-    tokens_seen = module.tokens_seen()
-    if tokens_seen != spec.tokens:
-        raise RuntimeError(f"trained on {tokens_seen:,} tokens, budget was {spec.tokens:,}")
-    loss = module.heldout_loss(datamodule.eval_dataloader())
-    if not math.isfinite(loss):
-        raise RuntimeError(f"held-out loss is {loss}")
-    out = {
-        "tokens": {"budget": spec.tokens, "seen": tokens_seen},
-        "loss": {"final": loss, "bits_per_byte": bits_per_byte(loss, corpus), "eval_tokens": cfg.data.eval_tokens,
-                 "train_last": module.last_train_loss, **_curve_summary(module.val_curve)},
-        "timing": {"threads": spec.threads, "train_s": train_s,
-                   "tokens_per_s": (tokens_seen - module.tokens_resumed) / train_s if train_s else None,
-                   "resumed_from_tokens": module.tokens_resumed},
-    }
-    if cfg.latency.enabled:
-        lat = cfg.latency
-        dtype = torch.bfloat16 if "bf16" in t.precision and module.device.type == "cuda" else None
-        out["latency"] = measure(module.model, lat.prompt_len, lat.decode_tokens, list(lat.batch_sizes),
-                                 lat.warmup, lat.repeats, dtype=dtype)
-    if t.save_model:
-        out["weights"] = save_weights(module.model, store.weights_path(cfg.results_dir, spec.sweep, spec.run_id))
-    ckpt.unlink(missing_ok=True)  # finished: the record is the result
-    return out
+    guard.phase = "evaluation"
+    try:
+        guard.check()  # a signal after the last step: saved below like one during evaluation
+        tokens_seen = module.tokens_seen()
+        if tokens_seen != spec.tokens:
+            raise RuntimeError(f"trained on {tokens_seen:,} tokens, budget was {spec.tokens:,}")
+        loss = module.heldout_loss(datamodule.eval_dataloader())
+        if not math.isfinite(loss):
+            raise RuntimeError(f"held-out loss is {loss}")
+        out = {
+            "tokens": {"budget": spec.tokens, "seen": tokens_seen, "windows_hash": module.windows_hash},
+            "loss": {"final": loss, "bits_per_byte": bits_per_byte(loss, corpus), "eval_tokens": cfg.data.eval_tokens,
+                     "train_last": module.last_train_loss, **_curve_summary(module.val_curve)},
+            "timing": {"threads": spec.threads, "train_s": train_s,
+                       "tokens_per_s": (tokens_seen - module.tokens_resumed) / train_s if train_s else None,
+                       "resumed_from_tokens": module.tokens_resumed},
+        }
+        if cfg.latency.enabled:
+            guard.phase = "latency"
+            lat = cfg.latency
+            log.info("held-out loss %.4f; measuring inference latency", loss)
+            dtype = torch.bfloat16 if "bf16" in t.precision and module.device.type == "cuda" else None
+            out["latency"] = measure(module.model, lat.prompt_len, lat.decode_tokens, list(lat.batch_sizes),
+                                     lat.warmup, lat.repeats, dtype=dtype)
+        if t.save_model:
+            out["weights"] = save_weights(module.model, store.weights_path(cfg.results_dir, spec.sweep, spec.run_id))
+        guard.phase = "finishing"
+    except signals.Preempted as stop:
+        # The weights are final: the checkpoint taken now lets the relaunch go straight to evaluation.
+        guard.phase = "saving"
+        callbacks[0].save(trainer, reason=stop.name)
+        stop.checkpoint, stop.step, stop.tokens = ckpt, int(trainer.global_step), module.tokens_seen()
+        raise
+    return out  # the caller writes the record, then removes the checkpoint (store.finish_run)
 
 
 def save_weights(model, path: Path) -> dict:
@@ -292,13 +367,37 @@ def _finish_wandb(wandb_logger, record: dict, status: str) -> None:
 
 # ----- CLI -----------------------------------------------------------------------------------------------------
 
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def _train_command(cfg: DictConfig) -> None:
-    record = run(cfg)
+    from scaling_lab.pipeline import signals
+
+    try:
+        record = run(cfg)
+    except signals.Preempted as stop:
+        where = (f" at step {stop.step} ({stop.tokens:,} tokens)" if stop.step is not None and stop.tokens else "")
+        saved = f"checkpoint {stop.checkpoint}" if stop.checkpoint else "no checkpoint needed (nothing trained yet)"
+        print(f"interrupted: {stop.name} during {stop.phase}{where}; {saved}; the same command resumes it",
+              file=sys.stderr, flush=True)
+        signals.forward(stop.signum)  # submitit's checkpoint-and-requeue, if it is the launcher
+        sys.exit(stop.exit_code)
+    if record.get("skipped"):
+        claim = record.get("claim") or {}
+        print(f"running: run {record['run_id']} is being trained by pid {claim.get('pid')} on {claim.get('host')}; "
+              "skipped")
+        return
     loss = record.get("loss") or {}
     result = (f"held-out loss {loss['final']:.4f} nats/token ({loss['bits_per_byte']:.4f} bits/byte)"
               if isinstance(loss.get("final"), float) else record.get("error") or "")
     print(f"{record['status']}: run {record['run_id']}: {result}; "
-          f"record {store.record_path(cfg.results_dir, record['sweep'], record['run_id'])}")
+          f"record {store.record_path(cfg.results_dir, record['sweep'], record['run_id'])}", flush=True)
+    if record["status"] != "ok" and not _multirun():  # a multirun sums up at its end (sweep.CheckSweep)
+        sys.exit(1)
 
 
 main = command("scaling-train", "train", _train_command, errors=(FileNotFoundError,))

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 
-def write_json_atomic(path: str | Path, doc: Any) -> Path:
+def write_json_atomic(path: str | Path, doc: Any, before_rename=None) -> Path:
     """Write JSON to ``path`` through a temporary file and a rename, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,6 +20,8 @@ def write_json_atomic(path: str | Path, doc: Any) -> Path:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+    if before_rename is not None:
+        before_rename()
     os.replace(tmp, path)
     return path
 

@@ -83,7 +83,20 @@ def record_path(results_dir: str | Path, sweep: str, run_id: str) -> Path:
 def write_record(results_dir: str | Path, record: Mapping[str, Any]) -> Path:
     """Write one run's record atomically; returns its path."""
     record = {"record_version": RECORD_VERSION, **record}
-    return write_json_atomic(record_path(results_dir, record["sweep"], record["run_id"]), record)
+    return write_json_atomic(record_path(results_dir, record["sweep"], record["run_id"]), record,
+                             before_rename=lambda: fault_point("record-rename"))
+
+
+FAULT_ENV = "SCALING_LAB_KILL_AT"
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the tests: ``SCALING_LAB_KILL_AT=<name>`` SIGKILLs this process at that point (the
+    record's rename, the checkpoint's removal), the worst moments for a kill to land."""
+    if os.environ.get(FAULT_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def read_record(path: str | Path) -> dict | None:
@@ -123,7 +136,17 @@ def load_table(results_dir: str | Path, sweep: str) -> pd.DataFrame:
                              ignore_index=True)
 
 
-# ----- run state: a running marker while a process trains a run, its checkpoint while it is unfinished ---------
+# ----- run state: a claim while a process trains a run, its checkpoint while it is unfinished ----------------
+#
+# Before training, a process claims the run: ``<sweep>/running/<run_id>.json`` created with O_CREAT | O_EXCL
+# (host, pid, start, a random token, a heartbeat a thread refreshes every HEARTBEAT_S). Another process skips a run
+# whose claim is alive and takes over a stale one (same host and a dead pid, or no heartbeat for STALE_S); the
+# taken-over attempt is kept in ``<sweep>/attempts/<run_id>.json`` and ends up in the record's ``attempts``.
+
+HEARTBEAT_S = 10.0
+STALE_S = 120.0
+STATES = ("done", "running", "interrupted", "failed", "pending", "damaged")
+
 
 def checkpoint_path(results_dir: str | Path, sweep: str, run_id: str) -> Path:
     return sweep_dir(results_dir, sweep) / "checkpoints" / f"{run_id}.ckpt"
@@ -135,20 +158,224 @@ def weights_path(results_dir: str | Path, sweep: str, run_id: str) -> Path:
 
 
 def marker_path(results_dir, sweep: str, run_id: str) -> Path:
+    """The run's claim file (``running/<run_id>.json``)."""
     return sweep_dir(results_dir, sweep) / "running" / f"{run_id}.json"
 
 
-def mark_running(results_dir, sweep: str, run_id: str) -> Path:
-    """Note that this process is training ``run_id`` (removed when the run ends, however it ends)."""
-    return write_json_atomic(marker_path(results_dir, sweep, run_id),
-                             {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
+claim_path = marker_path
 
 
-def claim_alive(marker: dict) -> bool:
-    if marker.get("host") != socket.gethostname():
-        return True  # another node's run: trust its marker
+def attempts_path(results_dir, sweep: str, run_id: str) -> Path:
+    return sweep_dir(results_dir, sweep) / "attempts" / f"{run_id}.json"
+
+
+def _pid_alive(pid: Any) -> bool:
     try:
-        os.kill(int(marker["pid"]), 0)
+        os.kill(int(pid), 0)
         return True
-    except (OSError, ValueError, KeyError):
+    except PermissionError:
+        return True   # someone else's process
+    except (OSError, ValueError, TypeError):
         return False
+
+
+def claim_alive(marker: Mapping[str, Any], now: float | None = None, stale_s: float | None = None) -> bool:
+    """A claim is alive while its heartbeat is fresh, and (on this host) its process exists."""
+    now = time.time() if now is None else now
+    stale_s = STALE_S if stale_s is None else stale_s
+    beat = marker.get("heartbeat", marker.get("started"))
+    try:
+        fresh = now - float(beat) < stale_s
+    except (TypeError, ValueError):
+        fresh = False
+    if marker.get("host") == socket.gethostname():
+        return fresh and _pid_alive(marker.get("pid"))
+    return fresh
+
+
+def read_claim(path: str | Path) -> dict | None:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+class Claim:
+    """This process's claim on one run: ``Claim.acquire`` or None; ``heartbeat()`` (a thread calls it);
+    ``release()``. ``info`` holds the attempt (host, pid, start, tokens resumed from), written with each beat."""
+
+    def __init__(self, path: Path, info: dict):
+        self.path, self.info = path, info
+        self._stop = None
+        self._thread = None
+
+    @classmethod
+    def acquire(cls, results_dir, sweep: str, run_id: str, stale_s: float | None = None) -> "Claim | None":
+        import fcntl
+        import secrets
+
+        path = claim_path(results_dir, sweep, run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "start": now, "started": now, "heartbeat": now,
+                "token": secrets.token_hex(8), "tokens_resumed": None}
+        # The check-and-take-over is serialised by a lock file, so two processes never both take over one stale
+        # claim; the claim itself is an exclusive create.
+        with open(path.with_name(f".{run_id}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                for _ in range(2):
+                    try:
+                        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    except FileExistsError:
+                        old = read_claim(path)
+                        if old is not None and claim_alive(old, stale_s=stale_s):
+                            return None
+                        if old is not None:
+                            _append_attempt(results_dir, sweep, run_id, {
+                                **_attempt_of(old), "end": old.get("heartbeat"), "ended": "killed"})
+                        path.unlink(missing_ok=True)
+                        continue
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(info, f)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    return cls(path, info)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return None
+
+    def owned(self) -> bool:
+        current = read_claim(self.path)
+        return current is not None and current.get("token") == self.info["token"]
+
+    def heartbeat(self) -> None:
+        """Refresh the heartbeat (and ``info``) if the claim is still ours."""
+        if not self.owned():
+            return
+        self.info["heartbeat"] = time.time()
+        try:
+            write_json_atomic(self.path, self.info)
+        except OSError:
+            pass  # a full disk must not kill the run; the claim just looks older
+
+    def start_heartbeat(self, every_s: float | None = None) -> "Claim":
+        import threading
+
+        every = HEARTBEAT_S if every_s is None else every_s
+        self._stop = threading.Event()
+
+        def beat():
+            while not self._stop.wait(every):
+                self.heartbeat()
+
+        self._thread = threading.Thread(target=beat, name="claim-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+        if self.owned():
+            self.path.unlink(missing_ok=True)
+
+    def attempt(self, ended: str) -> dict:
+        return {**_attempt_of(self.info), "end": time.time(), "ended": ended}
+
+
+def _attempt_of(claim: Mapping[str, Any]) -> dict:
+    return {"host": claim.get("host"), "pid": claim.get("pid"), "start": claim.get("start", claim.get("started")),
+            "tokens_resumed": claim.get("tokens_resumed")}
+
+
+def _append_attempt(results_dir, sweep: str, run_id: str, attempt: dict) -> None:
+    path = attempts_path(results_dir, sweep, run_id)
+    previous = read_claim(path) or {}
+    write_json_atomic(path, {"attempts": [*previous.get("attempts", []), attempt]})
+
+
+def attempts(results_dir, sweep: str, run_id: str, previous_record: Mapping | None = None) -> list[dict]:
+    """Earlier attempts of a run: those of a record being re-run, then those noted when a claim was taken over
+    or a run was interrupted."""
+    earlier = list((previous_record or {}).get("attempts") or [])
+    noted = (read_claim(attempts_path(results_dir, sweep, run_id)) or {}).get("attempts", [])
+    return earlier + [a for a in noted if a not in earlier]
+
+
+def note_attempt(results_dir, sweep: str, run_id: str, attempt: dict) -> None:
+    """Keep an attempt that ends without a record (interrupted by a signal) for the record that follows."""
+    _append_attempt(results_dir, sweep, run_id, attempt)
+
+
+def sweep_temp_files(results_dir, sweep: str, run_id: str) -> list[Path]:
+    """Remove this run's leftover temporary files (a record's or checkpoint's half-written ``.tmp``, an old claim's
+    temp file): called by the process that holds the run's claim, so no live writer owns them."""
+    folder = sweep_dir(results_dir, sweep)
+    patterns = [(folder, f".{run_id}.json.*.tmp"), (folder / "checkpoints", f".{run_id}.ckpt*.tmp"),
+                (folder / "running", f".{run_id}.json.*.tmp"), (folder / "attempts", f".{run_id}.json.*.tmp")]
+    removed = []
+    for where, pattern in patterns:
+        for p in where.glob(pattern) if where.is_dir() else ():
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
+def finish_run(results_dir, record: Mapping[str, Any]) -> Path:
+    """The end of a run, in the order that loses nothing: the record is written (atomically), then the run's
+    checkpoint and its noted attempts are removed; a kill at any point leaves either the checkpoint or the record."""
+    path = write_record(results_dir, record)
+    fault_point("checkpoint-removal")
+    if record.get("status") == "ok":
+        checkpoint_path(results_dir, record["sweep"], record["run_id"]).unlink(missing_ok=True)
+    attempts_path(results_dir, record["sweep"], record["run_id"]).unlink(missing_ok=True)
+    return path
+
+
+# ----- what state a run is in (scaling-sweep-status and the fit read it here) ---------------------------------
+
+def record_file_state(path: str | Path) -> tuple[str, dict | None]:
+    """("missing" | "damaged" | "record", the record): a record file that exists but is empty, truncated or not a
+    record is damaged (never silently pending)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return "missing", None
+    except (OSError, UnicodeDecodeError):
+        return "damaged", None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return "damaged", None
+    if not isinstance(doc, dict) or "run_id" not in doc or "status" not in doc:
+        return "damaged", None
+    return "record", doc
+
+
+def run_state(results_dir, sweep: str, run_id: str) -> str:
+    """done | running | interrupted | failed | pending | damaged, from the store alone."""
+    kind, record = record_file_state(record_path(results_dir, sweep, run_id))
+    if kind == "damaged":
+        return "damaged"
+    if record is not None and record.get("status") == "ok":
+        return "done"
+    if record is not None and record.get("status") == "failed":
+        return "failed"
+    claim = read_claim(claim_path(results_dir, sweep, run_id))
+    if claim is not None and claim_alive(claim):
+        return "running"
+    if checkpoint_path(results_dir, sweep, run_id).exists() or claim is not None:
+        return "interrupted"
+    return "pending"
+
+
+def damaged_records(results_dir, sweep: str) -> list[Path]:
+    """Record files of a sweep that are empty, truncated or not records."""
+    return [p for p in sorted(sweep_dir(results_dir, sweep).glob("*.json"))
+            if record_file_state(p)[0] == "damaged"]
