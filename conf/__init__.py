@@ -71,6 +71,37 @@ def renamed_keys(argv: Iterable[str]) -> list[tuple[str, str]]:
     return found
 
 
+# Where ``+key=value`` may add a key: Hydra's own settings (``+hydra.job.env_set.X=...``) and the open law table
+# (``+law.<name>.formula=...``). Anywhere else a ``+`` would slip a typo past the unknown-key check (and into the
+# run id), so it is refused like any unknown key.
+OPEN_PREFIXES = ("hydra.", "law.")
+
+
+def added_keys(argv: Iterable[str], config_dirs: Iterable[Path] = ()) -> list[str]:
+    """``+key=...`` overrides that add a key outside ``OPEN_PREFIXES`` (appending a config group, ``+group=x``,
+    stays allowed)."""
+    dirs = [CONF_DIR, CONF_DIR / "launch", *config_dirs]
+    found = []
+    for arg in argv:
+        if not arg.startswith("+") or arg.startswith("++") or "=" not in arg:
+            continue
+        key = arg[1:].split("=", 1)[0]
+        if key.startswith(OPEN_PREFIXES) or any((d / key).is_dir() for d in dirs):
+            continue
+        found.append(key)
+    return found
+
+
+def _config_dirs(argv: list[str]) -> list[Path]:
+    dirs = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.split("=", 1)[1]))
+    return dirs
+
+
 def _hydra_message(err: BaseException) -> str:
     """The first line of a Hydra/OmegaConf error and of its cause: what a user needs, without the noise."""
     lines = [str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__]
@@ -108,6 +139,10 @@ def command(prog: str, config_name: str, run: Callable[[Any], Any],
         old = renamed_keys(sys.argv[1:])
         if old:
             fail(prog, "; ".join(f"{a} is now {b} (write {b}=...)" for a, b in old))
+        added = added_keys(sys.argv[1:], _config_dirs(sys.argv[1:]))
+        if added:
+            fail(prog, "; ".join(f"unknown key {k!r}: +{k}=... adds a key this command does not have (a typo?); "
+                                 f"set existing keys without the +, see {prog} --help" for k in added))
         # Hydra then raises composition errors instead of printing them over several lines with a hint; we print one.
         os.environ["HYDRA_FULL_ERROR"] = "1"
         if not any(a.startswith("hydra.job.name=") for a in sys.argv[1:]):

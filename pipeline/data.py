@@ -92,10 +92,43 @@ def _files_hash(files: list[Path], root: Path | None) -> str:
     return h.hexdigest()
 
 
+def check_text(files: list[Path], builder: str) -> None:
+    """A corpus is text: a file with a NUL byte or mostly undecodable bytes (a binary, random bytes) is refused,
+    and so is a JSONL line that is not a JSON object; the message names the file and the line."""
+    if builder == "parquet":
+        return
+    for f in files:
+        try:
+            data = f.read_bytes()
+        except OSError as err:
+            raise DataError(f"{f}: cannot read the corpus file ({err.strerror or err})") from None
+        nul = data.find(b"\0")
+        if nul >= 0:
+            line = data.count(b"\n", 0, nul) + 1
+            raise DataError(f"{f}:{line}: not a text file (a NUL byte); a corpus must be text")
+        text = data.decode("utf-8", errors="replace")
+        bad = text.count("\ufffd")
+        if data and bad > 0.05 * len(data):
+            first = text.index("\ufffd")
+            raise DataError(f"{f}:{text.count(chr(10), 0, first) + 1}: not a text file ({bad:,} bytes are not UTF-8); "
+                            "a corpus must be text")
+        if f.suffix == ".jsonl":
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as err:
+                    raise DataError(f"{f}:{n}: not a JSON line ({err.args[0] if err.args else err})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{f}:{n}: a JSONL corpus line must be a JSON object, not {type(row).__name__}")
+
+
 def _load_files(files: list[Path], cfg) -> list[str]:
     import datasets
 
     builder = TEXT_SUFFIXES.get(files[0].suffix, "text")
+    check_text(files, builder)
     kwargs = {"sample_by": cfg.sample_by, "encoding_errors": "replace"} if builder == "text" else {}
     ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                cache_dir=str(Path(cfg.cache_dir) / "hf"), **kwargs)

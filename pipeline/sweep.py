@@ -97,6 +97,26 @@ class CheckSweep(Callback):
         if len(set(ids)) != len(ids):
             print("warning: some sweep points resolve to the same run (e.g. two aspect ratios round to one shape); "
                   "each is trained once", file=sys.stderr)
+        self.planned, self.results_dir, self.sweep = planned, config.results_dir, config.sweep.name
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        """A summary of the sweep's states; a sweep with failed or damaged runs exits 1."""
+        planned = getattr(self, "planned", None)
+        if not planned:
+            return
+        states = {p.run_id: store.run_state(self.results_dir, self.sweep, p.run_id) for p in planned}
+        counts = {s: list(states.values()).count(s) for s in store.STATES}
+        line = f"sweep {self.sweep}: {len(states)} runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+        bad = [r for r, s in states.items() if s in ("failed", "damaged")]
+        if not bad:
+            print(line, file=sys.stderr, flush=True)
+            return
+        details = []
+        for run_id in bad[:20]:
+            record = store.read_record(store.record_path(self.results_dir, self.sweep, run_id)) or {}
+            details.append(f"  {states[run_id]} {run_id}: {record.get('error') or 'record unreadable'}")
+        print(f"error: {line}\n" + "\n".join(details), file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 # ----- what was launched, and each point's state --------------------------------------------------------------

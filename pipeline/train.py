@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from scaling_lab.conf import command
+from scaling_lab.conf.redact import redact, redact_config, run_secrets
 from scaling_lab.fit.io import store
 from scaling_lab.pipeline.runspec import ConfigError, RunSpec, describe, duration, plan_run
 
@@ -65,6 +66,11 @@ def _run(cfg: DictConfig) -> dict:
     if previous and (previous["status"] == "ok" or not cfg.sweep.retry_failed):
         log.info("run %s is already %s (%s); skipping%s", spec.run_id, previous["status"], path,
                  "" if previous["status"] == "ok" else " (sweep.retry_failed=true re-runs it)")
+        if previous["status"] == "ok":  # a kill between the record and the checkpoint's removal left it behind
+            try:
+                store.checkpoint_path(cfg.results_dir, spec.sweep, spec.run_id).unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only results dir: the finished sweep is still read
         return previous
 
     if _global_rank() != 0:  # a DDP rank Lightning started: rank 0 holds the claim and writes the record
@@ -132,9 +138,12 @@ def _run_claimed(cfg, spec: RunSpec, claim, previous: dict | None, started: floa
             record["timing"]["wall_s"] = time.time() - started
             record["attempts"] = [*earlier, claim.attempt(status)]
             # The record is in place before the checkpoint is removed: a kill in between loses nothing.
-            store.finish_run(cfg.results_dir, record)
+            store.finish_run(cfg.results_dir, redact(record, run_secrets()))
             log.info("record: %s", path)
-        _finish_wandb(wandb_logger, record, status)
+        try:
+            _finish_wandb(wandb_logger, record, status)
+        except Exception as err:  # noqa: BLE001 - W&B only mirrors the record, which is in place
+            log.warning("W&B could not be finished (the record is written): %s: %s", type(err).__name__, err)
     return record
 
 
@@ -146,7 +155,7 @@ def _record_head(cfg, spec: RunSpec, corpus) -> dict:
     return {
         "run_id": spec.run_id, "sweep": spec.sweep, "status": "running", "error": None, "seed": cfg.train.seed,
         "group": _group(cfg, counts["non_embedding"], spec.tokens),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": redact_config(cfg),  # no credential-named key, no environment secret
         "shape": {"n_layers": c.n_layers, "d_model": c.d_model, "n_heads": c.n_heads, "head_dim": c.head_dim,
                   "ffn_hidden": c.ffn_hidden, "vocab_size": c.vocab_size, "seq_len": c.seq_len,
                   "aspect_ratio": c.aspect_ratio, "tie_embeddings": c.tie_embeddings},
@@ -339,11 +348,12 @@ def _wandb_logger(cfg, spec: RunSpec):
             f"N{_size_class(c.non_embedding_params)}"]
     if cfg.train.tokens_per_param is not None:
         tags.append(f"tpp{cfg.train.tokens_per_param:g}")
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = redact_config(cfg)
     config["run_id"] = spec.run_id
     return WandbLogger(project=w.project, entity=w.entity, name=spec.run_id, id=f"{spec.sweep}-{spec.run_id}",
                        group=spec.sweep, tags=tags, mode=w.mode, save_dir=str(save_dir), config=config,
-                       resume="allow", settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+                       resume="allow", settings=wandb.Settings(console="off", x_disable_stats=True, silent=True,
+                                               x_disable_meta=True))  # its metadata holds the command line
 
 
 def _size_class(n: float) -> str:

@@ -64,7 +64,8 @@ def test_submitit_local_two_jobs_one_forced_to_fail(sweep_args, tmp_path):
     # two points: the same tiny model, once with a divergence threshold no run can meet
     out = cli("scaling-train", "-m", "sweep=smoke", "hydra/launcher=submitit_local", "model.params=1e4",
               "model.n_layers=1", "train.diverge_loss=100,0.5", "logger=none", *sweep_args)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 1, out.stderr[-3000:]  # a sweep with a failed run says so, and exits non-zero
+    assert "error: sweep smoke: 2 runs: 1 done, 1 failed" in out.stderr and "diverged" in out.stderr
     table = store.load_table(tmp_path / "results", "smoke")
     assert len(table) == 2
     failed = table[table.status == "failed"]

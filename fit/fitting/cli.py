@@ -24,8 +24,27 @@ def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
 
 
+# Numeric options and their ranges (inclusive); a value outside is a one-line error before any fitting.
+RANGES = {"bootstrap.n": (0, None), "isoflop.min_points": (3, None), "isoflop.budget_rtol": (0, 1),
+          "isoflop.n_bootstrap": (0, None), "protocol.max_starts": (1, None), "protocol.max_iter": (1, None)}
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    for key, (lo, hi) in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise FitInputError(f"{key}={value} is out of range: it must be {bound}")
+    budgets = OmegaConf.select(cfg, "allocation.budgets", default=None) or []
+    if any(not b > 0 for b in budgets):
+        raise FitInputError(f"allocation.budgets must be positive FLOPs, got {list(budgets)}")
+
+
 def run(cfg: DictConfig) -> dict:
     """Fit every selected law; returns the fit.json document (also written to ``cfg.out``)."""
+    check_ranges(cfg)
     protocol = _plain(cfg.protocol)
     if protocol.get("method") not in (*METHODS, "auto"):
         raise FitInputError(f"unknown protocol method {protocol.get('method')!r} ({', '.join(METHODS)} or auto)")

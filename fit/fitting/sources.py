@@ -59,7 +59,7 @@ def _read_csv(path: str) -> pd.DataFrame:
 
 
 def _read_results(src: Mapping[str, Any]) -> tuple[pd.DataFrame, dict]:
-    from scaling_lab.fit.io.store import load_table   # torch-free; imported here so CSV users need no pipeline
+    from scaling_lab.fit.io.store import damaged_records, load_table   # torch-free; CSV users need no pipeline
 
     sweep = src.get("sweep")
     if not sweep or sweep == "???":
@@ -67,6 +67,17 @@ def _read_results(src: Mapping[str, Any]) -> tuple[pd.DataFrame, dict]:
     folder = Path(str(src["results_dir"])) / str(sweep)
     if not folder.is_dir():
         raise FitInputError(f"no results for sweep {sweep!r}: {folder} does not exist")
+    damaged = damaged_records(src["results_dir"], sweep)
+    if damaged and not src.get("skip_damaged", False):
+        names = ", ".join(p.name for p in damaged[:10]) + (", ..." if len(damaged) > 10 else "")
+        raise FitInputError(f"{len(damaged)} damaged record(s) (empty, truncated or not a record) in {folder}: "
+                            f"{names}; re-run those points (scaling-train re-trains them) or set "
+                            f"source.skip_damaged=true to fit without them")
+    if damaged:
+        import sys
+
+        print(f"warning: skipped {len(damaged)} damaged record(s) in {folder}: "
+              + ", ".join(p.name for p in damaged), file=sys.stderr)
     table = load_table(src["results_dir"], sweep)
     if table.empty:
         raise FitInputError(f"sweep {sweep!r} has no records in {folder}")
@@ -75,7 +86,8 @@ def _read_results(src: Mapping[str, Any]) -> tuple[pd.DataFrame, dict]:
     if n_col is None:
         raise FitInputError(f"source.n_convention must be total or non_embedding, not {src['n_convention']!r}")
     columns = {"N": n_col, **{k: v for k, v in src["columns"].items() if v}}
-    info = {"sweep": str(sweep), "results_dir": str(src["results_dir"]), "excluded_failed": int((~ok).sum())}
+    info = {"sweep": str(sweep), "results_dir": str(src["results_dir"]), "excluded_failed": int((~ok).sum()),
+            "excluded_damaged": [p.name for p in damaged]}
     table = table[ok].reset_index(drop=True)
     if {"params_non_embedding", "vocab_size", "d_model"} <= set(table.columns):
         # the output head (vocab x d_model) counted as compute, tied to the embedding or not
