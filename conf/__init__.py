@@ -35,6 +35,19 @@ RENAMED = {
 }
 
 
+import errno as _errno
+
+# A full disk, a read-only file system, no permission, a quota: storage errors, one line each.
+STORAGE_ERRNOS = {_errno.ENOSPC, _errno.EROFS, _errno.EACCES, _errno.EPERM, _errno.EDQUOT}
+
+
+def storage_message(err: OSError, kept: str = "") -> str:
+    what = {_errno.ENOSPC: "the disk is full", _errno.EROFS: "the file system is read-only",
+            _errno.EDQUOT: "the disk quota is exceeded"}.get(err.errno, "permission denied")
+    where = err.filename or "a file"
+    return f"cannot write {where}: {what} ({err.strerror})" + (f"; {kept}" if kept else "; nothing else was changed")
+
+
 class UserError(ValueError):
     """Bad input the user can fix. Raised before any compute is spent; a command prints it as one line, exit 2."""
 
@@ -151,6 +164,10 @@ def command(prog: str, config_name: str, run: Callable[[Any], Any],
             _hydra_main()
         except (HydraException, OmegaConfBaseException) as err:
             fail(prog, _hydra_message(err))
+        except OSError as err:
+            if err.errno not in STORAGE_ERRNOS:
+                raise
+            fail(prog, storage_message(err))
 
     main.__doc__ = f"{prog}: see `{prog} --help`."
     return main

@@ -138,7 +138,18 @@ def _run_claimed(cfg, spec: RunSpec, claim, previous: dict | None, started: floa
             record["timing"]["wall_s"] = time.time() - started
             record["attempts"] = [*earlier, claim.attempt(status)]
             # The record is in place before the checkpoint is removed: a kill in between loses nothing.
-            store.finish_run(cfg.results_dir, redact(record, run_secrets()))
+            try:
+                store.finish_run(cfg.results_dir, redact(record, run_secrets()))
+            except OSError as err:  # a full or read-only disk: the checkpoint stays, nothing is lost
+                from scaling_lab.conf import STORAGE_ERRNOS, UserError, storage_message
+
+                if err.errno not in STORAGE_ERRNOS:
+                    raise
+                ckpt = store.checkpoint_path(cfg.results_dir, spec.sweep, spec.run_id)
+                kept = (f"the run's checkpoint {ckpt} is kept: relaunch once there is space" if ckpt.exists() else
+                        "no checkpoint was kept")
+                store.sweep_temp_files(cfg.results_dir, spec.sweep, spec.run_id)
+                raise UserError(storage_message(err, kept)) from None
             log.info("record: %s", path)
         try:
             _finish_wandb(wandb_logger, record, status)

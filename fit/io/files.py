@@ -15,11 +15,17 @@ def write_json_atomic(path: str | Path, doc: Any, before_rename=None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2, sort_keys=False, default=_json_default)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=2, sort_keys=False, default=_json_default)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:  # a full disk: no half-written temp file is left behind; the old file is untouched
+        tmp.unlink(missing_ok=True)
+        if err.filename is None:
+            err.filename = str(path)
+        raise
     if before_rename is not None:
         before_rename()
     os.replace(tmp, path)
