@@ -407,6 +407,8 @@ def _train_command(cfg: DictConfig) -> None:
               file=sys.stderr, flush=True)
         signals.forward(stop.signum)  # submitit's checkpoint-and-requeue, if it is the launcher
         sys.exit(stop.exit_code)
+    if _global_rank() != 0:  # a DDP rank Lightning started: rank 0 reports (and writes the record)
+        return
     if record.get("skipped"):
         claim = record.get("claim") or {}
         print(f"running: run {record['run_id']} is being trained by pid {claim.get('pid')} on {claim.get('host')}; "
