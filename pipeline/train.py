@@ -309,8 +309,13 @@ def build_trainer(t, spec: RunSpec, logger=None, callbacks=(), root_dir=None, va
     # Lightning's INFO lines (accelerator found, tips, checkpoint loading) drown a sweep's output; warnings still
     # show. Set here, after Lightning's own import has set its level.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    # Under SLURM (and submitit) pre-emption is ours (pipeline.signals: checkpoint at the signal, then submitit's
+    # own requeue): Lightning's auto-requeue would also catch the signal and call scontrol requeue.
+    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
     return L.Trainer(
-        max_steps=spec.total_steps, max_epochs=-1, precision=t.precision, accelerator=t.accelerator,
+        plugins=plugins, max_steps=spec.total_steps, max_epochs=-1, precision=t.precision, accelerator=t.accelerator,
         devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, gradient_clip_val=t.grad_clip,
         logger=logger or False, callbacks=list(callbacks), enable_checkpointing=False,
         val_check_interval=t.val_every or max(1, spec.total_steps // 8), check_val_every_n_epoch=None,
