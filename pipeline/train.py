@@ -428,7 +428,20 @@ def _train_command(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-main = command("scaling-train", "train", _train_command, errors=(FileNotFoundError,))
+_main = command("scaling-train", "train", _train_command, errors=(FileNotFoundError,))
+
+
+def main() -> None:
+    """scaling-train; a submitit job that was pre-empted or timed out is reported in one line, not a traceback."""
+    try:
+        _main()
+    except Exception as err:  # noqa: BLE001 - only submitit's job errors are turned into a report
+        if not type(err).__module__.startswith("submitit"):
+            raise
+        first = (str(err).strip().splitlines() or [""])[0]
+        print(f"scaling-train: a job did not complete ({type(err).__name__}: {first}); an interrupted run keeps its "
+              "checkpoint and resumes when the sweep is relaunched (or requeued)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
