@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from scaling_lab.conf import command
 from scaling_lab.conf.redact import redact, redact_config, run_secrets

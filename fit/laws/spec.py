@@ -86,7 +86,7 @@ def linear_params(spec: LawSpec, ties: Sequence[Sequence[str]] = ()) -> tuple[st
     law = spec.law
     rep = tie_map(law.params, ties)
     symbols = {name: sp.Symbol(name, real=True) for name in (*law.inputs, *law.params)}
-    expr = sp.parse_expr(law.formula, local_dict={**_SYMPY_FUNCTIONS, **symbols})
+    expr = to_sympy(law.tree, symbols)
     alone = [p for p in law.params if rep[p] == p and sum(r == p for r in rep.values()) == 1]
     chosen = [p for p in alone if sp.simplify(sp.diff(expr, symbols[p], 2)) == 0 and expr.has(symbols[p])]
     while True:
