@@ -25,6 +25,9 @@ class ModelConf:
     ffn_ratio: float = 4.0
     seq_len: int = 128
     tie_embeddings: bool = True
+    params_tolerance: Optional[float] = 0.1  # a shape solved for `params` must lie within this of it (null: any)
+    min_d_model: Optional[int] = None  # refuse shapes narrower than this / with fewer heads (demo: 32 and 2)
+    min_heads: Optional[int] = None
 
 
 @dataclass
@@ -42,27 +45,34 @@ class DataConf:
     val_fraction: float = 0.02
     tokenizer: str = "bytes"  # bytes | bpe
     bpe_vocab_size: int = 2048
-    eval_tokens: int = 32768  # final held-out loss: the same fixed held-out tokens for every run
-    val_curve_tokens: int = 8192  # held-out tokens for the validation curve during training
+    eval_tokens: int = 32768  # final held-out loss: windows spread over the whole held-out split, same for every run
+    eval_seed: int = 0  # which spread windows (fixed per corpus, tokenizer and seq_len; not the training seed)
+    val_curve_tokens: int = 8192  # held-out tokens for the validation curve (windows disjoint from the eval slice)
     cache_dir: str = "${oc.env:SCALING_CACHE,.cache}"
     num_workers: int = 0
 
 
 @dataclass
 class TrainConf:
-    # Token budget D: exactly one of tokens, tokens_per_param (x non-embedding params) or flops (D = C / 6N).
+    # Token budget D: exactly one of tokens, tokens_per_param (x non-embedding params) or flops (D = C / FLOPs per
+    # token, counted by flops_convention).
     tokens: Optional[float] = 2_000_000
     tokens_per_param: Optional[float] = None
     flops: Optional[float] = None
+    flops_convention: str = "model"  # model: GPTConfig.flops_per_token | 6N: 6 x non-embedding params (Kaplan)
     batch_size: int = 32  # sequences per step at the reference budget (see batch_rule)
     batch_rule: str = "constant"  # constant | sqrt_tokens: batch_size * sqrt(D / batch_ref_tokens), in [1, max]
     batch_ref_tokens: float = 1_000_000
     max_batch_size: int = 512
     lr: float = 3e-3  # peak learning rate at the reference width (see lr_rule)
-    lr_rule: str = "constant"  # constant | inverse_width: lr * lr_ref_width / d_model (muP-style)
+    lr_rule: str = "constant"  # constant | inverse_width: lr * (lr_ref_width / d_model) ** lr_width_exponent
     lr_ref_width: int = 128
+    lr_width_exponent: float = 1.0  # 1: muP-style 1/width; the demo's LR scan measured a steeper fall
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay: budgets branch from one stable run per shape)
+    decay_frac: float = 0.2  # wsd: the decay is this fraction of each budget's steps, to min_lr_ratio * lr
     warmup_frac: float = 0.05  # warmup steps as a fraction of all steps, then cosine decay
-    min_lr_ratio: float = 0.1  # the cosine ends at min_lr_ratio * lr exactly at the token budget
+    warmup_steps: Optional[int] = None  # instead of warmup_frac (wsd needs it: the stable run is shared)
+    min_lr_ratio: float = 0.1  # the schedule ends at min_lr_ratio * lr exactly at the token budget
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

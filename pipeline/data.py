@@ -3,9 +3,12 @@
 ``prepare_corpus(cfg)`` loads documents (the Python standard library's own source, the user's files, or a hub
 dataset), splits them into train and held-out by a hash of each document (or by the user's own validation files),
 tokenizes them once and caches the tokens as memory-mapped ``uint16`` files keyed by the corpus hash and the
-tokenizer. ``TokenDataModule`` serves fixed-length windows from that cache to Lightning: training windows are a
-seeded permutation of non-overlapping windows, so a run of D tokens sees D distinct training tokens, never an epoch
-repeat; held-out windows are the same fixed slice for every run.
+tokenizer (and every data setting that changes the tokens or the split). ``TokenDataModule`` serves fixed-length
+windows from that cache to Lightning: training windows are a seeded permutation of non-overlapping windows, so a run
+of D tokens sees D distinct training tokens, never an epoch repeat. The final evaluation slice (``heldout_windows``)
+is spread over the whole held-out split: one seeded window in each of ``n`` equal strata of it, so it samples many
+documents, and it is the same for every run of a corpus, tokenizer and context length; the validation curve uses
+its own, disjoint windows.
 """
 
 from __future__ import annotations
@@ -57,8 +60,17 @@ class Corpus:
 
     @property
     def bytes_per_token(self) -> float:
-        """UTF-8 bytes per token on the held-out split: converts nats per token into bits per byte."""
+        """UTF-8 bytes per token on the whole held-out split (the evaluation uses its own slice's bytes)."""
         return self.meta["val_bytes"] / self.meta["val_tokens"]
+
+    @property
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each token id stands for (0 for the end-of-text token)."""
+        path = self.dir / "token_bytes.npy"
+        if path.exists():
+            return np.load(path)
+        return token_byte_lengths(self.meta["tokenizer"], self.dir / "tokenizer.json", self.meta["eot"],
+                                  self.meta["vocab_size"])
 
 
 # ----- documents -----------------------------------------------------------------------------------------------
@@ -273,6 +285,19 @@ class BPETokenizer:
         return np.concatenate(parts)
 
 
+def token_byte_lengths(tokenizer: str, tokenizer_path: Path, eot: int, vocab_size: int) -> np.ndarray:
+    """Bytes per token id: 1 for every byte token, the byte-level string length of each BPE token, 0 for EOT."""
+    lengths = np.ones(vocab_size, dtype=np.int64)
+    if tokenizer != "bytes":
+        from tokenizers import Tokenizer
+
+        for piece, i in Tokenizer.from_file(str(tokenizer_path)).get_vocab().items():
+            if i < vocab_size:
+                lengths[i] = len(piece)  # ByteLevel: one alphabet character per byte
+    lengths[eot] = 0
+    return lengths
+
+
 def tokenizer_id(cfg) -> str:
     if cfg.tokenizer == "bytes":
         return "bytes"
@@ -285,11 +310,22 @@ def tokenizer_id(cfg) -> str:
 
 # ----- the token cache -----------------------------------------------------------------------------------------
 
+# Data settings that change the documents, the tokens or the train/held-out split, beyond the corpus's own content
+# hash (which covers the files, hub name/subset/split and max_bytes) and the tokenizer: all are in the cache key.
+TOKEN_SETTINGS = ("sample_by", "text_field", "val_fraction", "max_bytes", "split", "bpe_vocab_size")
+
+
+def cache_key(cfg, info: dict, tok_id: str) -> str:
+    """The token cache's folder name: corpus hash, tokenizer, and a hash of every setting in ``TOKEN_SETTINGS``."""
+    settings = json.dumps({k: cfg.get(k) for k in TOKEN_SETTINGS}, sort_keys=True, default=str).encode()
+    return f"{info['corpus_hash'][:16]}-{tok_id}-{hashlib.sha256(settings).hexdigest()[:10]}"
+
+
 def prepare_corpus(cfg) -> Corpus:
     """Load, split, tokenize and cache a corpus once; later calls (from any process) reuse the cache."""
     tok_id = tokenizer_id(cfg)
     info = describe_corpus(cfg)
-    key = f"{info['corpus_hash'][:16]}-{tok_id}-v{int(cfg.val_fraction * 1e6)}"
+    key = cache_key(cfg, info, tok_id)
     cache = Path(cfg.cache_dir) / "tokens" / key
     cache.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache) + ".lock"):
@@ -308,7 +344,10 @@ def prepare_corpus(cfg) -> Corpus:
                                                                          docs["train"])
             meta = {k: v for k, v in info.items() if k not in ("files", "val_files")}
             meta.update(n_files=len(info["files"]) + len(info["val_files"]), tokenizer=tok_id,
-                        vocab_size=tok.vocab_size, eot=tok.eot)
+                        vocab_size=tok.vocab_size, eot=tok.eot,
+                        settings={k: cfg.get(k) for k in TOKEN_SETTINGS})
+            np.save(tmp / "token_bytes.npy", token_byte_lengths(tok_id, tmp / "tokenizer.json", tok.eot,
+                                                                tok.vocab_size))
             for split, split_docs in docs.items():
                 ids = tok.encode_docs(split_docs)
                 ids.tofile(tmp / f"{split}.bin")
@@ -360,6 +399,38 @@ class GlobalBatches(Sampler):
             yield batch
 
 
+def heldout_windows(n_tokens: int, seq_len: int, n: int, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """``n`` non-overlapping window indices spread over a held-out stream: the window slots (of ``seq_len`` tokens)
+    are cut into ``n`` equal strata and one slot is drawn from each with a fixed seed, skipping ``exclude``d slots.
+    So the slice covers the whole split (many documents, not the first few) and is the same for every run."""
+    slots = unique_windows(n_tokens, seq_len)
+    free = np.setdiff1d(np.arange(slots), exclude) if exclude is not None and len(exclude) else np.arange(slots)
+    if n > len(free):
+        raise DataError(f"{n} held-out windows of {seq_len} tokens requested, the held-out split has {len(free)}")
+    edges = np.linspace(0, len(free), n + 1).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    return free[edges[:-1] + (rng.random(n) * (edges[1:] - edges[:-1])).astype(np.int64)]
+
+
+def slice_info(corpus: Corpus, windows: np.ndarray, seq_len: int) -> dict:
+    """What an evaluation slice covers: windows, target tokens, their UTF-8 bytes, and documents touched."""
+    tokens = corpus.tokens("val")
+    starts = np.asarray(windows, dtype=np.int64) * seq_len
+    targets = np.concatenate([np.asarray(tokens[s + 1:s + seq_len + 1]) for s in starts]) if len(starts) else \
+        np.zeros(0, dtype=np.uint16)
+    eots = np.flatnonzero(np.asarray(tokens) == corpus.meta["eot"])
+    first = np.searchsorted(eots, starts + 1, side="left")  # document index = end-of-text tokens before the token
+    last = np.searchsorted(eots, starts + seq_len, side="left")
+    docs = set()
+    for a, b in zip(first, last):
+        docs.update(range(int(a), int(b) + 1))
+    return {"windows": int(len(windows)), "tokens": int(targets.size),
+            "bytes": int(corpus.token_bytes[targets.astype(np.int64)].sum()),
+            "documents": len(docs), "documents_total": int(corpus.meta.get("val_documents") or len(eots)),
+            "span": [int(starts.min()), int(starts.max() + seq_len)] if len(starts) else [0, 0],
+            "split_tokens": int(len(tokens))}
+
+
 def unique_windows(n_tokens: int, seq_len: int) -> int:
     """Non-overlapping training windows in a token stream (each needs one extra token for its last target)."""
     return max(0, (n_tokens - 1) // seq_len)
@@ -380,7 +451,7 @@ class TokenDataModule(L.LightningDataModule):
     that earlier (interrupted) attempts of the same run already consumed; and a fixed held-out slice."""
 
     def __init__(self, corpus: Corpus, seq_len: int, batch_size: int, train_sequences: int, eval_tokens: int,
-                 val_curve_tokens: int, seed: int, num_workers: int = 0):
+                 val_curve_tokens: int, seed: int, num_workers: int = 0, eval_seed: int = 0):
         super().__init__()
         self.corpus, self.seq_len, self.batch_size = corpus, seq_len, batch_size
         self.train_sequences, self.seed, self.num_workers = train_sequences, seed, num_workers
@@ -389,8 +460,11 @@ class TokenDataModule(L.LightningDataModule):
         if n_eval < 1 or n_eval > unique_windows(corpus.meta["val_tokens"], seq_len):
             raise DataError(f"data.eval_tokens={eval_tokens:,} needs between {seq_len} and "
                             f"{unique_windows(corpus.meta['val_tokens'], seq_len) * seq_len:,} held-out tokens")
-        self.eval_windows = np.arange(n_eval)
-        self.val_curve_windows = np.arange(max(1, min(n_eval, val_curve_tokens // seq_len)))
+        n_val = corpus.meta["val_tokens"]
+        self.eval_windows = heldout_windows(n_val, seq_len, n_eval, eval_seed)
+        n_curve = max(1, min(unique_windows(n_val, seq_len) - n_eval, val_curve_tokens // seq_len))
+        self.val_curve_windows = heldout_windows(n_val, seq_len, n_curve, eval_seed + 1, exclude=self.eval_windows) \
+            if n_curve else self.eval_windows[:1]
         order = np.random.default_rng(seed).permutation(available)
         self.train_windows = order[:train_sequences]
         self.fed: collections.deque = collections.deque()  # window indices of batches taken, not yet trained on
@@ -416,5 +490,6 @@ class TokenDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
 
-def bits_per_byte(nats_per_token: float, corpus: Corpus) -> float:
-    return nats_per_token / corpus.bytes_per_token / math.log(2)
+def bits_per_byte(nats_total: float, n_bytes: int) -> float:
+    """Bits per UTF-8 byte of a slice whose summed loss is ``nats_total``: the slice's own bytes, not an average."""
+    return nats_total / n_bytes / math.log(2)

@@ -32,14 +32,27 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def warmup_stable_decay(step: int, total_steps: int, warmup_steps: int, decay_start: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, constant 1 until ``decay_start``, then linear decay that reaches
+    ``min_ratio`` at the last step (Hägele et al. 2024). Up to ``decay_start`` it does not depend on the budget, so
+    every budget's decay can branch from one stable run's checkpoint."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start + 1) / max(1, total_steps - decay_start))
+    return 1.0 - (1 - min_ratio) * progress
+
+
 class LitGPT(L.LightningModule):
     def __init__(self, model_config: GPTConfig, lr: float, total_steps: int, warmup_steps: int, min_lr_ratio: float,
                  weight_decay: float, betas: tuple[float, float], diverge_loss: float, check_every: int,
-                 compile: bool = False):
+                 compile: bool = False, decay_start: int | None = None):
         super().__init__()
         self.model = GPT(model_config)
         self.forward_model = torch.compile(self.model) if compile else self.model
         self.lr, self.total_steps, self.warmup_steps, self.min_lr_ratio = lr, total_steps, warmup_steps, min_lr_ratio
+        self.decay_start = decay_start  # None: warmup + cosine; else warmup-stable-decay
         self.weight_decay, self.betas = weight_decay, betas
         self.diverge_loss, self.check_every = diverge_loss, max(1, check_every)
         self.tokens_resumed = 0  # training tokens of earlier attempts, from the checkpoint (all ranks)
@@ -80,27 +93,47 @@ class LitGPT(L.LightningModule):
             self.val_curve.append((tokens, float(self.trainer.callback_metrics["val/loss"])))
 
     @torch.inference_mode()
-    def heldout_loss(self, loader) -> float:
-        """Mean loss in nats per token over every window of ``loader`` (the fixed final evaluation)."""
+    def heldout_loss(self, loader) -> dict:
+        """The fixed final evaluation over every window of ``loader``: mean nats per token, the summed nats, and
+        the standard error of the mean from the spread of per-window losses (windows are a stratified sample)."""
         was_training = self.model.training
         self.model.eval()
-        total, count = 0.0, 0
+        per_window = []
         for x, y in loader:
             x, y = x.to(self.device), y.to(self.device)
-            _, loss = self.model(x, y)
-            total += loss.item() * y.numel()
-            count += y.numel()
+            logits = self.model(x)
+            nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
+            per_window.append(nll.double().mean(dim=1).cpu())
         self.model.train(was_training)
-        return total / count
+        w = torch.cat(per_window)
+        n_tokens = int(w.numel() * loader.dataset.seq_len)
+        mean = float(w.mean())
+        stderr = float(w.std(unbiased=True) / math.sqrt(w.numel())) if w.numel() > 1 else float("nan")
+        return {"mean": mean, "nats_total": mean * n_tokens, "stderr": stderr, "windows": int(w.numel())}
 
     def configure_optimizers(self):
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_cosine(step, self.total_steps, self.warmup_steps, self.min_lr_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_multiplier(step))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self):
+        # A resumed run takes its optimizer's learning rate from the checkpoint, where the schedule that saved it set
+        # it for the next step; a WSD stable checkpoint is shared by runs with other schedules after it, so the
+        # step's LR is recomputed from this run's own schedule.
+        sched = self.lr_schedulers()
+        if sched is not None and self.global_step:
+            lrs = [base * self.lr_multiplier(self.global_step) for base in sched.base_lrs]
+            for group, lr in zip(sched.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            sched._last_lr = lrs
+
+    def lr_multiplier(self, step: int) -> float:
+        if self.decay_start is None:
+            return warmup_cosine(step, self.total_steps, self.warmup_steps, self.min_lr_ratio)
+        return warmup_stable_decay(step, self.total_steps, self.warmup_steps, self.decay_start, self.min_lr_ratio)
 
     def tokens_seen(self) -> int:
         """Training tokens seen so far by all ranks, in this attempt and the ones it resumed (a collective call)."""
@@ -209,3 +242,18 @@ class Checkpointing(Callback):
         if isinstance(exception, SIGTERMException) and not self.saved_for_signal:
             self.save(trainer, reason="SIGTERM")
             self.saved_for_signal = True
+
+
+class SaveAtStep(Callback):
+    """Saves ``path`` (atomically) when training reaches step ``step``: the stable run's checkpoint a WSD decay
+    branch starts from."""
+
+    def __init__(self, path: Path, step: int):
+        self.path, self.step = Path(path), step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            trainer.save_checkpoint(tmp)
+            os.replace(tmp, self.path)

@@ -40,6 +40,14 @@ class RunSpec:
     total_steps: int
     warmup_steps: int
     threads: int
+    schedule: str = "cosine"
+    decay_start: int | None = None  # wsd: the step the decay branch leaves the stable run (its checkpoint)
+    trunk_id: str | None = None  # wsd: the stable run shared by every budget of this shape and recipe
+    flops_convention: str | None = None  # how a train.flops budget was turned into tokens
+
+    @property
+    def decay_steps(self) -> int:
+        return self.total_steps - self.decay_start if self.decay_start is not None else 0
 
 
 def _positive(name: str, value) -> None:
@@ -82,9 +90,17 @@ def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
         _positive(f"train.{k}", t[k])
     if not 0 <= t.warmup_frac < 1 or not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError("train.warmup_frac must lie in [0, 1) and train.min_lr_ratio in [0, 1]")
+    _check_shape(m, model)
     non_embedding = model.non_embedding_params
+    convention = None
+    if t.flops is not None:
+        convention = t.flops_convention
+        per_token = {"model": model.flops_per_token, "6N": 6 * non_embedding}.get(convention)
+        if per_token is None:
+            raise ConfigError(f"train.flops_convention={convention!r}: choose model (GPTConfig.flops_per_token: "
+                              "every matmul, the head and attention) or 6N (6 x non-embedding parameters)")
     tokens = t.tokens if t.tokens is not None else (
-        t.tokens_per_param * non_embedding if t.tokens_per_param is not None else t.flops / (6 * non_embedding))
+        t.tokens_per_param * non_embedding if t.tokens_per_param is not None else t.flops / per_token)
     sequences = int(tokens // model.seq_len)
     if sequences < 1:
         raise ConfigError(f"token budget {tokens:,.0f} is less than one sequence of model.seq_len={model.seq_len}")
@@ -97,20 +113,71 @@ def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
     if t.lr_rule == "constant":
         lr = t.lr
     elif t.lr_rule == "inverse_width":
-        lr = t.lr * t.lr_ref_width / model.d_model
+        lr = t.lr * (t.lr_ref_width / model.d_model) ** t.lr_width_exponent
     else:
         raise ConfigError(f"train.lr_rule={t.lr_rule!r}: choose constant or inverse_width")
     lat = cfg.latency
     if lat.enabled and lat.prompt_len + lat.decode_tokens > model.seq_len:
         raise ConfigError(f"latency.prompt_len + latency.decode_tokens must not exceed model.seq_len={model.seq_len}")
     total_steps = math.ceil(sequences / batch)
+    if t.warmup_steps is not None and t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_frac * total_steps))
     payload = {"model": asdict(model), "tokens": sequences * model.seq_len, "batch_size": batch,
                **{g: {k: v for k, v in OmegaConf.to_container(cfg[g], resolve=True).items()
                       if k not in NOT_IN_RUN_ID.get(g, ())} for g in ("data", "train")}}
     payload["model"].pop("vocab_size")  # fixed by data.tokenizer, which is in the payload
+    if t.flops is None:
+        payload["train"].pop("flops_convention", None)
+    decay_start = trunk_id = None
+    if t.schedule == "wsd":
+        decay_start, trunk_id = _wsd(t, payload, total_steps, warmup)
+    elif t.schedule != "cosine":
+        raise ConfigError(f"train.schedule={t.schedule!r}: choose cosine or wsd")
+    else:
+        for k in ("schedule", "decay_frac"):
+            payload["train"].pop(k, None)  # cosine runs keep the run ids they had before wsd existed
     return RunSpec(run_id=store.run_id_for(payload), sweep=cfg.sweep.name, model=model,
                    tokens=sequences * model.seq_len, batch_size=batch, lr=lr, total_steps=total_steps,
-                   warmup_steps=int(round(t.warmup_frac * total_steps)), threads=t.threads or default_threads())
+                   warmup_steps=warmup, threads=t.threads or default_threads(), schedule=t.schedule,
+                   decay_start=decay_start, trunk_id=trunk_id, flops_convention=convention)
+
+
+# Settings that differ between the budgets of one stable run: left out of its (trunk) id.
+BRANCH_ONLY = {"tokens", "tokens_per_param", "flops", "flops_convention", "decay_frac", "min_lr_ratio", "warmup_frac"}
+
+
+def _wsd(t, payload: dict, total_steps: int, warmup: int) -> tuple[int, str]:
+    """Warmup-stable-decay: the decay's first step, and the id of the stable run every budget branches from."""
+    if t.batch_rule != "constant":
+        raise ConfigError("train.schedule=wsd needs train.batch_rule=constant: every budget of a shape branches from "
+                          "one stable run, so the batch must not depend on the budget")
+    if t.warmup_steps is None:
+        raise ConfigError("train.schedule=wsd needs train.warmup_steps (a number of steps): the warmup belongs to the "
+                          "stable run that every budget shares, so it cannot be a fraction of one budget")
+    if not 0 < t.decay_frac <= 1:
+        raise ConfigError(f"train.decay_frac must lie in (0, 1], got {t.decay_frac}")
+    decay_start = total_steps - max(1, int(round(t.decay_frac * total_steps)))
+    if decay_start < warmup:
+        raise ConfigError(f"train.schedule=wsd: the decay would start at step {decay_start}, before the "
+                          f"{warmup} warmup steps end; raise the budget or lower train.warmup_steps")
+    trunk = {**payload, "train": {k: v for k, v in payload["train"].items() if k not in BRANCH_ONLY}}
+    trunk.pop("tokens")
+    return decay_start, store.run_id_for(trunk)
+
+
+def _check_shape(m, model: GPTConfig) -> None:
+    """A solved shape must lie within model.params_tolerance of its target N and respect the minimum width and heads
+    the config asks for (so the shapes of one size class really are of one size, and none is degenerate)."""
+    if m.params is not None and m.params_tolerance is not None:
+        ratio = model.non_embedding_params / m.params
+        if abs(ratio - 1) > m.params_tolerance:
+            raise ConfigError(f"no shape with n_layers={model.n_layers} lies within {100 * m.params_tolerance:g}% of "
+                              f"model.params={m.params:g}: the nearest width {model.d_model} gives N="
+                              f"{model.non_embedding_params:,} ({100 * (ratio - 1):+.1f}%)")
+    if model.d_model < (m.min_d_model or 0) or model.n_heads < (m.min_heads or 0):
+        raise ConfigError(f"shape n_layers={model.n_layers} d_model={model.d_model} heads={model.n_heads} is below "
+                          f"model.min_d_model={m.min_d_model} / model.min_heads={m.min_heads}")
 
 
 def duration(seconds: float) -> str:

@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 import warnings
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -110,7 +111,8 @@ def _run_claimed(cfg, spec: RunSpec, claim, previous: dict | None, started: floa
     corpus = prepare_corpus(cfg.data)
     spec = plan_run(cfg, vocab_size=corpus.vocab_size)
     datamodule = TokenDataModule(corpus, spec.model.seq_len, spec.batch_size, spec.tokens // spec.model.seq_len,
-                                 cfg.data.eval_tokens, cfg.data.val_curve_tokens, cfg.train.seed, cfg.data.num_workers)
+                                 cfg.data.eval_tokens, cfg.data.val_curve_tokens, cfg.train.seed, cfg.data.num_workers,
+                                 eval_seed=cfg.data.eval_seed)
     record = _record_head(cfg, spec, corpus)
     _save_launch(cfg, spec)
     log.info("%s%s", describe(spec), _estimate(cfg, spec))
@@ -172,8 +174,8 @@ def _record_head(cfg, spec: RunSpec, corpus) -> dict:
                   "aspect_ratio": c.aspect_ratio, "tie_embeddings": c.tie_embeddings},
         "params": counts,
         "tokens": {"budget": spec.tokens, "seen": 0},
-        "flops": {"per_token": c.flops_per_token, "total": c.flops_per_token * spec.tokens,
-                  "six_nd": 6 * counts["non_embedding"] * spec.tokens, "budget": cfg.train.flops},
+        "flops": record_flops(cfg, spec),
+        "schedule": _schedule_head(cfg, spec),
         "optim": {"batch_size": spec.batch_size, "lr": spec.lr, "total_steps": spec.total_steps,
                   "warmup_steps": spec.warmup_steps},
         "data": {k: corpus.meta.get(k) for k in ("corpus", "source", "corpus_hash", "tokenizer", "vocab_size",
@@ -193,6 +195,14 @@ def _save_launch(cfg, spec: RunSpec) -> None:
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     save_launch(cfg.results_dir, spec.sweep, [Point(overrides=overrides).plan(spec)], overrides,
                 name=f"run-{spec.run_id}")
+
+
+def _schedule_head(cfg, spec: RunSpec) -> dict:
+    if spec.schedule != "wsd":
+        return {"name": spec.schedule, "warmup_steps": spec.warmup_steps}
+    return {"name": "wsd", "warmup_steps": spec.warmup_steps, "decay_frac": cfg.train.decay_frac,
+            "decay_start_step": spec.decay_start, "decay_steps": spec.decay_steps,
+            "stable_tokens": spec.decay_start * spec.batch_size * spec.model.seq_len, "branched_from": spec.trunk_id}
 
 
 def _estimate(cfg, spec: RunSpec) -> str:
@@ -219,7 +229,7 @@ def _group(cfg, non_embedding: int, tokens: int) -> str:
 def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> dict:
     import lightning as L
 
-    from scaling_lab.pipeline.data import bits_per_byte
+    from scaling_lab.pipeline.data import bits_per_byte, slice_info
     from scaling_lab.pipeline.latency import measure
     from scaling_lab.pipeline.module import Checkpointing, Progress
 
@@ -230,10 +240,15 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> 
     callbacks = [Checkpointing(ckpt, t.ckpt_every, claim=claim)]
     if not _show_bar(t):
         callbacks.append(Progress(log, t.progress_every_s))
-    trainer = build_trainer(t, spec, logger=wandb_logger, callbacks=callbacks, root_dir=ckpt.parent)
     resume = ckpt if ckpt.exists() else None
+    trunk = {}
     if resume:
         log.info("resuming run %s from %s", spec.run_id, resume)
+    elif spec.schedule == "wsd":
+        resume, trunk = _stable_checkpoint(cfg, spec, corpus)
+        log.info("decay branch of run %s starts from the stable run's step %d (%s)", spec.run_id, spec.decay_start,
+                 resume)
+    trainer = build_trainer(t, spec, logger=wandb_logger, callbacks=callbacks, root_dir=ckpt.parent)
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from scaling_lab.pipeline import signals
@@ -254,17 +269,27 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> 
         tokens_seen = module.tokens_seen()
         if tokens_seen != spec.tokens:
             raise RuntimeError(f"trained on {tokens_seen:,} tokens, budget was {spec.tokens:,}")
-        loss = module.heldout_loss(datamodule.eval_dataloader())
+        trained_here = tokens_seen - module.tokens_resumed + trunk.get("tokens_trained", 0)
+        heldout = module.heldout_loss(datamodule.eval_dataloader())
+        loss = heldout["mean"]
         if not math.isfinite(loss):
             raise RuntimeError(f"held-out loss is {loss}")
+        slice_ = slice_info(corpus, datamodule.eval_windows, spec.model.seq_len)
         out = {
             "tokens": {"budget": spec.tokens, "seen": tokens_seen, "windows_hash": module.windows_hash},
-            "loss": {"final": loss, "bits_per_byte": bits_per_byte(loss, corpus), "eval_tokens": cfg.data.eval_tokens,
+            "loss": {"final": loss, "stderr": heldout["stderr"],
+                     "bits_per_byte": bits_per_byte(heldout["nats_total"], slice_["bytes"]),
+                     "eval_tokens": slice_["tokens"], "eval": {**slice_, "seed": cfg.data.eval_seed},
                      "train_last": module.last_train_loss, **_curve_summary(module.val_curve)},
-            "timing": {"threads": spec.threads, "train_s": train_s,
+            "timing": {"threads": spec.threads, "train_s": train_s + trunk.get("train_s", 0.0),
+                       "branch_train_s": train_s, "stable_train_s": trunk.get("train_s", 0.0),
                        "tokens_per_s": (tokens_seen - module.tokens_resumed) / train_s if train_s else None,
                        "resumed_from_tokens": module.tokens_resumed},
+            # FLOPs this job spent: a WSD branch's decay plus whatever part of the stable run it trained itself
+            "flops": {**record_flops(cfg, spec), "spent": spec.model.flops_per_token * trained_here},
         }
+        if spec.schedule == "wsd":
+            out["schedule"] = {**_schedule_head(cfg, spec), **{k: v for k, v in trunk.items() if k != "train_s"}}
         if cfg.latency.enabled:
             guard.phase = "latency"
             lat = cfg.latency
@@ -293,12 +318,78 @@ def save_weights(model, path: Path) -> dict:
     return {"path": f"weights/{path.name}", "format": "torch_state_dict", "bytes": path.stat().st_size}
 
 
+def record_flops(cfg, spec: RunSpec) -> dict:
+    """FLOPs of the run as the model counts them; ``budget`` and ``convention``: a train.flops budget and how it
+    was turned into tokens (model: ``GPTConfig.flops_per_token``, or 6N)."""
+    c = spec.model
+    return {"per_token": c.flops_per_token, "total": c.flops_per_token * spec.tokens,
+            "six_nd": 6 * c.non_embedding_params * spec.tokens, "budget": cfg.train.flops,
+            "convention": spec.flops_convention}
+
+
+def _stable_checkpoint(cfg, spec: RunSpec, corpus) -> tuple[Path, dict]:
+    """The stable run's checkpoint at this branch's decay start, training the stable run up to it if needed.
+
+    The stable run (``spec.trunk_id``: the shape and recipe without the budget) keeps a checkpoint at every step a
+    branch has started from; a branch extends it from the latest one before its own start. A lock serialises the
+    branches of one shape (parallel jobs of other shapes are unaffected), and a partial checkpoint every
+    ``train.ckpt_every`` steps makes the stable run itself resumable."""
+    from filelock import FileLock
+
+    from scaling_lab.pipeline.data import TokenDataModule
+    from scaling_lab.pipeline.module import Checkpointing, Progress, SaveAtStep
+
+    t = cfg.train
+    folder = store.trunk_dir(cfg.results_dir, spec.sweep, spec.trunk_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"step_{spec.decay_start:08d}.ckpt"
+    info = {"trunk_checkpoint": str(target), "trunk_steps_trained": 0, "tokens_trained": 0, "train_s": 0.0}
+    with FileLock(str(folder) + ".lock"):
+        if target.exists():
+            return target, info
+        partial = folder / "partial.ckpt"
+        steps = {p: int(p.stem.split("_")[1]) for p in folder.glob("step_*.ckpt")}
+        if partial.exists():
+            steps[partial] = int(torch.load(partial, map_location="cpu", weights_only=False)["global_step"])
+        earlier = {p: s for p, s in steps.items() if s < spec.decay_start}
+        start = max(earlier, key=earlier.get) if earlier else None
+        from_step = earlier[start] if start else 0
+        log.info("stable run %s: training steps %d to %d (from %s)", spec.trunk_id, from_step, spec.decay_start,
+                 start or "scratch")
+        L_seed(t.seed)
+        module = build_module(t, spec)
+        data = TokenDataModule(corpus, spec.model.seq_len, spec.batch_size, spec.decay_start * spec.batch_size,
+                               cfg.data.eval_tokens, cfg.data.val_curve_tokens, t.seed, cfg.data.num_workers,
+                               eval_seed=cfg.data.eval_seed)
+        callbacks = [SaveAtStep(target, spec.decay_start), Checkpointing(partial, t.ckpt_every)]
+        if not _show_bar(t):
+            callbacks.append(Progress(log, t.progress_every_s))
+        stable = replace(spec, total_steps=spec.decay_start)
+        trainer = build_trainer(t, stable, callbacks=callbacks, root_dir=folder)
+        began = time.time()
+        trainer.fit(module, datamodule=data, ckpt_path=str(start) if start else None)
+        info["train_s"] = time.time() - began
+        if not target.exists():
+            raise RuntimeError(f"the stable run {spec.trunk_id} stopped before step {spec.decay_start}")
+        partial.unlink(missing_ok=True)
+        info["trunk_steps_trained"] = spec.decay_start - from_step
+        info["tokens_trained"] = (spec.decay_start - from_step) * spec.batch_size * spec.model.seq_len
+    return target, info
+
+
+def L_seed(seed: int) -> None:
+    import lightning as L
+
+    L.seed_everything(seed, workers=True, verbose=False)
+
+
 def build_module(t, spec: RunSpec):
     from scaling_lab.pipeline.module import LitGPT
 
     return LitGPT(spec.model, lr=spec.lr, total_steps=spec.total_steps, warmup_steps=spec.warmup_steps,
                   min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
-                  diverge_loss=t.diverge_loss, check_every=t.log_every, compile=t.compile)
+                  diverge_loss=t.diverge_loss, check_every=t.log_every, compile=t.compile,
+                  decay_start=spec.decay_start)
 
 
 def build_trainer(t, spec: RunSpec, logger=None, callbacks=(), root_dir=None, validate: bool = True):

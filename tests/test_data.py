@@ -9,7 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from scaling_lab.conf.train_schema import DataConf
-from scaling_lab.pipeline.data import DataError, TokenDataModule, prepare_corpus, stdlib_files
+from scaling_lab.pipeline.data import (DataError, TokenDataModule, heldout_windows, prepare_corpus, slice_info,
+                                       stdlib_files)
 from tests.helpers import shared_path
 
 
@@ -58,7 +59,9 @@ def test_bpe_tokenizer_is_trained_cached_and_compresses(tmp_path):
     corpus = prepare_corpus(cfg)
     assert corpus.vocab_size == 512 and (corpus.dir / "tokenizer.json").exists()
     assert 1.5 < corpus.bytes_per_token < 4  # bytes per token: BPE merges, bytes would be 1.0
-    assert corpus.dir.name.endswith("bpe512-v20000")
+    assert "-bpe512-" in corpus.dir.name
+    lengths = corpus.token_bytes
+    assert lengths[corpus.meta["eot"]] == 0 and lengths.max() > 1  # merged tokens stand for several bytes
 
 
 def test_hub_without_network_is_a_clear_error(tmp_path, monkeypatch):
@@ -82,3 +85,39 @@ def test_training_windows_are_distinct_and_exactly_the_budget(token_cache):
     assert len(dm.eval_dataloader().dataset) == 10
     other = TokenDataModule(corpus, 64, 7, 100, 640, 128, seed=4)
     assert not np.array_equal(other.train_windows, dm.train_windows)  # the seed orders the data
+
+
+def test_eval_slice_is_spread_over_the_split_and_the_same_for_every_run(token_cache):
+    corpus = prepare_corpus(data_cfg(token_cache))
+    kw = dict(seq_len=64, batch_size=8, train_sequences=50, eval_tokens=64 * 256, val_curve_tokens=64 * 32)
+    a = TokenDataModule(corpus, seed=0, **kw)
+    b = TokenDataModule(corpus, seed=7, **kw)  # another run (another training seed): the same held-out tokens
+    assert np.array_equal(a.eval_windows, b.eval_windows) and len(a.eval_windows) == 256
+    assert not np.array_equal(a.eval_windows, np.arange(256))  # not the first-K slice
+    assert not set(a.eval_windows) & set(a.val_curve_windows)  # the validation curve has its own windows
+    spread, first = slice_info(corpus, a.eval_windows, 64), slice_info(corpus, np.arange(256), 64)
+    assert spread["tokens"] == first["tokens"] == 256 * 64
+    assert spread["documents"] > 5 * first["documents"] and spread["documents"] > 0.7 * spread["documents_total"]
+    assert spread["span"][1] > 0.95 * corpus.meta["val_tokens"]  # reaches the end of the split
+    eot = corpus.meta["eot"]
+    targets = np.concatenate([corpus.tokens("val")[w * 64 + 1:w * 64 + 65] for w in a.eval_windows])
+    assert spread["bytes"] == int((targets != eot).sum())  # bytes: exactly the evaluated targets (byte tokenizer)
+    with pytest.raises(DataError, match="held-out windows"):
+        heldout_windows(640, 64, 20, seed=0)
+
+
+def test_cache_key_covers_every_setting_that_changes_tokens(tmp_path):
+    corpus_dir = tmp_path / "docs"
+    corpus_dir.mkdir()
+    for i in range(30):
+        (corpus_dir / f"f{i}.txt").write_text(f"paragraph one of {i}\n\nparagraph two of {i} " * 5)
+    base = prepare_corpus(data_cfg(tmp_path / "c", source="files", path=str(corpus_dir), val_fraction=0.2))
+    by_para = prepare_corpus(data_cfg(tmp_path / "c", source="files", path=str(corpus_dir), val_fraction=0.2,
+                                      sample_by="paragraph"))
+    assert by_para.dir != base.dir and by_para.meta["train_documents"] > base.meta["train_documents"]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"a": f"alpha {i} " * 30, "b": f"beta {i} " * 30}) for i in range(50)))
+    a = prepare_corpus(data_cfg(tmp_path / "c", source="files", path=str(path), text_field="a", val_fraction=0.2))
+    b = prepare_corpus(data_cfg(tmp_path / "c", source="files", path=str(path), text_field="b", val_fraction=0.2))
+    assert a.dir != b.dir and a.meta["settings"]["text_field"] == "a"
+    assert bytes(b.tokens("train")[:4].astype(np.uint8)) == b"beta"

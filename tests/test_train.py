@@ -115,3 +115,42 @@ def test_schedule_ends_at_min_lr_exactly_at_budget():
     assert lrs[0] == pytest.approx(0.2) and lrs[warmup] == pytest.approx(1.0)
     assert lrs[-1] == pytest.approx(0.1) and min(lrs[warmup:]) == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
+
+
+WSD = ["train.schedule=wsd", "train.warmup_steps=2", "train.decay_frac=0.25", "logger=none", "latency.enabled=false",
+       "sweep.name=wsd"]
+
+
+def test_wsd_branches_share_one_stable_run_and_see_exactly_their_budget(compose_train, tmp_path):
+    short = run(compose_train(*WSD, "train.tokens=8192"))
+    long = run(compose_train(*WSD, "train.tokens=16384"))
+    for r, steps in ((short, 32), (long, 64)):
+        assert r["status"] == "ok", r.get("error")
+        assert r["tokens"]["seen"] == r["tokens"]["budget"] == steps * 256  # exactly its budget
+        assert r["schedule"]["name"] == "wsd" and r["schedule"]["decay_steps"] == steps // 4
+        assert r["timing"]["resumed_from_tokens"] == r["schedule"]["stable_tokens"] == (steps - steps // 4) * 256
+    assert short["schedule"]["branched_from"] == long["schedule"]["branched_from"]
+    assert short["run_id"] != long["run_id"]
+    # the second branch extended the stable run from the first branch's start (24) to its own (48)
+    assert short["schedule"]["trunk_steps_trained"] == 24 and long["schedule"]["trunk_steps_trained"] == 24
+    assert long["flops"]["spent"] == long["flops"]["per_token"] * (24 + 16) * 256
+    table = store.load_table(Path(short["config"]["results_dir"]), "wsd")
+    assert set(table.schedule) == {"wsd"} and table.branched_from.nunique() == 1
+
+    # the same branch with its stable run trained in one go, elsewhere: the same model (the stable run resumes exactly)
+    alone = run(compose_train(*WSD, "train.tokens=16384", f"results_dir={tmp_path / 'alone'}"))
+    assert alone["run_id"] == long["run_id"] and alone["schedule"]["trunk_steps_trained"] == 48
+    assert alone["loss"]["final"] == pytest.approx(long["loss"]["final"], rel=1e-6)
+
+    # a branch re-run (its record gone) finds its stable checkpoint and trains only its decay
+    store.record_path(short["config"]["results_dir"], "wsd", short["run_id"]).unlink()
+    again = run(compose_train(*WSD, "train.tokens=8192"))
+    assert again["schedule"]["trunk_steps_trained"] == 0
+    assert again["loss"]["final"] == pytest.approx(short["loss"]["final"], rel=1e-6)
+
+
+def test_wsd_needs_a_budget_free_batch_and_warmup(compose_train):
+    with pytest.raises(ConfigError, match="batch_rule=constant"):
+        run(compose_train(*WSD, "train.batch_rule=sqrt_tokens"))
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        run(compose_train(*WSD, "train.warmup_steps=null"))

@@ -46,7 +46,10 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "flops_total": ("flops", "total"),
     "flops_budget": ("flops", "budget"),
     "loss": ("loss", "final"),
+    "loss_stderr": ("loss", "stderr"),
     "loss_bpb": ("loss", "bits_per_byte"),
+    "eval_documents": ("loss", "eval", "documents"),
+    "eval_bytes": ("loss", "eval", "bytes"),
     "loss_min_val": ("loss", "min_val"),
     "train_loss_last": ("loss", "train_last"),
     "prefill_ms": ("latency", "prefill_ms"),
@@ -55,6 +58,10 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "latency_batch": ("latency", "batch_large"),
     "latency_device": ("latency", "device"),
     "latency_threads": ("latency", "threads"),
+    "lr": ("optim", "lr"),
+    "schedule": ("schedule", "name"),
+    "branched_from": ("schedule", "branched_from"),
+    "flops_convention": ("flops", "convention"),
     "wall_s": ("timing", "wall_s"),
     "train_s": ("timing", "train_s"),
     "tokens_per_s": ("timing", "tokens_per_s"),
@@ -155,6 +162,11 @@ def checkpoint_path(results_dir: str | Path, sweep: str, run_id: str) -> Path:
 def weights_path(results_dir: str | Path, sweep: str, run_id: str) -> Path:
     """A finished run's weights (``train.save_model=true``): a torch state dict, read with ``weights_only=True``."""
     return sweep_dir(results_dir, sweep) / "weights" / f"{run_id}.pt"
+
+
+def trunk_dir(results_dir: str | Path, sweep: str, trunk_id: str) -> Path:
+    """Checkpoints of one WSD stable run, one per step a decay branch starts from (``step_<n>.ckpt``)."""
+    return sweep_dir(results_dir, sweep) / "trunks" / trunk_id
 
 
 def marker_path(results_dir, sweep: str, run_id: str) -> Path:
