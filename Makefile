@@ -8,7 +8,7 @@ DEMO_DIR ?= results
 # A torch wheel index, e.g. pytorch.org's CPU or CUDA index (empty: the default index, or a build on local disk).
 TORCH_INDEX ?=
 
-.PHONY: demo test test-fast install clean bench
+.PHONY: demo test test-fast install clean bench findings lr-scan bench-wsd
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,23 +27,53 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The demo sweep on 2 parallel jobs (1 thread each; weights kept), then fit (held out: the largest size, to measure
-# extrapolation), the latency law per serving mode, INT8/INT4 quantization and speculative decoding of the trained
-# models, select and verify a shape, plan (choosing the serving mode from those measurements), and report. Every
-# stage is a command a user can run alone.
+# The demo sweep on 2 parallel jobs (1 thread each): 3 size classes x 4 depths x 3 token budgets as WSD decay
+# branches (conf/launch/sweep/demo.yaml), plus the smallest shape (N 2.5e4, a decade below the largest) and a second
+# seed of one shape of the largest class (weights kept). Then fit (held out: the largest size class, to measure
+# extrapolation in N), the latency law per serving mode, INT8/INT4 quantization and speculative decoding of the
+# trained models, select and verify a shape at the largest size, plan (choosing the serving mode from those
+# measurements), report, and print the findings block of the README.
+# Every stage is a command a user can run alone. DEMO_DATA runs the same study on another corpus, e.g.
+#   make demo DEMO_DATA='data=files data.path=~/corpus' DEMO_DIR=/tmp/mine
+DEMO_DATA ?=
+empty :=
+space := $(empty) $(empty)
+comma := ,
+DEMO_TRAIN := $(BIN)/scaling-train -m sweep=demo hydra/launcher=joblib results_dir=$(DEMO_DIR) $(DEMO_DATA)
+# the fit rows: every size class but the largest (actual N 2.2e5-2.5e5), which is held out
+DEMO_FIT_ROWS := params_non_embedding < 2e5
+
 demo: $(STAMP)
-	$(BIN)/scaling-train -m sweep=demo hydra/launcher=joblib hydra.launcher.n_jobs=2 results_dir=$(DEMO_DIR)
-	$(BIN)/scaling-sweep-status sweep=demo results_dir=$(DEMO_DIR)
+	$(DEMO_TRAIN) hydra.launcher.n_jobs=2
+	$(DEMO_TRAIN) hydra.launcher.n_jobs=1 model.params=2.5e4 model.n_layers=2 & \
+	$(DEMO_TRAIN) hydra.launcher.n_jobs=1 model.params=2.4e5 model.n_layers=4 train.seed=1; wait
+	$(BIN)/scaling-sweep-status sweep=demo results_dir=$(DEMO_DIR) $(DEMO_DATA)
 	$(BIN)/scaling-fit sweep=demo results_dir=$(DEMO_DIR) out=$(DEMO_DIR)/fit/demo \
-		'source.fit_rows="params_non_embedding < 1e5"' 'protocol.ties=[[alpha,beta]]'
+		'source.fit_rows="$(DEMO_FIT_ROWS)"' 'protocol.ties=[[alpha,beta]]'
 	$(BIN)/scaling-latency sweep=demo results_dir=$(DEMO_DIR) constants=$(DEMO_DIR)/fit/demo/fit.json \
 		out=$(DEMO_DIR)/latency/demo 'measure.modes=[none,int8,int4]'
 	$(BIN)/scaling-quantize sweep=demo results_dir=$(DEMO_DIR)
 	$(BIN)/scaling-speculate sweep=demo results_dir=$(DEMO_DIR) 'ks=[1,2,4]' prompts=2
-	$(BIN)/scaling-verify results_dir=$(DEMO_DIR) sweep=demo constants=$(DEMO_DIR)/fit/demo/fit.json
+	$(BIN)/scaling-verify results_dir=$(DEMO_DIR) sweep=demo constants=$(DEMO_DIR)/fit/demo/fit.json \
+		params_factor=1.0 tokens_per_param=2 'train_overrides=[$(subst $(space),$(comma),$(strip $(DEMO_DATA)))]'
 	$(BIN)/scaling-plan constants=$(DEMO_DIR)/fit/demo/fit.json objective=cost target.chinchilla_params=1e6 \
 		demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo serving.mode=auto serving.measurements=$(DEMO_DIR)/serving/demo
 	$(BIN)/scaling-report sweep=demo results_dir=$(DEMO_DIR)
+	$(BIN)/python scripts/demo_findings.py results_dir=$(DEMO_DIR)
+
+# The README's "What the demo runs and finds" block, from the demo's outputs (no training).
+findings: $(STAMP)
+	$(BIN)/python scripts/demo_findings.py results_dir=$(DEMO_DIR)
+
+# The LR scan behind the demo's LR rule: table and figure in $(DEMO_DIR)/lr_scan/ (about 8 small runs).
+lr-scan: $(STAMP)
+	$(BIN)/scaling-train -m sweep=lr_scan hydra/launcher=joblib hydra.launcher.n_jobs=2 results_dir=$(DEMO_DIR) \
+		$(DEMO_DATA)
+	$(BIN)/python scripts/lr_scan_table.py results_dir=$(DEMO_DIR)
+
+# WSD branches against cosine runs of the same points: loss difference per point and compute saved.
+bench-wsd: $(STAMP)
+	$(BIN)/python scripts/bench_wsd.py results_dir=$(DEMO_DIR) $(DEMO_DATA)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_train_loop.py

@@ -144,6 +144,7 @@ def run(cfg: DictConfig) -> dict:
         "pareto": [selection.row_dict(r) for _, r in table[table.pareto].sort_values("latency_ms").iterrows()],
         "context": PAPER_CONTEXT,
     }
+    result["depth_edge"] = None if cfg.shapes.pairs else depth_edge(result, table, tuple(cfg.arch.n_layers))
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "candidates.csv", index=False)
@@ -151,6 +152,23 @@ def run(cfg: DictConfig) -> dict:
     print(format_report(result, table, cfg.top))
     print(f"wrote {out / 'selection.json'}, {out / 'candidates.csv'}")
     return result
+
+
+def depth_edge(result: dict, table: pd.DataFrame, depths: tuple[int, int]) -> str | None:
+    """Why the chosen shape sits at the shallowest or deepest depth enumerated, or None when it does not."""
+    lo, hi = int(depths[0]), int(depths[1])
+    L = int(result["chosen"]["n_layers"])
+    if L not in (lo, hi):
+        return None
+    side = "shallowest" if L == lo else "deepest"
+    best = int(result["best_loss"]["n_layers"])
+    if result["rule"] == "loss_tolerance":
+        why = (f"the rule takes the fastest shape within {100 * result['loss_tolerance']:g}% of the best predicted "
+               f"loss (best: n_layers={best}), and the {side} shape is still within it")
+    else:
+        why = f"it has the lowest predicted loss within the latency budget (best overall: n_layers={best})"
+    return (f"the selected depth {L} is the {side} that arch.n_layers [{lo}, {hi}] enumerates: {why}; a shape "
+            "past the edge might be chosen if the range were wider (widen arch.n_layers to check)")
 
 
 def format_report(result: dict, table: pd.DataFrame, top: int) -> str:
@@ -181,6 +199,8 @@ def format_report(result: dict, table: pd.DataFrame, top: int) -> str:
               f"{c['latency_ms']:.4g} ms/token",
               f"   vs the best predicted loss (n_layers={b['n_layers']} d_model={b['d_model']} R={b['R']:.4g}): "
               f"{result['speedup_vs_best_loss']:.2f}x faster, loss +{100 * result['loss_increase_vs_best']:.2f}%"]
+    if result.get("depth_edge"):
+        lines.append(f"   note: {result['depth_edge']}")
     return "\n".join(lines)
 
 

@@ -217,13 +217,15 @@ def _estimate(cfg, spec: RunSpec) -> str:
 
 
 def _group(cfg, non_embedding: int, tokens: int) -> str:
-    """Runs of one size class and token budget (shapes that differ only in aspect ratio share it): the sweep's
-    declared target where it has one, else the run's own N and D to two significant figures."""
+    """The run's size and token budget from its actual N and D (two significant figures); the sweep's declared
+    class, if any, beside it. The fit groups shapes of equal size from actual N (``sources._groups_of_equal_size``),
+    never from the target."""
     m, t = cfg.model, cfg.train
-    size = f"N~{m.params:g}" if m.params is not None else f"N~{non_embedding:.2g}"
-    budget = (f"D/N={t.tokens_per_param:g}" if t.tokens_per_param is not None else
-              f"C={t.flops:g}" if t.flops is not None else f"D~{tokens:.2g}")
-    return f"{size} {budget}"
+    label = f"N={non_embedding:.2g} D={tokens:.2g}"
+    declared = [f"N~{m.params:g}"] if m.params is not None else []
+    declared += [f"D/N={t.tokens_per_param:g}"] if t.tokens_per_param is not None else \
+        [f"C={t.flops:g}"] if t.flops is not None else []
+    return label + (f" (class {' '.join(declared)})" if declared else "")
 
 
 def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> dict:

@@ -83,3 +83,34 @@ def test_isoflop_recovers_exponent():
     assert result["b"] == pytest.approx(alpha / (alpha + beta), abs=0.01)
     snapped = isoflop.snap_budgets(np.array([1e18, 1.02e18, 3e18]), 0.05)
     assert snapped.tolist() == pytest.approx([1.01e18, 1.01e18, 3e18])
+
+
+def test_groups_come_from_actual_n_not_the_target():
+    from scaling_lab.fit.fitting.sources import _groups_of_equal_size
+
+    # a size class of 8e4 whose solved shapes span 74k-83k (each within 10% of the target), one of 1.6e5, and the
+    # 8e4 class again at another budget
+    N = np.array([74_144, 75_544, 77_200, 83_280, 148_160, 153_840, 166_464, 74_144, 83_280])
+    D = np.array([1.2e5] * 7 + [2.4e5] * 2)
+    labels = _groups_of_equal_size(N, D)
+    assert len(set(labels[:4])) == 1 and len(set(labels[4:7])) == 1 and labels[0] != labels[4]
+    assert labels[7] == labels[8] != labels[0]  # another budget, another group
+    assert labels[0].startswith("N~7.75e+04")  # named by the group's actual N (geometric mean), not the target
+    # sizes 2x apart never share a group, however the grid's targets were spelled
+    assert len(set(_groups_of_equal_size(np.array([5e4, 6e4, 1e5, 1.2e5]), np.full(4, 1e6)))) == 2
+
+
+def test_mixed_corpora_are_refused_unless_rows_pick_one(tmp_path):
+    _write_sweep(tmp_path / "results")
+    for i, (corpus, tok) in enumerate((("python3.12-stdlib", "bytes"), ("/data/prose", "bytes"))):
+        for r in range(8):
+            path = tmp_path / "results" / "demo" / f"r{8 * i + r}.json"
+            rec = json.loads(path.read_text())
+            rec["data"] = {"corpus": corpus, "tokenizer": tok, "corpus_hash": f"{i}" * 16}
+            path.write_text(json.dumps(rec))
+    base = ("source=results", "sweep=demo", f"results_dir={tmp_path / 'results'}", f"out={tmp_path / 'fit'}",
+            "bootstrap.n=0", "protocol.max_starts=200", "plots=false", "law=chinchilla")
+    with pytest.raises(Exception, match=r"mix 2 corpora.*python3.12-stdlib \(bytes.*: 8 runs.*/data/prose"):
+        run(fit_config(*base))
+    doc = run(fit_config(*base, "source.rows=\"corpus == '/data/prose'\""))
+    assert doc["provenance"]["corpora"] == {"/data/prose (bytes, hash 11111111)": 8}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from scaling_lab.fit.fitting import choose, export, isoflop, summary
+from scaling_lab.fit.fitting import choose, export, isoflop, noise, summary
 from scaling_lab.conf import command, compose
 from scaling_lab.fit.fitting.fitlaw import BootstrapSettings, compile_law, fit_law
 from scaling_lab.fit.fitting.optimize import METHODS
@@ -82,7 +82,8 @@ def run(cfg: DictConfig) -> dict:
     prov = table.provenance
     print(f"data: {prov['rows']['total']} rows ({prov['rows']['fit']} fit, {prov['rows']['heldout']} held-out)"
           + (f", {prov['rows']['excluded_failed']} failed runs excluded" if "excluded_failed" in prov["rows"] else "")
-          + f"; N convention: {prov['n_convention']}; protocol: {protocol.name}")
+          + f"; N convention: {prov['n_convention']}; protocol: {protocol.name}"
+          + "".join(f"\n      corpus {k}: {v} runs" for k, v in (prov.get("corpora") or {}).items()))
 
     budgets = list(cfg.allocation.budgets)
     boot = BootstrapSettings.from_config(_plain(cfg.bootstrap))
@@ -97,6 +98,9 @@ def run(cfg: DictConfig) -> dict:
     for name, f in fits.items():
         print(summary.law_block(name, f))
     print(summary.comparison(fits))
+    spread = noise.seed_spread(table)
+    intervals = {name: noise.prediction_interval(f, table) for name, f in fits.items()}
+    print(noise.block(spread, intervals, fits))
 
     iso = None
     if do_isoflop:
@@ -108,6 +112,9 @@ def run(cfg: DictConfig) -> dict:
         print(summary.isoflop_block(iso, iso["reported"]))
 
     doc = export.document(table, fits, _plain(cfg.protocol), skipped, iso, int(cfg.bootstrap.seed), selection)
+    doc["seed_spread"] = spread
+    for name, pi in intervals.items():
+        doc["laws"][name]["prediction_interval_95"] = export._clean(pi)
     path = export.write(cfg.out, doc, table, fits)
     if cfg.plots:
         from scaling_lab.fit.fitting import plots      # matplotlib only when drawing

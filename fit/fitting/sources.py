@@ -98,19 +98,44 @@ def _read_results(src: Mapping[str, Any]) -> tuple[pd.DataFrame, dict]:
     return table, {"columns": columns, **info}
 
 
-def _groups_of_equal_size(N: np.ndarray, D: np.ndarray) -> np.ndarray:
-    """Rows with N within 10% and the same D (to 2 significant digits): shapes of one size at one budget."""
+def _groups_of_equal_size(N: np.ndarray, D: np.ndarray, rel: float = 0.1) -> np.ndarray:
+    """Shapes of one size at one budget, from their actual N: rows with the same D (to 2 significant digits) whose
+    N lie within +-``rel`` of one centre (the span of a size class whose shapes are each within ``rel`` of its
+    target; max/min at most (1 + rel) / (1 - rel)). Labelled by the geometric mean of the group's N."""
     key_d = np.array([f"{d:.2g}" for d in D])
     labels = np.empty(len(N), dtype=object)
+    span = (1 + rel) / (1 - rel)
     for d in np.unique(key_d):
         rows = np.flatnonzero(key_d == d)
         order = rows[np.argsort(N[rows])]
-        start = N[order[0]]
-        for i in order:
-            if N[i] > 1.1 * start:
-                start = N[i]
-            labels[i] = f"N~{start:.3g},D~{d}"
+        groups, current = [], [order[0]]
+        for i in order[1:]:
+            if N[i] > span * N[current[0]]:
+                groups.append(current)
+                current = []
+            current.append(i)
+        groups.append(current)
+        for g in groups:
+            centre = float(np.exp(np.mean(np.log(N[g]))))
+            for i in g:
+                labels[i] = f"N~{centre:.3g},D~{d}"
     return labels
+
+
+def _one_corpus(raw: pd.DataFrame) -> dict[str, int]:
+    """Runs per corpus and tokenizer; more than one in a table is an error (losses of different corpora or
+    tokenizers are not on one scale), unless source.rows picks one."""
+    if not {"corpus", "tokenizer"} <= set(raw.columns) or raw.empty:
+        return {}
+    key = raw["corpus"].astype(str) + " (" + raw["tokenizer"].astype(str)
+    if "corpus_hash" in raw:
+        key = key + ", hash " + raw["corpus_hash"].astype(str).str[:8]
+    counts = (key + ")").value_counts().to_dict()
+    if len(counts) > 1:
+        named = "; ".join(f"{k}: {v} runs" for k, v in counts.items())
+        raise FitInputError(f"the runs mix {len(counts)} corpora/tokenizers ({named}); pick one with "
+                            "source.rows, e.g. 'source.rows=\"tokenizer == \'bytes\'\"'")
+    return {k: int(v) for k, v in counts.items()}
 
 
 def load(src: Mapping[str, Any]) -> Table:
@@ -136,6 +161,7 @@ def load(src: Mapping[str, Any]) -> Table:
 
     rows = _query(raw, src.get("rows"), "source.rows")
     raw = raw[rows].reset_index(drop=True)
+    corpora = _one_corpus(raw) if kind == "results" else {}
     fit = _query(raw, src.get("fit_rows"), "source.fit_rows")
     heldout = _query(raw, src.get("heldout_rows"), "source.heldout_rows") if src.get("heldout_rows") else ~fit
 
@@ -160,6 +186,8 @@ def load(src: Mapping[str, Any]) -> Table:
     if "R" in data and (~np.isfinite(data["R"]) | (data["R"] <= 0)).any():
         data = data.drop(columns="R")        # laws needing R are then skipped with a message
         info["R_dropped"] = "aspect ratio missing or non-positive in some rows"
+    if "seed" in columns:
+        data["seed"] = raw[columns["seed"]].to_numpy()
     if "group" in columns and raw[columns["group"]].notna().any():
         data["group"] = raw[columns["group"]].fillna("none").astype(str).to_numpy()
     elif "R" in data:
@@ -178,6 +206,8 @@ def load(src: Mapping[str, Any]) -> Table:
     provenance = {"source": kind, **info, "columns": dict(columns), "rows": counts,
                   "queries": {k: src.get(k) for k in ("rows", "fit_rows", "heldout_rows")},
                   "n_convention": str(src.get("n_convention", "unknown"))}
+    if corpora:
+        provenance["corpora"] = corpora
     return Table(data=data, provenance=provenance)
 
 

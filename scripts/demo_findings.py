@@ -1,0 +1,140 @@
+"""The README's "What the demo runs and finds" block, regenerated from the demo's outputs (nothing is pasted).
+
+    python scripts/demo_findings.py results_dir=results [sweep=demo] [law=inference_efficient]
+
+Reads the sweep's records, ``fit/<sweep>/fit.json``, ``verify/<sweep>/verification.json`` and its selection,
+``plan/<sweep>/plan.json``, and, when present, ``lr_scan/lr_scan.md`` and ``bench_wsd/bench_wsd.json``; prints
+Markdown. A missing input is named with the command that makes it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from scaling_lab.fit.fitting.sources import _groups_of_equal_size
+from scaling_lab.fit.io.store import iter_records, load_table
+
+
+def _load(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def sweep_lines(results_dir: Path, sweep: str) -> list[str]:
+    t = load_table(results_dir, sweep)
+    ok = t[t.status == "ok"]
+    if ok.empty:
+        return [f"- no finished runs in `{results_dir}/{sweep}`: run `make demo`"]
+    recs = [r for r in iter_records(results_dir, sweep) if r.get("status") == "ok"]
+    classes = _groups_of_equal_size(ok.params_non_embedding.to_numpy(float), np.ones(len(ok)), 0.1)
+    sizes = {}
+    for label, r in zip(classes, ok.itertuples()):
+        sizes.setdefault(label.split(",")[0], set()).add(round(r.aspect_ratio, 2))
+    n, d = ok.params_non_embedding, ok.tokens_seen
+    spent = sum((r["flops"].get("spent") or r["flops"]["total"]) for r in recs)
+    cosine = sum(r["flops"]["total"] for r in recs)
+    train_s = float(ok.train_s.sum())
+    wall = sum((r.get("timing") or {}).get("wall_s") or 0 for r in recs)
+    ev = recs[0]["loss"].get("eval") or {}
+    stderr = ok.loss_stderr.dropna()
+    shapes = ok.groupby(["n_layers", "d_model"]).ngroups
+    lines = [
+        f"- **Sweep**: {len(ok)} runs ({shapes} shapes x their budgets, {int((ok.seed != 0).sum())} runs of a second "
+        f"seed), corpus `{ok.corpus.iloc[0]}` ({ok.tokenizer.iloc[0]}); N (non-embedding) {n.min():,.0f} to "
+        f"{n.max():,.0f} ({n.max() / n.min():.1f}x), D {d.min():,.0f} to {d.max():,.0f} tokens "
+        f"({d.max() / d.min():.1f}x), {(d / n).min():.2g} to {(d / n).max():.2g} tokens per parameter.",
+        "- **Shapes**: " + "; ".join(f"{k}: {len(v)} aspect ratios ({', '.join(f'{x:g}' for x in sorted(v))})"
+                                     for k, v in sorted(sizes.items(), key=lambda kv: float(kv[0][2:]))) + ".",
+        f"- **Schedule**: {', '.join(sorted(set(ok.schedule.fillna('cosine'))))}; training FLOPs spent {spent:.3g} vs "
+        f"{cosine:.3g} for one cosine run per point ({100 * (1 - spent / cosine):.0f}% saved by the decay branches).",
+        f"- **Held-out slice**: {ev.get('windows', '?')} windows, {ev.get('tokens', 0):,} tokens, "
+        f"{ev.get('bytes', 0):,} bytes from {ev.get('documents', '?')} of {ev.get('documents_total', '?')} held-out "
+        f"documents; standard error of a run's loss {stderr.min():.4f}-{stderr.max():.4f} nats "
+        f"({100 * (stderr / ok.loss).median():.2f}% median, and the same tokens for every run).",
+        f"- **Time**: training summed over runs {train_s / 60:.1f} min (records' `timing.train_s`); run wall time "
+        f"summed {wall / 60:.1f} min (2 runs in parallel).",
+    ]
+    return lines
+
+
+def fit_lines(fit: dict | None, law: str) -> list[str]:
+    if fit is None:
+        return ["- no fit.json: run `scaling-fit sweep=demo ...` (see the Makefile's demo target)"]
+    rows = fit["provenance"]["rows"]
+    out = [f"- **Fit** ({fit['provenance'].get('protocol')} protocol, N {fit['provenance'].get('n_convention')}, "
+           f"{rows['fit']} fit rows, held out: the largest size class, {rows['heldout']} runs):"]
+    for name, entry in fit["laws"].items():
+        m = entry["metrics"]
+        pi = entry.get("prediction_interval_95") or {}
+        flag = " (the law the selection uses)" if name == law else ""
+        out.append(f"  - `{name}`{flag}: held-out max relative error {100 * m['max_rel_err_heldout']:.2f}%, mean "
+                   f"{100 * m['mean_rel_err_heldout']:.2f}% (targets 4% / 2%); R^2 held-out {m['r2_heldout']:.3f}; "
+                   f"{pi.get('heldout_inside', '?')} of {pi.get('heldout_total', '?')} held-out runs inside the 95% "
+                   f"prediction interval")
+        params = ", ".join(f"{p}={v:.4g}" for p, v in entry["params"].items())
+        out.append(f"    parameters: {params}")
+        for p, why in (entry.get("not_identified_why") or {}).items():
+            out.append(f"    - `{p}` not identified: {why}")
+    s = fit.get("seed_spread") or {}
+    if s.get("points"):
+        out.append(f"- **Seed-to-seed spread** (the noise floor, {s['points']} points trained with 2 seeds): mean "
+                   f"{100 * s['mean_rel']:.2f}%, max {100 * s['max_rel']:.2f}% of the loss")
+    return out
+
+
+def verify_lines(results_dir: Path, sweep: str) -> list[str]:
+    v = _load(results_dir / "verify" / sweep / "verification.json")
+    if v is None:
+        return ["- no verification.json: run `scaling-verify sweep=demo ...`"]
+    out = [f"- **Verification** at N {v['target_N']:.3g}, D {v['tokens']:,}:"]
+    for label, m in v["models"].items():
+        err = m["loss_measured"] / m["loss_predicted"] - 1
+        out.append(f"  - {label}: n_layers={m['n_layers']} d_model={m['d_model']} (R {m['R']:.3g}): predicted "
+                   f"{m['loss_predicted']:.4f}, measured {m['loss_measured']:.4f} ({100 * err:+.2f}%; target 3%)")
+    sel = _load(results_dir / "verify" / sweep / "selection" / "selection.json") or {}
+    out.append("  - selected depth: " + (sel.get("depth_edge") or "inside the enumerated range, not at its edge"))
+    c = v["claim"]
+    if not c["same_shape"]:
+        out.append(f"  - Morph claim (faster at nearly equal loss): {'held' if c['held'] else 'not held'} "
+                   f"({c['speedup_measured']:.2f}x faster, loss x{c['loss_ratio_measured']:.4f})")
+    return out
+
+
+def plan_lines(results_dir: Path, sweep: str) -> list[str]:
+    p = _load(results_dir / "plan" / sweep / "plan.json")
+    if p is None:
+        return ["- no plan.json: run `scaling-plan constants=... out=...`"]
+    c, o = p["chinchilla"], p["optimal"]
+    warn = p["constants"].get("not_identified")
+    return [f"- **Plan** on the demo's constants: Chinchilla-style N {c['N']:.3g}, D {c['D']:.3g} = "
+            f"{c['D'] / c['N']:.1f} tokens per parameter; the demand-aware optimum N {o['N']:.3g}, D {o['D']:.3g} "
+            f"({o['D'] / o['N']:.1f} tokens per parameter)"
+            + (f"; not identified by the bootstrap: {warn}" if warn else "")]
+
+
+def main(argv: list[str]) -> None:
+    args = dict(a.split("=", 1) for a in argv)
+    results_dir = Path(args.get("results_dir", "results"))
+    sweep, law = args.get("sweep", "demo"), args.get("law", "inference_efficient")
+    lines = ["### What the demo runs and finds", "",
+             f"_Generated by `python scripts/demo_findings.py results_dir={results_dir}` from the demo's outputs._", ""]
+    lines += sweep_lines(results_dir, sweep)
+    lines += fit_lines(_load(results_dir / "fit" / sweep / "fit.json"), law)
+    lines += verify_lines(results_dir, sweep)
+    lines += plan_lines(results_dir, sweep)
+    bench = _load(results_dir / "bench_wsd" / "bench_wsd.json")
+    if bench:
+        lines.append(f"- **WSD vs cosine** (`make bench-wsd`, {bench['points']} points): WSD minus cosine loss "
+                     f"{100 * bench['mean_rel_diff']:+.2f}% on average (largest |difference| "
+                     f"{100 * bench['max_abs_rel_diff']:.2f}%), {100 * bench['saved']:.0f}% of the training FLOPs saved")
+    scan = results_dir / "lr_scan" / "lr_scan.md"
+    if scan.is_file():
+        lines += ["", "LR scan (`make lr-scan`):", "", scan.read_text().strip()]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
