@@ -55,7 +55,7 @@ demo: $(STAMP)
 	$(BIN)/scaling-quantize sweep=demo results_dir=$(DEMO_DIR)
 	$(BIN)/scaling-speculate sweep=demo results_dir=$(DEMO_DIR) 'ks=[1,2,4]' prompts=2
 	$(BIN)/scaling-verify results_dir=$(DEMO_DIR) sweep=demo constants=$(DEMO_DIR)/fit/demo/fit.json \
-		params_factor=1.0 tokens_per_param=2 'train_overrides=[$(subst $(space),$(comma),$(strip $(DEMO_DATA)))]'
+		params_factor=1.0 tokens_per_param=0.5 'train_overrides=[$(subst $(space),$(comma),$(strip $(DEMO_DATA)))]'
 	$(BIN)/scaling-plan constants=$(DEMO_DIR)/fit/demo/fit.json objective=cost target.chinchilla_params=1e6 \
 		demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo serving.mode=auto serving.measurements=$(DEMO_DIR)/serving/demo
 	$(BIN)/scaling-report sweep=demo results_dir=$(DEMO_DIR)
