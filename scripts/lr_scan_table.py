@@ -5,8 +5,8 @@ flat region of each scan, and where the rule's LR falls (a Markdown table and a 
     python scripts/lr_scan_table.py results_dir=results [sweep=lr_scan] [rule_sweep=demo] [out=results/lr_scan]
 
 The rule is read from the demo sweep's config (train.lr x (lr_ref_width / d_model) ^ lr_width_exponent). The flat
-region of a scan: the LRs where a parabola in log LR through the scan's points is within ``flat`` (1%) of its
-minimum (the scan's best measured LR when the parabola opens downward or has its minimum outside the scan).
+region of a scan: the LRs whose loss is within ``flat`` (1%) of the best measured loss, interpolated linearly in
+log LR between the scan's points (a region that reaches the scan's end may extend beyond it).
 """
 
 from __future__ import annotations
@@ -32,9 +32,40 @@ def rule_lr(d_model: float, results_dir: str, sweep: str) -> tuple[float, str]:
             f"{t.lr:g} x ({t.lr_ref_width} / d_model)^{t.lr_width_exponent:g}")
 
 
+def preset_tokens(sweep: str) -> float | None:
+    from hydra import compose, initialize_config_dir
+
+    from scaling_lab.conf import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=[f"sweep={sweep}"]).train.tokens
+
+
+def flat_region(x: np.ndarray, y: np.ndarray, best: int, flat: float) -> tuple[float, float]:
+    """LRs (from log-LR points ``x`` sorted, losses ``y``) whose loss is within ``flat`` of the best measured one:
+    the contiguous run of measured points around the best, extended on each side to where the straight line (in
+    log LR) to the next point crosses the limit; the scan's end when the run reaches it."""
+    limit = y[best] * (1 + flat)
+    i = j = best
+    while i > 0 and y[i - 1] <= limit:
+        i -= 1
+    while j < len(y) - 1 and y[j + 1] <= limit:
+        j += 1
+
+    def cross(a: int, b: int) -> float:  # a inside, b outside
+        return float(x[a] + (x[b] - x[a]) * (limit - y[a]) / (y[b] - y[a]))
+
+    lo = cross(i, i - 1) if i > 0 else float(x[0])
+    hi = cross(j, j + 1) if j < len(y) - 1 else float(x[-1])
+    return float(np.exp(lo)), float(np.exp(hi))
+
+
 def scan(results_dir: str, sweep: str, rule_sweep: str, flat: float) -> tuple[list[dict], str]:
     table = load_table(results_dir, sweep)
     table = table[table.status == "ok"]
+    tokens = preset_tokens(sweep)
+    if tokens is not None:  # only the preset's budget (older scans at other budgets may share the folder)
+        table = table[(table.tokens_budget - tokens).abs() < table.seq_len]
     if table.empty:
         raise SystemExit(f"no finished runs of sweep {sweep!r} in {results_dir}: run scaling-train -m sweep={sweep}")
     out = []
@@ -44,21 +75,11 @@ def scan(results_dir: str, sweep: str, rule_sweep: str, flat: float) -> tuple[li
         x, y = np.log(rows.lr.to_numpy(float)), rows.loss.to_numpy(float)
         best = int(np.argmin(y))
         lr_rule, rule_text = rule_lr(float(d_model), results_dir, rule_sweep)
-        lo = hi = float(rows.lr.iloc[best])
-        vertex = None
-        if len(x) >= 3:
-            c2, c1, c0 = np.polyfit(x, y, 2)
-            if c2 > 0:
-                xv = -c1 / (2 * c2)
-                yv = c0 + c1 * xv + c2 * xv ** 2
-                if x.min() <= xv <= x.max():
-                    vertex = float(np.exp(xv))
-                    half = np.sqrt(flat * yv / c2)  # c2 (x - xv)^2 <= flat * yv
-                    lo, hi = float(np.exp(max(x.min(), xv - half))), float(np.exp(min(x.max(), xv + half)))
+        lo, hi = flat_region(x, y, best, flat)
         within = lo <= lr_rule <= hi
         out.append({"d_model": int(d_model), "n_layers": int(n_layers), "N": int(rows.params_non_embedding.iloc[0]),
                     "lrs": rows.lr.tolist(), "losses": y.tolist(), "stderr": rows.loss_stderr.tolist(),
-                    "best_lr": float(rows.lr.iloc[best]), "vertex_lr": vertex, "flat": (lo, hi),
+                    "best_lr": float(rows.lr.iloc[best]), "flat": (lo, hi),
                     "rule_lr": lr_rule, "rule_in_flat": within, "tokens": int(rows.tokens_seen.iloc[0])})
     return out, rule_text
 
@@ -66,7 +87,7 @@ def scan(results_dir: str, sweep: str, rule_sweep: str, flat: float) -> tuple[li
 def markdown(results: list[dict], rule_text: str, flat: float, figure: str | None) -> str:
     lrs = sorted({lr for r in results for lr in r["lrs"]})
     lines = [f"LR scan (held-out loss, nats/token; {results[0]['tokens']:,} training tokens per run; rule: lr = "
-             f"{rule_text}). Flat region: LRs within {100 * flat:g}% of the parabola's minimum in log LR.", "",
+             f"{rule_text}). Flat region: LRs within {100 * flat:g}% of the best measured loss (interpolated in log LR).", "",
              "| shape | N | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best | flat region | rule's LR | in flat |",
              "|---|---|" + "---|" * (len(lrs) + 4)]
     for r in results:
