@@ -2,9 +2,10 @@
 a ~20% cooldown matches a cosine run of the same length). Trains (or reuses) the sweep's WSD branches of the given
 shapes and a cosine run of every same point, then prints the loss difference per point and the compute saved.
 
-    python scripts/bench_wsd.py results_dir=results [sweep=demo] [shapes=2.5e4:2,8e4:3] [n_jobs=2]
+    python scripts/bench_wsd.py results_dir=results [sweep=demo] [shapes=2.5e4:2,8e4:3] [budgets=...] [n_jobs=2]
 
-``shapes`` are size:depth pairs of the sweep's grid (model.params:model.n_layers); the budgets are the sweep's.
+``shapes`` are size:depth pairs of the sweep's grid (model.params:model.n_layers); the budgets are the sweep's
+(``budgets=51200,120000`` picks some).
 The WSD side goes to the sweep itself (records already there are reused), the cosine side to <sweep>_cosine. The
 cosine runs use the same recipe (batch, LR rule, warmup steps) with train.schedule=cosine. Prints a Markdown table
 and writes it with a JSON summary to <results_dir>/bench_wsd/.
@@ -46,6 +47,8 @@ def main(argv: list[str]) -> None:
     n_jobs = int(args.get("n_jobs", 2))
     shapes = [p.split(":") for p in args.get("shapes", "2.5e4:2,8e4:3").split(",")]
     extra = [a for a in argv if a.startswith(("data", "+data"))]
+    if args.get("budgets"):
+        extra.append(f"train.tokens={args['budgets']}")
     for size, depth in shapes:
         train(sweep, results_dir, size, depth, extra, n_jobs)
         train(sweep, results_dir, size, depth, ["train.schedule=cosine", f"sweep.name={sweep}_cosine", *extra], n_jobs)
