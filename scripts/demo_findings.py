@@ -110,8 +110,8 @@ def plan_lines(results_dir: Path, sweep: str) -> list[str]:
     c, o = p["chinchilla"], p["optimal"]
     warn = p["constants"].get("not_identified")
     return [f"- **Plan** on the demo's constants: Chinchilla-style N {c['N']:.3g}, D {c['D']:.3g} = "
-            f"{c["D"] / c["N"]:.3g} tokens per parameter; the demand-aware optimum N {o['N']:.3g}, D {o['D']:.3g} "
-            f"({o["D"] / o["N"]:.3g} tokens per parameter)"
+            f"{c['D'] / c['N']:.3g} tokens per parameter; the demand-aware optimum N {o['N']:.3g}, D {o['D']:.3g} "
+            f"({o['D'] / o['N']:.3g} tokens per parameter)"
             + (f"; not identified by the bootstrap: {warn}" if warn else "")]
 
 
