@@ -49,7 +49,7 @@ demo: $(STAMP)
 	$(DEMO_TRAIN) hydra.launcher.n_jobs=1 model.params=2.4e5 model.n_layers=4 train.seed=1; wait
 	$(BIN)/scaling-sweep-status sweep=demo results_dir=$(DEMO_DIR) $(DEMO_DATA)
 	$(BIN)/scaling-fit sweep=demo results_dir=$(DEMO_DIR) out=$(DEMO_DIR)/fit/demo \
-		'source.fit_rows="$(DEMO_FIT_ROWS)"' 'protocol.ties=[[alpha,beta]]'
+		'source.fit_rows="$(DEMO_FIT_ROWS)"' protocol=auto
 	$(BIN)/scaling-latency sweep=demo results_dir=$(DEMO_DIR) constants=$(DEMO_DIR)/fit/demo/fit.json \
 		out=$(DEMO_DIR)/latency/demo 'measure.modes=[none,int8,int4]'
 	$(BIN)/scaling-quantize sweep=demo results_dir=$(DEMO_DIR)

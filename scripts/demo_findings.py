@@ -68,12 +68,12 @@ def fit_lines(fit: dict | None, law: str) -> list[str]:
            f"{rows['fit']} fit rows, held out: the largest size class, {rows['heldout']} runs):"]
     for name, entry in fit["laws"].items():
         m = entry["metrics"]
-        pi = entry.get("prediction_interval_95") or {}
+        pi = m.get("heldout_in_pi95")
         flag = " (the law the selection uses)" if name == law else ""
         out.append(f"  - `{name}`{flag}: held-out max relative error {100 * m['max_rel_err_heldout']:.2f}%, mean "
                    f"{100 * m['mean_rel_err_heldout']:.2f}% (targets 4% / 2%); R^2 held-out {m['r2_heldout']:.3f}; "
-                   f"{pi.get('heldout_inside', '?')} of {pi.get('heldout_total', '?')} held-out runs inside the 95% "
-                   f"prediction interval")
+                   + (f"{100 * pi:.0f}% of the held-out runs inside the 95% prediction interval" if pi is not None
+                      else "no prediction interval"))
         params = ", ".join(f"{p}={v:.4g}" for p, v in entry["params"].items())
         out.append(f"    parameters: {params}")
         for p, why in (entry.get("not_identified_why") or {}).items():

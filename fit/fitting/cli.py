@@ -99,8 +99,7 @@ def run(cfg: DictConfig) -> dict:
         print(summary.law_block(name, f))
     print(summary.comparison(fits))
     spread = noise.seed_spread(table)
-    intervals = {name: noise.prediction_interval(f, table) for name, f in fits.items()}
-    print(noise.block(spread, intervals, fits))
+    print(noise.block(spread, fits))
 
     iso = None
     if do_isoflop:
@@ -113,8 +112,6 @@ def run(cfg: DictConfig) -> dict:
 
     doc = export.document(table, fits, _plain(cfg.protocol), skipped, iso, int(cfg.bootstrap.seed), selection)
     doc["seed_spread"] = spread
-    for name, pi in intervals.items():
-        doc["laws"][name]["prediction_interval_95"] = export._clean(pi)
     path = export.write(cfg.out, doc, table, fits)
     if cfg.plots:
         from scaling_lab.fit.fitting import plots      # matplotlib only when drawing
