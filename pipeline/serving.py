@@ -157,17 +157,21 @@ def weight_bytes(model: nn.Module) -> int:
 # ----- held-out loss -----------------------------------------------------------------------------------------
 
 def eval_windows(record: dict):
-    """The run's fixed held-out slice (the first ``data.eval_tokens`` of its corpus's validation split) as
-    (inputs, targets) batches, exactly what the trainer scored."""
+    """The run's fixed held-out slice (``data.eval_tokens`` in windows spread over its corpus's validation split,
+    ``pipeline.data.heldout_windows``; the first ones for records older than that slice) as (inputs, targets)
+    batches, exactly what the trainer scored."""
     from omegaconf import OmegaConf
 
-    from scaling_lab.pipeline.data import Windows, prepare_corpus
+    from scaling_lab.pipeline.data import Windows, heldout_windows, prepare_corpus
 
     data = OmegaConf.create(record["config"]["data"])
     corpus = prepare_corpus(data)
     seq_len = record["shape"]["seq_len"]
     n = int(data.eval_tokens) // seq_len
-    return corpus, Windows(corpus.tokens("val"), seq_len, np.arange(n))
+    if (record.get("loss") or {}).get("eval") is None:
+        return corpus, Windows(corpus.tokens("val"), seq_len, np.arange(n))
+    windows = heldout_windows(corpus.meta["val_tokens"], seq_len, n, int(data.get("eval_seed", 0)))
+    return corpus, Windows(corpus.tokens("val"), seq_len, windows)
 
 
 @torch.inference_mode()
