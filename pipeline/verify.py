@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from scaling_lab.conf import command, compose
+from scaling_lab.fit import tracking
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
 from scaling_lab.pipeline import select as select_cli
@@ -145,6 +146,7 @@ def run(cfg: DictConfig) -> dict:
     write_json_atomic(out / "verification.json", result)
     print(format_verification(result))
     print(f"wrote {out / 'verification.json'}")
+    tracking.log_verify(cfg, result, out)
     return result
 
 
