@@ -8,7 +8,7 @@ DEMO_DIR ?= results
 # A torch wheel index, e.g. pytorch.org's CPU or CUDA index (empty: the default index, or a build on local disk).
 TORCH_INDEX ?=
 
-.PHONY: demo test test-fast install clean bench
+.PHONY: demo test test-fast install clean bench screenshot
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,11 @@ demo: $(STAMP)
 	$(BIN)/scaling-plan constants=$(DEMO_DIR)/fit/demo/fit.json objective=cost target.chinchilla_params=1e6 \
 		demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo serving.mode=auto serving.measurements=$(DEMO_DIR)/serving/demo
 	$(BIN)/scaling-report sweep=demo results_dir=$(DEMO_DIR)
+	@echo "The demo's report: $(DEMO_DIR)/report/demo/report.html (open it in a browser; no server needed)"
+
+# A PNG of the demo's report in headless Chromium (Debian's package, installed with apt-get when absent).
+screenshot: $(STAMP)
+	$(BIN)/python scripts/screenshot_report.py --install $(DEMO_DIR)/report/demo/report.html
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_train_loop.py
