@@ -400,3 +400,57 @@ def draw_all(study, folder: Path) -> dict[str, Path]:
         if path is not None:
             out[name] = path
     return out
+
+
+# ----- interactive (inline SVG: hover a point for its numbers; no script, no network) ----------------------------
+
+def svg_runs(study, width: int = 720, height: int = 380) -> str | None:
+    """Held-out loss against N of every done run as an inline SVG scatter; each point's tooltip (``<title>``) holds
+    its run id, shape, N, D and loss. Log x axis with plain labels, one colour per token budget (PALETTE)."""
+    import html as _html
+
+    ok = study.ok
+    if ok.empty:
+        return None
+    n, loss = ok.params_non_embedding.to_numpy(float), ok.loss.to_numpy(float)
+    left, right, top, bottom = 70, 190, 20, 50
+    lx0, lx1 = np.log10(n.min() / 1.3), np.log10(n.max() * 1.3)
+    pad = 0.08 * (loss.max() - loss.min() or 1)
+    y0, y1 = loss.min() - pad, loss.max() + pad
+    X = lambda v: left + (np.log10(v) - lx0) / (lx1 - lx0 or 1) * (width - left - right)
+    Y = lambda v: top + (y1 - v) / (y1 - y0 or 1) * (height - top - bottom)
+    tpp = (ok.tokens_seen / ok.params_non_embedding).round(1).to_numpy()
+    budgets = sorted(set(tpp))
+    parts = [f'<svg viewBox="0 0 {width} {height}" width="{width}" '
+             f'height="{height}" role="img" aria-label="loss against N, one point per run" '
+             'style="font: 12px system-ui, sans-serif; background: #fff">']
+    for e in range(int(np.floor(lx0)), int(np.ceil(lx1)) + 1):
+        for m in (1, 2, 5):
+            v = m * 10.0 ** e
+            if lx0 <= np.log10(v) <= lx1:
+                x = X(v)
+                parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{height - bottom}" stroke="#e3e6e9"/>'
+                             f'<text x="{x:.1f}" y="{height - bottom + 16}" text-anchor="middle">{human(v)}</text>')
+    from matplotlib.ticker import MaxNLocator
+
+    for v in [v for v in MaxNLocator(5).tick_values(y0, y1) if y0 <= v <= y1]:
+        y = Y(v)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#e3e6e9"/>'
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 10}" text-anchor="middle">'
+                 'N, non-embedding parameters (log scale)</text>'
+                 f'<text transform="translate(16 {(top + height - bottom) / 2:.0f}) rotate(-90)" '
+                 'text-anchor="middle">held-out loss (nats/token)</text>')
+    for r, t in zip(ok.itertuples(), tpp):
+        color = PALETTE[budgets.index(t) % len(PALETTE)]
+        tip = (f"run {r.run_id}: L{int(r.n_layers)} d{int(r.d_model)} R{r.aspect_ratio:.3g}; "
+               f"N {r.params_non_embedding:,}; D {int(r.tokens_seen):,} tokens; loss {r.loss:.4f} nats/token")
+        parts.append(f'<circle cx="{X(r.params_non_embedding):.1f}" cy="{Y(r.loss):.1f}" r="6" fill="{color}" '
+                     f'fill-opacity="0.85" stroke="#222" stroke-width="0.6"><title>{_html.escape(tip)}</title>'
+                     '</circle>')
+    for i, t in enumerate(budgets):
+        y = top + 10 + 18 * i
+        parts.append(f'<circle cx="{width - right + 20}" cy="{y}" r="5" fill="{PALETTE[i % len(PALETTE)]}"/>'
+                     f'<text x="{width - right + 32}" y="{y + 4}">D/N = {t:g}</text>')
+    parts.append("</svg>")
+    return "".join(parts)

@@ -29,6 +29,13 @@ class Table:
 
 
 @dataclass
+class Inline:
+    """Markup embedded as is in the HTML (an inline SVG); ``text`` stands in for it in the Markdown."""
+    markup: str
+    text: str
+
+
+@dataclass
 class Section:
     id: str
     title: str
@@ -87,6 +94,8 @@ def markdown(title: str, intro: str, sections: list[Section], folder: Path) -> s
                 parts.append(_md_table(b) + "\n")
             elif isinstance(b, Figure):
                 parts.append(f"![{b.caption}]({os.path.relpath(b.path, folder)})\n\n*{b.caption}*\n")
+            elif isinstance(b, Inline):
+                parts.append(f"*{b.text}*\n")
             else:
                 parts.append(str(b) + "\n")
     return "\n".join(parts)
@@ -162,6 +171,9 @@ def to_html(title: str, intro: str, sections: list[Section], folder: Path) -> st
             if figures:
                 inner.append('<div class="figures">' + "".join(figures) + "</div>")
                 figures = []
+            if isinstance(b, Inline):
+                inner.append(f'<figure class="inline">{b.markup}<figcaption>{_inline(b.text)}</figcaption></figure>')
+                continue
             inner.append(_html_table(b) if isinstance(b, Table) else f"<p>{_inline(str(b))}</p>")
         if figures:
             inner.append('<div class="figures">' + "".join(figures) + "</div>")

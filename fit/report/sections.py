@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from scaling_lab.fit.report import tables
-from scaling_lab.fit.report.render import Figure, Section, Table, fmt
+from scaling_lab.fit.report.figures import svg_runs
+from scaling_lab.fit.report.render import Figure, Inline, Section, Table, fmt
 
 SECTION_IDS = ["sweep", "curves", "laws", "protocol", "frontier", "published", "aspect", "latency", "selection",
                "serving", "plan", "files"]
@@ -34,6 +35,10 @@ def sweep(study, figures) -> Section:
              f"{fmt(first.latency_threads)} thread(s))." if first is not None else "."))
     s.add(_fig(figures, "grid", "Every point of the sweep at its N and D, coloured by held-out loss; failed and "
                                 "unfinished points marked."))
+    svg = svg_runs(study)
+    if svg:
+        s.add(Inline(svg, "Loss against N, one point per run: hover a point for its run id, shape, N, D and loss "
+                          "(interactive in the HTML report)."))
     grid = tables.grid(t, study.planned)
     s.add(Table(grid.drop(columns=[c for c in ("error",) if c in grid and grid[c].isna().all()]),
                 "Points of the sweep (from the records; `runs.csv` / `runs.parquet` hold every column)."))
