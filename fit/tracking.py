@@ -178,7 +178,7 @@ def _plain(df):
 # ----- one call per stage: what each stage logs (the stages' run() call these, one line each) ------------------
 
 def _tables():
-    from scaling_lab.fit.report import tables
+    import scaling_lab.fit.report.tables as tables
 
     return tables
 

@@ -94,6 +94,7 @@ class Page(HTMLParser):
                 self.urls.append(a[key])
 
 
+@pytest.mark.slow
 def test_report_has_every_section_and_needs_nothing_outside_its_folder(smoke):
     folder = smoke / "report" / SWEEP
     page = Page()
@@ -120,6 +121,7 @@ def test_report_has_every_section_and_needs_nothing_outside_its_folder(smoke):
     assert pd.read_parquet(folder / "runs.parquet").run_id.tolist() == runs.run_id.tolist()
 
 
+@pytest.mark.slow
 def test_report_of_another_sweep_shows_only_its_own_stages(smoke, tmp_path):
     results = tmp_path / "results"
     shutil.copytree(smoke, results, ignore=shutil.ignore_patterns("wandb"))
@@ -161,6 +163,7 @@ def read_wandb_run(run_dir: Path) -> dict:
     return {"run": run, "artifacts": artifacts, "keys": keys}
 
 
+@pytest.mark.slow
 def test_offline_wandb_runs_one_per_stage_with_tables_and_artifacts(smoke):
     runs = [read_wandb_run(d) for d in sorted((smoke / SWEEP / "wandb").glob("offline-run-*"))]
     assert all(r["run"]["run_group"] == SWEEP for r in runs)
@@ -205,6 +208,7 @@ def test_offline_wandb_runs_one_per_stage_with_tables_and_artifacts(smoke):
     assert "select/candidates" in by_stage["select"][0]["keys"]
 
 
+@pytest.mark.slow
 def test_wandb_report_spec_is_valid_for_the_reports_api(smoke):
     import wandb_workspaces.reports.v2 as wr
     from wandb_workspaces.reports.v2 import internal
@@ -229,6 +233,7 @@ def test_wandb_report_spec_is_valid_for_the_reports_api(smoke):
     assert [type(b).__name__ for b in again.spec.blocks] == [type(b).__name__ for b in model.spec.blocks]
 
 
+@pytest.mark.slow
 def test_csv_logger_keeps_curves_without_wandb(smoke):
     files = sorted((smoke / SWEEP / "csv").glob("*/metrics.csv"))
     assert len(files) == 6
@@ -248,6 +253,7 @@ def test_resumed_training_run_continues_its_wandb_run(compose_train):
     assert first._wandb_init["resume"] == "allow" and first._wandb_init["job_type"] == "train"
 
 
+@pytest.mark.slow
 def test_screenshot_in_headless_chromium(smoke, tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     from screenshot_report import find_chromium

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from scaling_lab.fit.report import tables
+import scaling_lab.fit.report.tables as tables
 from scaling_lab.fit.report.figures import svg_runs
 from scaling_lab.fit.report.render import Figure, Inline, Section, Table, fmt
 

@@ -56,7 +56,8 @@ def _entity(cfg, online: bool) -> str:
 
 def report(cfg, study, entity: str = "", runset_project: str = ""):
     """The Report object (not saved). ``runset_project`` empty: run sets show the report's project."""
-    from scaling_lab.fit.report import render, tables
+    import scaling_lab.fit.report.render as render
+    import scaling_lab.fit.report.tables as tables
 
     wr = _wr()
     project = ((cfg.get("logger") or {}).get("wandb") or {}).get("project") or "scaling-lab"
