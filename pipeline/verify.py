@@ -111,6 +111,7 @@ def run(cfg: DictConfig) -> dict:
         f"budget.band={cfg.band}", f"budget.tokens={tokens}", f"select.loss_tolerance={cfg.loss_tolerance}",
         f"select.measure={str(cfg.measure).lower()}", f"out={out / 'selection'}"])
     select_cfg.arch = cfg.arch  # the family chosen for the verification (arch=...), not select.yaml's default
+    select_cfg.logger = cfg.logger  # its W&B run as the verification's (logger=none: none)
     selection = select_cli.run(select_cfg)
     candidates = pd.read_csv(out / "selection" / "candidates.csv")
     shapes = {"morph": selection["chosen"], "conventional": conventional(candidates, ref["median_R"], target_n)}
