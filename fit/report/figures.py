@@ -321,14 +321,21 @@ def loss_vs_aspect(study, path: Path) -> Path | None:
 
 
 def latency(study, path: Path) -> Path | None:
-    """Decode latency against depth (n_layers) for each width, measured and the latency law's line."""
+    """Decode latency against depth (n_layers) for each width, measured and the latency law's prediction."""
+    from scaling_lab.fit.latency import LatencyModel
+
     rows, section = study.latency_rows, study.latency
     if rows is None or section is None or rows.empty:
         return None
-    batch = str(section.get("batch_size") or rows.batch.min())
-    coef = ((section.get("by_batch") or {}).get(batch) or {}).get("decode_ms_per_token") or \
-        section.get("decode_ms_per_token")
-    sub = rows[rows.batch.astype(str) == batch]
+    try:
+        model = LatencyModel.from_dict(section)
+    except (ValueError, KeyError, TypeError):
+        model = None
+    sub = rows
+    if "mode" in sub:
+        sub = sub[sub["mode"].astype(str) == "none"] if (sub["mode"].astype(str) == "none").any() else sub
+    batch = int(model.batch_size) if model is not None and getattr(model, "batch_size", None) else int(sub.batch.min())
+    sub = sub[sub.batch == batch] if (sub.batch == batch).any() else sub
     with style() as plt:
         fig, ax = plt.subplots()
         widths = sorted(sub.d_model.unique())
@@ -336,12 +343,16 @@ def latency(study, path: Path) -> Path | None:
             color = PALETTE[i % len(PALETTE)]
             w = sub[sub.d_model == d].sort_values("n_layers")
             ax.scatter(w.n_layers, w.decode_ms_per_token, color=color, s=30, zorder=3, label=f"d_model {d}")
-            if coef:
-                L = np.linspace(max(1, w.n_layers.min() * 0.8), w.n_layers.max() * 1.2, 40)
-                ax.plot(L, coef["intercept"] + coef["per_layer"] * L + coef["per_layer_d2"] * L * d * d, "-",
-                        color=color, lw=1.0, alpha=0.8)
-        if coef:
-            ax.plot([], [], "-", color="0.3", label="law: a + b L + c L d²")
+            if model is not None:
+                L = np.arange(max(1, int(w.n_layers.min())), int(w.n_layers.max()) + 1)
+                vocab = int(w.vocab_size.iloc[0]) if "vocab_size" in w else None
+                try:
+                    ms = model.predict(L, np.full_like(L, d), "decode_ms_per_token", batch, "none", vocab)
+                    ax.plot(L, ms, "-", color=color, lw=1.0, alpha=0.8)
+                except (KeyError, ValueError):
+                    pass
+        if model is not None:
+            ax.plot([], [], "-", color="0.3", label="latency law")
         ax.set(xlabel="n_layers (depth)", ylabel="decode latency (ms/token)",
                title=f"Decode latency vs depth, batch {batch} ({section.get('device')}, "
                      f"{section.get('threads')} thread(s))")

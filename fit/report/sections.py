@@ -143,7 +143,7 @@ def latency(study, figures) -> Section:
                      f"results_dir={study.results_dir} constants={study.paths['constants']} "
                      f"out={study.paths['latency'].parent}`.")
         return s
-    s.add(f"From `{study.latency_path}`: ms = {study.latency.get('form', 'a + b L + c L d^2')} on "
+    s.add(f"From `{study.latency_path}`: ms = {study.latency.get('form')} on "
           f"{study.latency.get('device')} ({study.latency.get('threads')} thread(s), {study.latency.get('dtype')}).")
     s.add(_fig(figures, "latency", "Measured decode latency per width against depth, and the fitted law."))
     s.add(Table(tables.latency_law(study.latency), "Latency-law coefficients and held-out errors."))

@@ -120,15 +120,14 @@ def published(fit: Mapping[str, Any] | None, presets: Mapping[str, Mapping[str, 
 
 
 def latency_law(latency: Mapping[str, Any]) -> pd.DataFrame:
-    """The latency law's coefficients per batch and quantity, with its held-out errors."""
+    """The latency law's coefficients per serving mode and quantity, with its held-out errors."""
     rows = []
-    for batch, models in (latency.get("by_batch") or {}).items():
-        for quantity, c in models.items():
-            err = (latency.get("heldout") or {}).get(batch, {}).get(quantity, {})
-            rows.append({"batch": batch, "quantity": quantity, "intercept (ms)": c.get("intercept"),
-                         "per layer (ms)": c.get("per_layer"), "per layer d^2 (ms)": c.get("per_layer_d2"),
+    for mode, quantities in (latency.get("modes") or {}).items():
+        for quantity, c in quantities.items():
+            err = (latency.get("heldout") or {}).get(mode, {}).get(quantity, {})
+            rows.append({"mode": mode, "quantity": quantity, **{k: v for k, v in c.items()},
                          "leave-one-shape-out MAPE": err.get("loso_mape"),
-                         "extrapolation MAPE": err.get("extrapolation_mape")})
+                         "largest shapes MAPE": err.get("largest_mape")})
     return pd.DataFrame(rows)
 
 
@@ -193,7 +192,8 @@ def plan_inputs(doc: Mapping[str, Any]) -> pd.DataFrame:
 
 def _serving(s: Mapping[str, Any]) -> str:
     spec = s.get("speculative") or {}
-    text = f"quantization {s.get('quantization')}"
+    text = (f"mode {s.get('mode')}" if s.get("mode") is not None else "") + \
+        (f" quantization {s.get('quantization')}" if s.get("quantization") is not None else "")
     if spec.get("enabled"):
         text += (f"; speculative decoding (acceptance {spec.get('acceptance_rate')}, {spec.get('draft_tokens')} "
                  f"draft tokens, draft cost ratio {spec.get('draft_cost_ratio')})")
