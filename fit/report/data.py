@@ -18,6 +18,7 @@ import pandas as pd
 
 from scaling_lab.conf import CONF_DIR, UserError
 from scaling_lab.fit.io import store
+from scaling_lab.fit.io.fitfile import read_fit_json
 
 
 @dataclass
@@ -96,7 +97,8 @@ def gather(cfg) -> Study:
     study = Study(sweep=sweep, results_dir=results_dir, table=table,
                   records=list(store.iter_records(results_dir, sweep)), planned=_planned(results_dir, sweep),
                   presets=presets(), paths=paths)
-    study.fit = _json(paths["constants"])
+    # its laws parsed and checked, as every fit.json reader does
+    study.fit = read_fit_json(paths["constants"]) if paths["constants"].is_file() else None
     if study.fit is not None:
         study.fit_path = paths["constants"]
         fitted = study.fit.get("provenance", {}).get("sweep")
