@@ -8,7 +8,7 @@ DEMO_DIR ?= results
 # A torch wheel index, e.g. pytorch.org's CPU or CUDA index (empty: the default index, or a build on local disk).
 TORCH_INDEX ?=
 
-.PHONY: demo test test-fast install clean bench findings lr-scan bench-wsd
+.PHONY: demo test test-fast install clean bench findings lr-scan bench-wsd screenshot
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -60,6 +60,7 @@ demo: $(STAMP)
 		demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo serving.mode=auto serving.measurements=$(DEMO_DIR)/serving/demo
 	$(BIN)/scaling-report sweep=demo results_dir=$(DEMO_DIR)
 	$(BIN)/python scripts/demo_findings.py results_dir=$(DEMO_DIR)
+	@echo "The demo's report: $(DEMO_DIR)/report/demo/report.html (open it in a browser; no server needed)"
 
 # The README's "What the demo runs and finds" block, from the demo's outputs (no training).
 findings: $(STAMP)
@@ -74,6 +75,10 @@ lr-scan: $(STAMP)
 # WSD branches against cosine runs of the same points: loss difference per point and compute saved.
 bench-wsd: $(STAMP)
 	$(BIN)/python scripts/bench_wsd.py results_dir=$(DEMO_DIR) $(DEMO_DATA)
+
+# A PNG of the demo's report in headless Chromium (Debian's package, installed with apt-get when absent).
+screenshot: $(STAMP)
+	$(BIN)/python scripts/screenshot_report.py --install $(DEMO_DIR)/report/demo/report.html
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_train_loop.py

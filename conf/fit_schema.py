@@ -39,6 +39,7 @@ class FitConf:
     source: Any = None
     protocol: Any = None
     law: Any = None
+    logger: Any = None             # conf/logger/: the stage's W&B run (fit/tracking.py)
     results_dir: str = "results"
     sweep: Optional[str] = None
     out: str = "results/fit"

@@ -116,8 +116,15 @@ class WandbConf:
 
 
 @dataclass
+class CsvConf:
+    dir: Optional[str] = None  # default: <results_dir>/<sweep.name>/csv (one <run_id>/metrics.csv per run)
+
+
+@dataclass
 class LoggerConf:
-    wandb: Optional[WandbConf] = field(default_factory=WandbConf)  # logger=none sets it to null
+    # conf/logger/: wandb (default), csv (Lightning's CSVLogger), [csv,wandb] (both), none
+    wandb: Optional[WandbConf] = None
+    csv: Optional[CsvConf] = None
 
 
 @dataclass

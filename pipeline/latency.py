@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from scaling_lab.conf import command
+from scaling_lab.fit import tracking
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
 from scaling_lab.fit.latency import LatencyModel, fit_latency, merge_into_fit_json
@@ -239,6 +240,7 @@ def run_latency(cfg) -> dict:
     print(format_latency(table, section))
     print(f"wrote {out / 'latency.csv'}, {out / 'latency.json'}"
           + (f"; the latency section of {cfg.constants}" if cfg.constants else ""))
+    tracking.log_latency(cfg, section, out)
     return section
 
 

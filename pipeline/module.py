@@ -60,6 +60,7 @@ class LitGPT(L.LightningModule):
         self.last_train_loss = float("nan")
         self.windows_hash = ""  # a chained hash of the training windows' indices, step by step (this rank)
         self.val_curve: list[tuple[int, float]] = []  # (training tokens seen, validation-curve loss)
+        self.train_curve: list[tuple[int, float]] = []  # (training tokens seen, training loss), every check_every
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -74,6 +75,7 @@ class LitGPT(L.LightningModule):
         if step % self.check_every == 0 or step == self.total_steps - 1:  # not every step: .item() syncs a GPU
             value = loss.item()
             self.last_train_loss = value
+            self.train_curve.append((self.tokens_resumed + self.tokens_local * self.trainer.world_size, value))
             if not math.isfinite(value) or value > self.diverge_loss:
                 raise DivergenceError(f"diverged at step {step}: training loss {value:.4g} "
                                       f"(threshold train.diverge_loss={self.diverge_loss})")
@@ -144,11 +146,13 @@ class LitGPT(L.LightningModule):
         checkpoint["tokens_seen"] = self.tokens_seen()
         checkpoint["val_curve"] = self.val_curve
         checkpoint["windows_hash"] = self.windows_hash
+        checkpoint["train_curve"] = self.train_curve
 
     def on_load_checkpoint(self, checkpoint):
         self.tokens_resumed = checkpoint.get("tokens_seen", 0)
         self.val_curve = [tuple(p) for p in checkpoint.get("val_curve", [])]
         self.windows_hash = checkpoint.get("windows_hash", "")
+        self.train_curve = [tuple(p) for p in checkpoint.get("train_curve", [])]
 
 
 class Progress(Callback):

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from scaling_lab.conf import command, compose
+from scaling_lab.fit import tracking
 from scaling_lab.fit.io.files import write_json_atomic
 from scaling_lab.pipeline import serving
 from scaling_lab.pipeline.latency import PROTOCOL, measure, protocol_defaults
@@ -92,6 +93,7 @@ def run(cfg: DictConfig) -> dict:
            "rows": table.to_dict(orient="records"), "layers": reports, "penalty": penalties,
            "wall_s": time.time() - started}
     write_json_atomic(out / "quantization.json", doc)
+    tracking.log_serving(cfg, "quantize", cfg.sweep, cfg.results_dir, out)
     print(format_table(table))
     for mode, p in penalties.items():
         print(format_penalty(mode, p))

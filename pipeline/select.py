@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from scaling_lab.fit import selection
+from scaling_lab.fit import selection, tracking
 from scaling_lab.conf import command
 from scaling_lab.fit.io.files import write_json_atomic
 from scaling_lab.fit.latency import FORM, LatencyModel, MissingLatency, load_latency
@@ -151,6 +151,7 @@ def run(cfg: DictConfig) -> dict:
     write_json_atomic(out / "selection.json", result)
     print(format_report(result, table, cfg.top))
     print(f"wrote {out / 'selection.json'}, {out / 'candidates.csv'}")
+    tracking.log_select(cfg, result, out)
     return result
 
 

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from scaling_lab.conf import command
+from scaling_lab.fit import tracking
 from scaling_lab.fit.io.files import write_json_atomic
 from scaling_lab.models.speculative import speculative_generate, target_generate
 from scaling_lab.pipeline import serving
@@ -146,6 +147,7 @@ def run(cfg: DictConfig) -> dict:
            "best": best[["draft_run_id", "target_run_id", "mode", "k", "acceptance_rate", "speedup_measured",
                          "cost_ratio"]].to_dict(orient="records")}
     write_json_atomic(out / "speculative.json", doc)
+    tracking.log_serving(cfg, "speculate", cfg.sweep, cfg.results_dir, out)
     print(format_table(table))
     print(f"wrote {out / 'speculative.csv'} and {out / 'speculative.json'}")
     return doc

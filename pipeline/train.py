@@ -250,7 +250,8 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> 
         resume, trunk = _stable_checkpoint(cfg, spec, corpus)
         log.info("decay branch of run %s starts from the stable run's step %d (%s)", spec.run_id, spec.decay_start,
                  resume)
-    trainer = build_trainer(t, spec, logger=wandb_logger, callbacks=callbacks, root_dir=ckpt.parent)
+    loggers = [x for x in (wandb_logger, _csv_logger(cfg, spec)) if x is not None]
+    trainer = build_trainer(t, spec, logger=loggers, callbacks=callbacks, root_dir=ckpt.parent)
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from scaling_lab.pipeline import signals
@@ -282,7 +283,8 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> 
             "loss": {"final": loss, "stderr": heldout["stderr"],
                      "bits_per_byte": bits_per_byte(heldout["nats_total"], slice_["bytes"]),
                      "eval_tokens": slice_["tokens"], "eval": {**slice_, "seed": cfg.data.eval_seed},
-                     "train_last": module.last_train_loss, **_curve_summary(module.val_curve)},
+                     "train_last": module.last_train_loss, **_curve_summary(module.val_curve),
+                     "train_curve": [[int(t), float(v)] for t, v in module.train_curve]},
             "timing": {"threads": spec.threads, "train_s": train_s + trunk.get("train_s", 0.0),
                        "branch_train_s": train_s, "stable_train_s": trunk.get("train_s", 0.0),
                        "tokens_per_s": (tokens_seen - module.tokens_resumed) / train_s if train_s else None,
@@ -460,9 +462,21 @@ def _wandb_logger(cfg, spec: RunSpec):
     config = redact_config(cfg)
     config["run_id"] = spec.run_id
     return WandbLogger(project=w.project, entity=w.entity, name=spec.run_id, id=f"{spec.sweep}-{spec.run_id}",
-                       group=spec.sweep, tags=tags, mode=w.mode, save_dir=str(save_dir), config=config,
+                       group=spec.sweep, job_type="train", tags=tags, mode=w.mode, save_dir=str(save_dir), config=config,
                        resume="allow", settings=wandb.Settings(console="off", x_disable_stats=True, silent=True,
                                                x_disable_meta=True))  # its metadata holds the command line
+
+
+def _csv_logger(cfg, spec: RunSpec):
+    """Lightning's CSVLogger (``logger=csv`` or ``logger=[csv,wandb]``): the curves in
+    ``<dir>/<run_id>/metrics.csv`` for users without W&B; a resumed run appends to its own file."""
+    c = cfg.logger.get("csv")
+    if c is None:
+        return None
+    from lightning.pytorch.loggers import CSVLogger
+
+    save_dir = Path(c.dir or store.sweep_dir(cfg.results_dir, spec.sweep) / "csv")
+    return CSVLogger(save_dir=str(save_dir), name="", version=spec.run_id)
 
 
 def _size_class(n: float) -> str:

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from scaling_lab.conf import command, compose
+from scaling_lab.fit import tracking
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
 from scaling_lab.pipeline import select as select_cli
@@ -110,6 +111,7 @@ def run(cfg: DictConfig) -> dict:
         f"budget.band={cfg.band}", f"budget.tokens={tokens}", f"select.loss_tolerance={cfg.loss_tolerance}",
         f"select.measure={str(cfg.measure).lower()}", f"out={out / 'selection'}"])
     select_cfg.arch = cfg.arch  # the family chosen for the verification (arch=...), not select.yaml's default
+    select_cfg.logger = cfg.logger  # its W&B run as the verification's (logger=none: none)
     selection = select_cli.run(select_cfg)
     candidates = pd.read_csv(out / "selection" / "candidates.csv")
     shapes = {"morph": selection["chosen"], "conventional": conventional(candidates, ref["median_R"], target_n)}
@@ -145,6 +147,7 @@ def run(cfg: DictConfig) -> dict:
     write_json_atomic(out / "verification.json", result)
     print(format_verification(result))
     print(f"wrote {out / 'verification.json'}")
+    tracking.log_verify(cfg, result, out)
     return result
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from scaling_lab.fit import tracking
 from scaling_lab.fit.fitting import choose, export, isoflop, noise, summary
 from scaling_lab.conf import command, compose
 from scaling_lab.fit.fitting.fitlaw import BootstrapSettings, compile_law, fit_law
@@ -117,6 +118,7 @@ def run(cfg: DictConfig) -> dict:
         from scaling_lab.fit.fitting import plots      # matplotlib only when drawing
         plots.draw_all(Path(cfg.out), table, fits, iso)
     print(f"wrote {path}")
+    tracking.log_fit(cfg, doc, cfg.out)
     return doc
 
 

@@ -143,6 +143,26 @@ def load_table(results_dir: str | Path, sweep: str) -> pd.DataFrame:
                              ignore_index=True)
 
 
+def export_table(results_dir: str | Path, sweep: str, out: str | Path | None = None) -> list[Path]:
+    """The sweep's table as files people load anywhere: ``runs.csv`` and ``runs.parquet`` (when pyarrow or
+    fastparquet is installed) in ``out`` (default: the sweep's folder). Returns the paths written."""
+    table = load_table(results_dir, sweep)
+    out = Path(out) if out is not None else sweep_dir(results_dir, sweep)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "runs.csv"]
+    tmp = out / f".runs.csv.{os.getpid()}.tmp"
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, paths[0])
+    try:
+        tmp = out / f".runs.parquet.{os.getpid()}.tmp"
+        table.astype({c: "string" for c in ("error", "latency_device", "finished_at")}).to_parquet(tmp, index=False)
+        os.replace(tmp, out / "runs.parquet")
+        paths.append(out / "runs.parquet")
+    except ImportError:
+        pass
+    return paths
+
+
 # ----- run state: a claim while a process trains a run, its checkpoint while it is unfinished ----------------
 #
 # Before training, a process claims the run: ``<sweep>/running/<run_id>.json`` created with O_CREAT | O_EXCL

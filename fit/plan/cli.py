@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from scaling_lab.fit import tracking
 from scaling_lab.fit.plan import planner
 from scaling_lab.conf import command
 from scaling_lab.fit.laws.law import LawConstants
@@ -197,6 +198,7 @@ def run(cfg: DictConfig) -> dict:
     plot(cfg, constants, target["trained_loss"], inference, prices, doc, out / "plan.png")
     print(table(doc))
     print(f"wrote {out / 'plan.json'} and {out / 'plan.png'}")
+    tracking.log_plan(cfg, doc, out)
     return doc
 
 
