@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 REDACTED = "<redacted>"
-_WORDS = {"token", "secret", "secrets", "password", "passwd", "pwd", "credential", "credentials", "apikey", "auth",
+_WORDS = {"token", "secret", "secrets", "password", "passwd", "credential", "credentials", "apikey", "auth",
           "passphrase"}
 _PAIRS = {("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"), ("client", "secret")}
 _ASSIGNMENT = re.compile(r"([A-Za-z_][\w.+~-]*)(\s*[=:]\s*)(['\"]?)([^\s,'\"\]}]+)")
@@ -25,7 +25,8 @@ _MIN_SECRET = 6  # shorter values would match everywhere (and are not worth hidi
 
 
 def looks_like_credential(name: Any) -> bool:
-    """HF_TOKEN, api_key, WANDB_API_KEY, db.password, authToken: yes; tokens, eval_tokens, tokenizer: no."""
+    """HF_TOKEN, api_key, WANDB_API_KEY, db.password, authToken: yes; tokens, eval_tokens, tokenizer, PWD (the
+    shell's working directory): no."""
     if not isinstance(name, str):
         return False
     last = re.split(r"[.+~/]", name)[-1]
