@@ -1,5 +1,5 @@
 """Bad inputs a new user tries, each through the installed console script: one line ``scaling-<cmd>: error: ...``,
-exit 2, no traceback. The test writes the reference table docs/bad-inputs.md (one line per case and its message),
+exit 2, no traceback. The test writes the reference table scripts/output/bad-inputs.md (one line per case and its message),
 so the documented messages are the ones the commands print."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 BIN = Path(sys.executable).parent
-DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md"
+DOC = Path(__file__).resolve().parents[1] / "scripts" / "output" / "bad-inputs.md"
 TABLE: dict[str, tuple[str, str]] = {}
 
 
