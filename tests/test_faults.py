@@ -147,11 +147,12 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, token_cache):
         proc = _popen(["-m", *SWEEP, f"results_dir={results}", *common])
         if attempt % 2:  # a moment after the launch (often in start-up) ...
             delay = rng.uniform(3.0, 11.0)
-        else:  # ... or after the launch has claimed a run (corpus, training, evaluation, record)
+        else:  # ... or once the launch has claimed a run that has a checkpoint (mid-training on any machine speed)
             deadline = time.time() + 60
-            while time.time() < deadline and proc.poll() is None and not _claimed_by(results, proc.pid):
-                time.sleep(0.05)
-            delay = rng.uniform(0.0, 3.0)
+            while time.time() < deadline and proc.poll() is None and not (
+                    _claimed_by(results, proc.pid) and list((results / "smoke" / "checkpoints").glob("*.ckpt"))):
+                time.sleep(0.02)
+            delay = rng.uniform(0.0, 0.5)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
