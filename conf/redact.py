@@ -17,20 +17,24 @@ from pathlib import Path
 from typing import Any, Iterable
 
 REDACTED = "<redacted>"
-_WORDS = {"token", "secret", "secrets", "password", "passwd", "credential", "credentials", "apikey", "auth",
+_WORDS = {"secret", "secrets", "password", "passwd", "credential", "credentials", "apikey", "auth",
           "passphrase"}
+_NOT_A_SECRET_TOKEN = {"per", "eos", "bos", "pad", "unk", "mask", "sep", "cls", "first", "last", "next", "special",
+                       "start", "end"}
 _PAIRS = {("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"), ("client", "secret")}
 _ASSIGNMENT = re.compile(r"([A-Za-z_][\w.+~-]*)(\s*[=:]\s*)(['\"]?)([^\s,'\"\]}]+)")
 _MIN_SECRET = 6  # shorter values would match everywhere (and are not worth hiding)
 
 
 def looks_like_credential(name: Any) -> bool:
-    """HF_TOKEN, api_key, WANDB_API_KEY, db.password, authToken: yes; tokens, eval_tokens, tokenizer, PWD (the
-    shell's working directory): no."""
+    """HF_TOKEN, api_key, WANDB_API_KEY, db.password, authToken: yes; tokens, eval_tokens, tokenizer, per_token,
+    decode_ms_per_token, PWD (the shell's working directory): no."""
     if not isinstance(name, str):
         return False
     last = re.split(r"[.+~/]", name)[-1]
     words = [w.lower() for w in re.split(r"[_\-\s]+|(?<=[a-z])(?=[A-Z])", last) if w]
+    if words[-1:] == ["token"]:  # HF_TOKEN, auth_token: yes; per_token, eos_token (counts and vocabulary): no
+        return len(words) == 1 or words[-2] not in _NOT_A_SECRET_TOKEN
     return any(w in _WORDS for w in words) or any(p in _PAIRS for p in zip(words, words[1:]))
 
 
