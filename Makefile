@@ -30,8 +30,8 @@ test-fast: $(STAMP)
 # The demo sweep on 2 parallel jobs (1 thread each): 3 size classes x 4 depths x 3 token budgets as WSD decay
 # branches (conf/launch/sweep/demo.yaml), plus the smallest shape (N 2.5e4, a decade below the largest) and a second
 # seed of one shape of the largest class (weights kept). Then fit (held out: the largest size class, to measure
-# extrapolation in N), the latency law per serving mode, INT8/INT4 quantization and speculative decoding of the
-# trained models, select and verify a shape at the largest size, plan (choosing the serving mode from those
+# extrapolation in N), the latency law per serving mode, INT8/INT4 quantization (of 12 runs) and speculative decoding
+# of the trained models, select and verify a shape at the largest size, plan (choosing the serving mode from those
 # measurements), report, and print the findings block of the README.
 # Every stage is a command a user can run alone. DEMO_DATA runs the same study on another corpus, e.g.
 #   make demo DEMO_DATA='data=files data.path=~/corpus' DEMO_DIR=/tmp/mine
@@ -43,6 +43,10 @@ DEMO_TRAIN := $(BIN)/scaling-train -m sweep=demo hydra/launcher=joblib results_d
 # the fit rows: every size class but the largest (actual N 2.2e5-2.5e5), which is held out
 DEMO_FIT_ROWS := params_non_embedding < 2e5
 
+# the runs quantized (about 20 s each on 1 thread): the smallest shape and the largest size class, at the smallest
+# and the largest budget (a decade in N and in D for the penalty law)
+DEMO_QUANT_ROWS := (tokens_budget == 51200 or tokens_budget == 512000) and (params_non_embedding < 5e4 or params_non_embedding > 2e5)
+
 demo: $(STAMP)
 	$(DEMO_TRAIN) hydra.launcher.n_jobs=2
 	$(DEMO_TRAIN) hydra.launcher.n_jobs=1 model.params=2.5e4 model.n_layers=2 & \
@@ -52,7 +56,7 @@ demo: $(STAMP)
 		'source.fit_rows="$(DEMO_FIT_ROWS)"' protocol=auto
 	$(BIN)/scaling-latency sweep=demo results_dir=$(DEMO_DIR) constants=$(DEMO_DIR)/fit/demo/fit.json \
 		out=$(DEMO_DIR)/latency/demo 'measure.modes=[none,int8,int4]'
-	$(BIN)/scaling-quantize sweep=demo results_dir=$(DEMO_DIR)
+	$(BIN)/scaling-quantize sweep=demo results_dir=$(DEMO_DIR) 'rows="$(DEMO_QUANT_ROWS)"'
 	$(BIN)/scaling-speculate sweep=demo results_dir=$(DEMO_DIR) 'ks=[1,2,4]' prompts=2
 	$(BIN)/scaling-verify results_dir=$(DEMO_DIR) sweep=demo constants=$(DEMO_DIR)/fit/demo/fit.json \
 		params_factor=1.0 tokens_per_param=0.5 'train_overrides=[$(subst $(space),$(comma),$(strip $(DEMO_DATA)))]'

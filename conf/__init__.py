@@ -48,6 +48,17 @@ def storage_message(err: OSError, kept: str = "") -> str:
     return f"cannot write {where}: {what} ({err.strerror})" + (f"; {kept}" if kept else "; nothing else was changed")
 
 
+def _hydra_dir_hint(err: OSError) -> str:
+    """What to do when Hydra itself cannot create its output folder (before any of our code ran)."""
+    import traceback
+
+    ours = tuple(str(Path(__file__).resolve().parents[1] / d) + os.sep for d in ("pipeline", "fit", "models"))
+    if not any(f.filename.startswith(ours) for f in traceback.extract_tb(err.__traceback__)):
+        return ("nothing else was changed; Hydra's output folder must be writable: give another with "
+                "hydra.run.dir=... (hydra.sweep.dir=... with -m); finished runs are then skipped as usual")
+    return ""
+
+
 class UserError(ValueError):
     """Bad input the user can fix. Raised before any compute is spent; a command prints it as one line, exit 2."""
 
@@ -167,7 +178,7 @@ def command(prog: str, config_name: str, run: Callable[[Any], Any],
         except OSError as err:
             if err.errno not in STORAGE_ERRNOS:
                 raise
-            fail(prog, storage_message(err))
+            fail(prog, storage_message(err, _hydra_dir_hint(err)))
 
     main.__doc__ = f"{prog}: see `{prog} --help`."
     return main

@@ -474,6 +474,10 @@ class TokenDataModule(L.LightningDataModule):
         trainer = self.trainer
         start, rank, world = (trainer.global_step, trainer.global_rank, trainer.world_size) if trainer else (0, 0, 1)
         self.fed.clear()
+        if world > 1 and (self.batch_size % world or len(self.train_windows) % world):
+            raise DataError(f"{world} ranks cannot split batches of {self.batch_size} and {len(self.train_windows)} "
+                            "sequences evenly: give train.devices and train.num_nodes as counts, so the run's plan "
+                            "rounds the budget for its ranks")
         sampler = GlobalBatches(len(self.train_windows), self.batch_size, start, rank, world,
                                 on_batch=lambda b: self.fed.append(self.train_windows[b]))
         ds = Windows(self.corpus.tokens("train"), self.seq_len, self.train_windows)

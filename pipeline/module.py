@@ -232,6 +232,12 @@ class Checkpointing(Callback):
         if self.every and step % self.every == 0 and step < pl_module.total_steps:
             self.save(trainer)
 
+    def on_train_end(self, trainer, pl_module):
+        # The trained weights, kept until the record is in place: a full disk or a kill during evaluation, latency or
+        # the record's write loses no training (the relaunch goes straight to evaluation).
+        if trainer.global_step == pl_module.total_steps and not self.saved_for_signal:
+            self.save(trainer, reason="trained")
+
     def save_at_signal(self, trainer, pl_module, signum: int, phase: str):
         """Save the state at the signal and raise ``Preempted`` carrying where it is."""
         name = signals.signal.Signals(signum).name

@@ -36,7 +36,7 @@ def run(cfg: DictConfig) -> dict:
     if bad or not modes:
         raise serving.ServingInputError(f"modes must be some of {list(serving.MODES)}, got {modes}")
     records = serving.pick_records(serving.ok_records(cfg.results_dir, cfg.sweep), list(cfg.runs), cfg.results_dir,
-                                   cfg.sweep)
+                                   cfg.sweep, rows=cfg.rows)
     protocol = protocol_defaults(cfg.results_dir, cfg.sweep)
     protocol.update({k: v for k, v in cfg.measure.items() if v is not None and k in PROTOCOL})
     threads = cfg.threads or protocol.get("threads")

@@ -50,6 +50,15 @@ class RunSpec:
         return self.total_steps - self.decay_start if self.decay_start is not None else 0
 
 
+def world_size(t) -> int:
+    """Ranks of a run: train.devices (a count or a list of device ids) x train.num_nodes; 'auto' and -1 count as
+    one device per node here (they only pick a count on accelerators the planner cannot see)."""
+    devices = t.devices
+    n = len(devices) if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)) else \
+        int(devices) if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()) else 1
+    return max(1, n) * max(1, int(t.num_nodes))
+
+
 def _positive(name: str, value) -> None:
     if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
@@ -110,6 +119,14 @@ def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
     elif t.batch_rule != "constant":
         raise ConfigError(f"train.batch_rule={t.batch_rule!r}: choose constant or sqrt_tokens")
     batch = max(1, min(batch, t.max_batch_size, sequences))
+    world = world_size(t)
+    if world > 1:  # every global batch, the last one included, splits evenly: no rank idles or weighs more
+        if batch % world:
+            raise ConfigError(f"train.batch_size={batch} (after train.batch_rule) must be a multiple of the "
+                              f"{world} ranks of train.devices x train.num_nodes")
+        sequences -= sequences % world
+        if sequences < world:
+            raise ConfigError(f"token budget {tokens:,.0f} gives fewer sequences than the {world} ranks")
     if t.lr_rule == "constant":
         lr = t.lr
     elif t.lr_rule == "inverse_width":

@@ -26,6 +26,7 @@ from pathlib import Path
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # the wheel's .so files are CUDA-only
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 
@@ -56,9 +57,18 @@ def ok_records(results_dir, sweep: str) -> list[dict]:
     return records
 
 
-def pick_records(records: list[dict], run_ids, results_dir, sweep: str) -> list[dict]:
-    """The records of ``run_ids`` (all with saved weights if empty); unknown ids and runs without weights are
-    one-line errors, raised before any compute."""
+def pick_records(records: list[dict], run_ids, results_dir, sweep: str, rows: str | None = None) -> list[dict]:
+    """The records of ``run_ids`` (all with saved weights if empty), narrowed by ``rows``, a row query over the
+    sweep's table (``store.COLUMNS``: comparisons, arithmetic and and/or/not, never code); unknown ids, runs without
+    weights and a query that selects nothing are one-line errors, raised before any compute."""
+    if rows:
+        from scaling_lab.fit.expr import query_mask
+
+        table = pd.DataFrame([store.flatten(r) for r in records], columns=list(store.COLUMNS))
+        keep = set(table.run_id[query_mask(table, str(rows), "rows")])
+        if not keep:
+            raise ServingInputError(f"rows={rows!r} selects none of the {len(records)} ok runs of sweep {sweep!r}")
+        records = [r for r in records if r["run_id"] in keep]
     by_id = {r["run_id"]: r for r in records}
     if run_ids:
         unknown = [i for i in run_ids if i not in by_id]

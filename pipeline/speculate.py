@@ -32,11 +32,18 @@ def _decode_ms(record: dict) -> float:
 
 
 def choose_pairs(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
-    """(targets, drafts): named runs, or the slowest and fastest to decode; every check before any compute."""
+    """(targets, drafts): named runs, or the slowest and fastest shapes to decode, each by its best-trained run (the
+    one a user would serve: most tokens, then lowest loss); every check before any compute."""
     records = serving.ok_records(cfg.results_dir, cfg.sweep)
     with_weights = serving.pick_records(records, [], cfg.results_dir, cfg.sweep) if not (cfg.targets and cfg.drafts) \
         else []
-    by_speed = sorted(with_weights, key=_decode_ms)
+    best: dict[tuple, dict] = {}
+    for r in with_weights:
+        key = (r["shape"]["n_layers"], r["shape"]["d_model"])
+        rank = (r["tokens"]["seen"], -r["loss"]["final"])
+        if key not in best or rank > (best[key]["tokens"]["seen"], -best[key]["loss"]["final"]):
+            best[key] = r
+    by_speed = sorted(best.values(), key=_decode_ms)
     targets = (serving.pick_records(records, list(cfg.targets), cfg.results_dir, cfg.sweep) if cfg.targets
                else by_speed[::-1][:int(cfg.n_targets)])
     drafts = (serving.pick_records(records, list(cfg.drafts), cfg.results_dir, cfg.sweep) if cfg.drafts

@@ -107,6 +107,15 @@ class CheckSweep(Callback):
         states = {p.run_id: store.run_state(self.results_dir, self.sweep, p.run_id) for p in planned}
         counts = {s: list(states.values()).count(s) for s in store.STATES}
         line = f"sweep {self.sweep}: {len(states)} runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+        resumed = []  # runs that a pre-emption, a time limit (a submitit requeue) or a kill interrupted on the way
+        for run_id in (r for r, s in states.items() if s == "done"):
+            record = store.read_record(store.record_path(self.results_dir, self.sweep, run_id)) or {}
+            stops = [a.get("ended", "") for a in record.get("attempts", []) if a.get("ended") != "ok"]
+            if stops:
+                resumed.append(f"{run_id} ({', '.join(stops)})")
+        if resumed:
+            line += (f"; {len(resumed)} finished after resuming from an interruption: " + "; ".join(resumed[:5]) +
+                     (" ..." if len(resumed) > 5 else ""))
         bad = [r for r, s in states.items() if s in ("failed", "damaged")]
         if not bad:
             print(line, file=sys.stderr, flush=True)

@@ -166,6 +166,10 @@ def test_bad_input_is_one_line_before_compute(trained, tmp_path):
         (quantize, "quantize", [f"runs=[{runs['no_weights']['run_id']}]"], "no saved weights"),
         (speculate, "speculate", [f"targets=[{runs['target']['run_id']}]", f"drafts=[{runs['bpe']['run_id']}]"],
          "do not share a tokenizer"),
+        (quantize, "quantize", ['rows="tokens_budget > 1e12"'], "selects none"),
+        (quantize, "quantize", ['rows="__import__(\'os\').system(\'true\')"'], "rows"),
+        (quantize, "quantize", ['rows="tokens_budget < 1e4"', f"runs=[{runs['no_weights']['run_id']}]"],
+         "unknown run id"),  # rows narrows the pool first: the run it leaves out is unknown
         (speculate, "speculate", [f"targets=[{runs['target']['run_id']}]", "drafts=[nosuchrun]"], "unknown run id"),
         (speculate, "speculate", [f"targets=[{runs['target']['run_id']}]",
                                   f"drafts=[{runs['no_weights']['run_id']}]"], "no saved weights"),

@@ -136,3 +136,40 @@ def test_concurrent_writers_never_corrupt_a_record(tmp_path):
     assert len(files) == 30 and seen > 0
     assert all(json.loads(f.read_text())["writer"] in (1, 2) for f in files)
     assert not list((tmp_path / "race").glob(".*tmp"))
+
+
+@pytest.mark.slow
+def test_submitit_requeue_resumes_from_the_checkpoint_taken_at_the_signal(sweep_args, tmp_path):
+    """SIGUSR2 to a running submitit job (what SLURM sends before a time limit or a pre-emption): the run saves at
+    the signal and hands over to submitit's handler, which requeues the job; the requeued job resumes from that
+    checkpoint and finishes; the launcher ends normally and the record keeps both attempts."""
+    args = ["scaling-train", "-m", "hydra/launcher=submitit_local", "model.n_layers=2", "model.d_model=32",
+            "model.head_dim=16", "model.seq_len=32", "train.tokens=204800", "train.batch_size=8",
+            "train.ckpt_every=0", "train.progress_every_s=0", "train.log_every=4", "latency.enabled=false",
+            "logger=none", "data.eval_tokens=2048", "data.val_curve_tokens=512", *sweep_args]
+    launcher = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    hydra_dir = tmp_path / "results" / "default" / "hydra"
+    deadline, logs = time.time() + 240, []
+    while time.time() < deadline and launcher.poll() is None:
+        logs = [p for p in hydra_dir.rglob("*_log.out")] if hydra_dir.exists() else []
+        if logs and "step 20/" in logs[0].read_text():
+            break
+        time.sleep(0.1)
+    assert logs, "the submitit job never logged its training steps"
+    # a local submitit job's id is the pid of its controller, which runs the task as its child (as SLURM runs a step)
+    controller = int(logs[0].name.split("_")[0])
+    (task,) = [int(p) for p in subprocess.run(["pgrep", "-P", str(controller)], capture_output=True,
+                                              text=True).stdout.split()]
+    os.kill(task, signal.SIGUSR2)
+    out, err = launcher.communicate(timeout=400)
+    assert launcher.returncode == 0, err[-3000:]
+    assert "Traceback" not in out + err
+    assert "sweep default: 1 runs: 1 done; 1 finished after resuming from an interruption: " in err
+    assert "(interrupted (SIGUSR2 during training))" in err, err[-3000:]
+    job_log = logs[0].read_text() + logs[0].with_name(logs[0].name.replace("_log.out", "_log.err")).read_text()
+    assert "interrupted: SIGUSR2 during training" in job_log and "Requeued job" in job_log, job_log[-3000:]
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "results" / "default").glob("*.json")]
+    assert record["status"] == "ok" and record["tokens"]["seen"] == record["tokens"]["budget"] == 204800
+    assert 20 * 8 * 32 <= record["timing"]["resumed_from_tokens"] < 204800
+    assert [a["ended"] for a in record["attempts"]] == ["interrupted (SIGUSR2 during training)", "ok"]

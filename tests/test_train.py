@@ -154,3 +154,20 @@ def test_wsd_needs_a_budget_free_batch_and_warmup(compose_train):
         run(compose_train(*WSD, "train.batch_rule=sqrt_tokens"))
     with pytest.raises(ConfigError, match="warmup_steps"):
         run(compose_train(*WSD, "train.warmup_steps=null"))
+
+
+def test_ranks_get_equal_work_in_every_global_batch(compose_train):
+    """Under DDP each global batch, the last one included, splits evenly over the ranks: the plan rounds the budget
+    to whole rank shares (523 sequences of 32 tokens become 522 on 2 ranks) and refuses a batch they cannot split."""
+    from scaling_lab.pipeline.data import GlobalBatches
+    from scaling_lab.pipeline.runspec import plan_run
+
+    one = plan_run(compose_train("train.tokens=16736"))
+    two = plan_run(compose_train("train.tokens=16736", "train.devices=2", "train.strategy=ddp"))
+    assert (one.tokens, two.tokens) == (523 * 32, 522 * 32) and one.run_id != two.run_id
+    sequences = two.tokens // 32
+    shares = [[len(b) for b in GlobalBatches(sequences, two.batch_size, rank=r, world=2)] for r in (0, 1)]
+    assert shares[0] == shares[1] and min(shares[0]) >= 1 and sum(map(sum, shares)) == sequences
+    with pytest.raises(ConfigError, match="multiple of the 2 ranks"):
+        plan_run(compose_train("train.batch_size=7", "train.devices=2"))
+    assert plan_run(compose_train("train.devices=[0,1]", "train.num_nodes=2", "train.batch_size=8")).tokens % 4 == 0
