@@ -20,12 +20,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# One test worker per core (at most 4), each pinned to its core (tests/conftest.py); a file's tests share a worker.
+TEST_WORKERS := -n auto --maxprocesses 4 --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(TEST_WORKERS)
 
 # Everything but the tests marked slow (multiruns, resumes, the verification, the wheel build).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(TEST_WORKERS) -m "not slow"
 
 # The demo sweep on 2 parallel jobs (1 thread each): 3 size classes x 4 depths x 3 token budgets as WSD decay
 # branches (conf/launch/sweep/demo.yaml), plus the smallest shape (N 2.5e4, a decade below the largest) and a second
@@ -48,6 +51,7 @@ DEMO_FIT_ROWS := params_non_embedding < 2e5
 DEMO_QUANT_ROWS := (tokens_budget == 51200 or tokens_budget == 512000) and (params_non_embedding < 5e4 or params_non_embedding > 2e5)
 
 demo: $(STAMP)
+	@mkdir -p $(DEMO_DIR) && date +%s > $(DEMO_DIR)/.demo_started
 	$(DEMO_TRAIN) hydra.launcher.n_jobs=2
 	$(DEMO_TRAIN) hydra.launcher.n_jobs=1 model.params=2.5e4 model.n_layers=2 & \
 	$(DEMO_TRAIN) hydra.launcher.n_jobs=1 model.params=2.4e5 model.n_layers=4 train.seed=1; wait
@@ -65,6 +69,7 @@ demo: $(STAMP)
 	$(BIN)/scaling-report sweep=demo results_dir=$(DEMO_DIR)
 	$(BIN)/python scripts/demo_findings.py results_dir=$(DEMO_DIR)
 	@echo "The demo's report: $(DEMO_DIR)/report/demo/report.html (open it in a browser; no server needed)"
+	@echo "make demo's stages took $$(( $$(date +%s) - $$(cat $(DEMO_DIR)/.demo_started) )) s (set-up excluded)"
 
 # The README's "What the demo runs and finds" block, from the demo's outputs (no training).
 findings: $(STAMP)

@@ -32,8 +32,9 @@ def _decode_ms(record: dict) -> float:
 
 
 def choose_pairs(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
-    """(targets, drafts): named runs, or the slowest and fastest shapes to decode, each by its best-trained run (the
-    one a user would serve: most tokens, then lowest loss); every check before any compute."""
+    """(targets, drafts): named runs, or the largest and smallest shapes (by non-embedding N, then by their
+    records' decode time: timings taken beside other jobs are too noisy to rank shapes alone), each by its
+    best-trained run (the one a user would serve: most tokens, then lowest loss); every check before any compute."""
     records = serving.ok_records(cfg.results_dir, cfg.sweep)
     with_weights = serving.pick_records(records, [], cfg.results_dir, cfg.sweep) if not (cfg.targets and cfg.drafts) \
         else []
@@ -43,7 +44,7 @@ def choose_pairs(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
         rank = (r["tokens"]["seen"], -r["loss"]["final"])
         if key not in best or rank > (best[key]["tokens"]["seen"], -best[key]["loss"]["final"]):
             best[key] = r
-    by_speed = sorted(best.values(), key=_decode_ms)
+    by_speed = sorted(best.values(), key=lambda r: (r["params"]["non_embedding"], _decode_ms(r)))
     targets = (serving.pick_records(records, list(cfg.targets), cfg.results_dir, cfg.sweep) if cfg.targets
                else by_speed[::-1][:int(cfg.n_targets)])
     drafts = (serving.pick_records(records, list(cfg.drafts), cfg.results_dir, cfg.sweep) if cfg.drafts

@@ -115,6 +115,56 @@ def plan_lines(results_dir: Path, sweep: str) -> list[str]:
             + (f"; not identified by the bootstrap: {warn}" if warn else "")]
 
 
+def serving_lines(results_dir: Path, sweep: str) -> list[str]:
+    """Quantization, speculative decoding, the latency law's held-out errors and the plan's serving mode."""
+    out = []
+    q = _load(results_dir / "serving" / sweep / "quantization.json")
+    if q is None:
+        out.append(f"- no quantization.json: run `scaling-quantize sweep={sweep}`")
+    else:
+        rows = q["rows"]
+        parts = []
+        for mode in q["modes"]:
+            r = [x for x in rows if x["mode"] == mode]
+            full = [x for x in r if not x["layers_skipped"]]
+            deltas = np.array([x["loss_delta"] for x in r])
+            parts.append(f"{mode}: loss {deltas.mean():+.5f} nats on average (max {deltas.max():+.5f}), weight bytes "
+                         f"x{np.median([x['bytes_ratio'] for x in r]):.2f}, decode "
+                         f"x{np.median([x['decode_speedup'] for x in r]):.2f} as fast as fp32 (medians; "
+                         f"{len(full)} of {len(r)} runs fully quantized)")
+            pen = (q.get("penalty") or {}).get(mode) or {}
+            if pen.get("fitted"):
+                a, b = pen["params"]["a"], pen["params"]["b"]
+                parts[-1] += (f"; penalty law a {a:.2f} [{pen['ci95']['a'][0]:.2f}, {pen['ci95']['a'][1]:.2f}], "
+                              f"b {b:.2f} [{pen['ci95']['b'][0]:.2f}, {pen['ci95']['b'][1]:.2f}]"
+                              + (f", not identified: {pen['not_identified']}" if pen.get("not_identified") else ""))
+        out.append(f"- **Quantization** ({len({x['run_id'] for x in rows})} runs, `scaling-quantize`): "
+                   + "; ".join(parts) + ".")
+    s = _load(results_dir / "serving" / sweep / "speculative.json")
+    if s is not None and s.get("best"):
+        b = max(s["best"], key=lambda x: x["speedup_measured"])
+        out.append(f"- **Speculative decoding** (`scaling-speculate`): best measured {b['speedup_measured']:.2f}x "
+                   f"(draft {b['draft_run_id']} -> target {b['target_run_id']}, {b['mode']}, k={b['k']}, acceptance "
+                   f"{b['acceptance_rate']:.2f}, draft/target cost {b['cost_ratio']:.2f}).")
+    fit = _load(results_dir / "fit" / sweep / "fit.json") or {}
+    held = (fit.get("latency") or {}).get("heldout") or {}
+    if held:
+        out.append("- **Latency law** (`scaling-latency`, decode ms/token; leave-one-shape-out MAPE and the largest "
+                   "quarter of the shapes predicted from the rest, target 15%): " + "; ".join(
+                       f"{m} {100 * h['decode_ms_per_token']['loso_mape']:.1f}% / "
+                       f"{100 * h['decode_ms_per_token']['largest_mape']:.1f}%"
+                       for m, h in held.items() if h.get("decode_ms_per_token", {}).get("largest_mape") is not None)
+                   + ".")
+    p = _load(results_dir / "plan" / sweep / "plan.json")
+    modes = (p or {}).get("serving_modes") or {}
+    if modes.get("modes"):
+        chosen = modes.get("chosen")
+        out.append(f"- **Serving mode chosen by the plan** (`scaling-plan serving.mode={modes.get('requested')}`): "
+                   f"{chosen}; total cost vs full precision " + ", ".join(
+                       f"{m} {100 * v['cost_vs_none']:.1f}%" for m, v in modes["modes"].items()) + ".")
+    return out
+
+
 def main(argv: list[str]) -> None:
     args = dict(a.split("=", 1) for a in argv)
     results_dir = Path(args.get("results_dir", "results"))
@@ -125,6 +175,7 @@ def main(argv: list[str]) -> None:
     lines += fit_lines(_load(results_dir / "fit" / sweep / "fit.json"), law)
     lines += verify_lines(results_dir, sweep)
     lines += plan_lines(results_dir, sweep)
+    lines += serving_lines(results_dir, sweep)
     bench = _load(results_dir / "bench_wsd" / "bench_wsd.json")
     if bench:
         lines.append(f"- **WSD vs cosine** (`make bench-wsd`, {bench['points']} points): WSD minus cosine loss "
