@@ -26,7 +26,6 @@ from pathlib import Path
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # the wheel's .so files are CUDA-only
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn as nn
 
@@ -64,7 +63,7 @@ def pick_records(records: list[dict], run_ids, results_dir, sweep: str, rows: st
     if rows:
         from scaling_lab.fit.expr import query_mask
 
-        table = pd.DataFrame([store.flatten(r) for r in records], columns=list(store.COLUMNS))
+        table = store.table_of(records)
         keep = set(table.run_id[query_mask(table, str(rows), "rows")])
         if not keep:
             raise ServingInputError(f"rows={rows!r} selects none of the {len(records)} ok runs of sweep {sweep!r}")

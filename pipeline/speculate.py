@@ -38,17 +38,14 @@ def choose_pairs(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
     records = serving.ok_records(cfg.results_dir, cfg.sweep)
     with_weights = serving.pick_records(records, [], cfg.results_dir, cfg.sweep) if not (cfg.targets and cfg.drafts) \
         else []
-    best: dict[tuple, dict] = {}
-    for r in with_weights:
-        key = (r["shape"]["n_layers"], r["shape"]["d_model"])
-        rank = (r["tokens"]["seen"], -r["loss"]["final"])
-        if key not in best or rank > (best[key]["tokens"]["seen"], -best[key]["loss"]["final"]):
-            best[key] = r
-    by_speed = sorted(best.values(), key=lambda r: (r["params"]["non_embedding"], _decode_ms(r)))
+    served = {}  # shape -> its best-trained run (sorted ascending, so the best comes last and stays)
+    for r in sorted(with_weights, key=lambda r: (r["tokens"]["seen"], -r["loss"]["final"])):
+        served[(r["shape"]["n_layers"], r["shape"]["d_model"])] = r
+    by_size = sorted(served.values(), key=lambda r: (r["params"]["non_embedding"], _decode_ms(r)))
     targets = (serving.pick_records(records, list(cfg.targets), cfg.results_dir, cfg.sweep) if cfg.targets
-               else by_speed[::-1][:int(cfg.n_targets)])
+               else by_size[::-1][:int(cfg.n_targets)])
     drafts = (serving.pick_records(records, list(cfg.drafts), cfg.results_dir, cfg.sweep) if cfg.drafts
-              else by_speed[:int(cfg.n_drafts)])
+              else by_size[:int(cfg.n_drafts)])
     for t in targets:
         for d in drafts:
             vt, vd = t["shape"]["vocab_size"], d["shape"]["vocab_size"]

@@ -104,12 +104,14 @@ class CheckSweep(Callback):
         planned = getattr(self, "planned", None)
         if not planned:
             return
-        states = {p.run_id: store.run_state(self.results_dir, self.sweep, p.run_id) for p in planned}
+        found = {p.run_id: store.run_state_and_record(self.results_dir, self.sweep, p.run_id) for p in planned}
+        states = {run_id: state for run_id, (state, _) in found.items()}
         counts = {s: list(states.values()).count(s) for s in store.STATES}
         line = f"sweep {self.sweep}: {len(states)} runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
         resumed = []  # runs that a pre-emption, a time limit (a submitit requeue) or a kill interrupted on the way
-        for run_id in (r for r, s in states.items() if s == "done"):
-            record = store.read_record(store.record_path(self.results_dir, self.sweep, run_id)) or {}
+        for run_id, (state, record) in found.items():
+            if state != "done":
+                continue
             stops = [a.get("ended", "") for a in record.get("attempts", []) if a.get("ended") != "ok"]
             if stops:
                 resumed.append(f"{run_id} ({', '.join(stops)})")
@@ -122,7 +124,7 @@ class CheckSweep(Callback):
             return
         details = []
         for run_id in bad[:20]:
-            record = store.read_record(store.record_path(self.results_dir, self.sweep, run_id)) or {}
+            record = found[run_id][1] or {}
             details.append(f"  {states[run_id]} {run_id}: {record.get('error') or 'record unreadable'}")
         print(f"error: {line}\n" + "\n".join(details), file=sys.stderr, flush=True)
         sys.exit(1)

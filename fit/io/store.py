@@ -135,10 +135,14 @@ def flatten(record: Mapping[str, Any]) -> dict:
     return {column: _get(record, path) for column, path in COLUMNS.items()}
 
 
+def table_of(records) -> pd.DataFrame:
+    """Records as one table, one row per run, with the columns of ``COLUMNS``."""
+    return pd.DataFrame([flatten(r) for r in records], columns=list(COLUMNS))
+
+
 def load_table(results_dir: str | Path, sweep: str) -> pd.DataFrame:
     """All records of a sweep as one table, one row per run, with the columns of ``COLUMNS``."""
-    rows = [flatten(r) for r in iter_records(results_dir, sweep)]
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    table = table_of(iter_records(results_dir, sweep))
     return table.sort_values(["params_non_embedding", "tokens_budget", "aspect_ratio"], na_position="last",
                              ignore_index=True)
 
@@ -392,19 +396,22 @@ def record_file_state(path: str | Path) -> tuple[str, dict | None]:
 
 def run_state(results_dir, sweep: str, run_id: str) -> str:
     """done | running | interrupted | failed | pending | damaged, from the store alone."""
+    return run_state_and_record(results_dir, sweep, run_id)[0]
+
+
+def run_state_and_record(results_dir, sweep: str, run_id: str) -> tuple[str, dict | None]:
+    """The run's state (``run_state``) and its record, if one was readable, from one read of the record file."""
     kind, record = record_file_state(record_path(results_dir, sweep, run_id))
     if kind == "damaged":
-        return "damaged"
-    if record is not None and record.get("status") == "ok":
-        return "done"
-    if record is not None and record.get("status") == "failed":
-        return "failed"
+        return "damaged", None
+    if record is not None and record.get("status") in ("ok", "failed"):
+        return ("done" if record["status"] == "ok" else "failed"), record
     claim = read_claim(claim_path(results_dir, sweep, run_id))
     if claim is not None and claim_alive(claim):
-        return "running"
+        return "running", record
     if checkpoint_path(results_dir, sweep, run_id).exists() or claim is not None:
-        return "interrupted"
-    return "pending"
+        return "interrupted", record
+    return "pending", record
 
 
 def damaged_records(results_dir, sweep: str) -> list[Path]:
