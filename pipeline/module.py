@@ -189,8 +189,9 @@ class Checkpointing(Callback):
 
     Under DDP every rank calls ``save`` (Lightning's ``save_checkpoint`` is collective and writes on rank 0 only):
     one writer, one temporary name shared by all ranks, one rename by rank 0, then a barrier, so no rank goes on
-    (or exits) before the checkpoint is in place. A signal seen by rank 0 is broadcast so every rank saves at the
-    same step."""
+    (or exits) before the checkpoint is in place. Lightning's own SIGTERM handler is replaced by ours when training
+    starts (``signals.Guard.reclaim``); a signal seen by any rank, rank 0 or not, is shared at the end of each step
+    (an all-reduce of the signal's number), so every rank saves at the same step and leaves together."""
 
     def __init__(self, path: Path, every: int, claim=None):
         self.path, self.every, self.claim = Path(path), every, claim
@@ -198,6 +199,8 @@ class Checkpointing(Callback):
         self.saved_for_signal = False
 
     def on_train_start(self, trainer, pl_module):
+        if signals.current is not None:
+            signals.current.reclaim()
         if self.claim is not None:  # the attempt's resume point, in the claim (kept if this attempt is killed)
             self.claim.info["tokens_resumed"] = int(pl_module.tokens_resumed)
             self.claim.heartbeat()
@@ -220,8 +223,11 @@ class Checkpointing(Callback):
     def _signal(self, trainer) -> int:
         guard = signals.current
         signum = int(guard.signum or 0) if guard is not None else 0
-        if trainer.world_size > 1:
-            signum = int(trainer.strategy.broadcast(signum, src=0))
+        if trainer.world_size > 1:  # every rank takes part, every step: the first signal any rank saw wins
+            import torch.distributed as dist
+
+            seen = torch.tensor([signum], dtype=torch.int64, device=trainer.strategy.root_device)
+            signum = int(trainer.strategy.reduce(seen, reduce_op=dist.ReduceOp.MAX).item())
         return signum
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

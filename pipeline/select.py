@@ -62,13 +62,28 @@ def budget_range(budget) -> tuple[float, float]:
     return float(budget.params_min), float(budget.params_max)
 
 
-def candidate_shapes(cfg: DictConfig, count: Callable[[int, int], float]) -> pd.DataFrame:
-    """``shapes.pairs`` if given, else every shape of the family within the budget."""
+def aspect_ratio_range(cfg: DictConfig, provenance: dict) -> tuple[float | None, float | None]:
+    """The R range to enumerate: ``arch.aspect_ratio``, narrowed to the fit's R range if ``select.within_fitted_R``
+    (and the fit.json records one)."""
+    lo, hi = (None if x is None else float(x) for x in cfg.arch.aspect_ratio)
+    fitted = (provenance.get("fitted_range") or {}).get("R")
+    if not (cfg.select.within_fitted_R and fitted):
+        return lo, hi
+    try:
+        f_lo, f_hi = (float(x) for x in fitted)
+    except (TypeError, ValueError):
+        raise ValueError(f"{cfg.constants}: provenance.fitted_range.R must be [min, max], got {fitted!r}") from None
+    return (f_lo if lo is None else max(lo, f_lo)), (f_hi if hi is None else min(hi, f_hi))
+
+
+def candidate_shapes(cfg: DictConfig, count: Callable[[int, int], float],
+                     aspect_ratio: tuple[float | None, float | None] = (None, None)) -> pd.DataFrame:
+    """``shapes.pairs`` if given, else every shape of the family within the budget (and ``aspect_ratio``)."""
     arch = cfg.arch
     if cfg.shapes.pairs:
         return selection.given_shapes(cfg.shapes.pairs, count, arch.head_dim)
     lo, hi = budget_range(cfg.budget)
-    return selection.enumerate_shapes(count, lo, hi, tuple(arch.n_layers), arch.head_dim, tuple(arch.aspect_ratio))
+    return selection.enumerate_shapes(count, lo, hi, tuple(arch.n_layers), arch.head_dim, aspect_ratio)
 
 
 def measure_candidates(shapes: pd.DataFrame, arch, protocol: dict, batch: int,
@@ -128,7 +143,8 @@ def run(cfg: DictConfig) -> dict:
     if cfg.budget.tokens is None or not cfg.budget.tokens > 0:
         raise ValueError(f"budget.tokens (training tokens D) must be > 0, got {cfg.budget.tokens}")
     selection.check_rule(cfg.select.latency_budget_ms, cfg.select.loss_tolerance)
-    shapes = candidate_shapes(cfg, count)
+    ratios = aspect_ratio_range(cfg, provenance)
+    shapes = candidate_shapes(cfg, count, ratios)
     model = latency_source(cfg, fit_path)
     ms, latency = predicted_latency(cfg, shapes, model)
     table = selection.rank(selection.predict(shapes, constants, float(cfg.budget.tokens), ms))
@@ -144,7 +160,10 @@ def run(cfg: DictConfig) -> dict:
         "pareto": [selection.row_dict(r) for _, r in table[table.pareto].sort_values("latency_ms").iterrows()],
         "context": PAPER_CONTEXT,
     }
+    result["aspect_ratio_range"] = None if cfg.shapes.pairs else list(ratios)
     result["depth_edge"] = None if cfg.shapes.pairs else depth_edge(result, table, tuple(cfg.arch.n_layers))
+    result["R_edge"] = None if cfg.shapes.pairs else r_edge(result, table, ratios,
+                                                                  provenance.get("fitted_range") or {})
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "candidates.csv", index=False)
@@ -172,6 +191,20 @@ def depth_edge(result: dict, table: pd.DataFrame, depths: tuple[int, int]) -> st
             "past the edge might be chosen if the range were wider (widen arch.n_layers to check)")
 
 
+def r_edge(result: dict, table: pd.DataFrame, ratios: tuple[float | None, float | None],
+           fitted: dict) -> str | None:
+    """Why the chosen shape is the widest (or narrowest) candidate when the fit's R range bounds the candidates on
+    that side, or None."""
+    r, (lo, hi) = float(result["chosen"]["R"]), ratios
+    side = ("widest", hi) if hi is not None and r >= table.R.max() else \
+        ("narrowest", lo) if lo is not None and r <= table.R.min() else None
+    if side is None or "R" not in fitted:
+        return None
+    return (f"the selected shape is the {side[0]} candidate: the law was fitted on R in [{fitted['R'][0]:.3g}, "
+            f"{fitted['R'][1]:.3g}], and shapes past R {side[1]:.3g}, where its R term would extrapolate, are not "
+            f"enumerated (select.within_fitted_R=false enumerates them)")
+
+
 def format_report(result: dict, table: pd.DataFrame, top: int) -> str:
     lat = result["latency"]
     how = (f"measured here ({lat['device']}, batch {lat['batch']})" if lat["source"] == "measured" else
@@ -179,8 +212,10 @@ def format_report(result: dict, table: pd.DataFrame, top: int) -> str:
            + (f", leave-one-shape-out MAPE {100 * lat['heldout']['loso_mape']:.1f}%"
               if (lat.get("heldout") or {}).get("loso_mape") is not None else "") + ")")
     n = result["budget"]
+    r_lo, r_hi = result.get("aspect_ratio_range") or (None, None)
     lines = [f"== {result['candidates']} shapes, N ({result['n_convention']}) "
              + (f"in [{n['params_min']:.4g}, {n['params_max']:.4g}]" if "params_min" in n else "as given")
+             + (f", R in [{r_lo or 0:.3g}, {r_hi or float('inf'):.3g}]" if (r_lo, r_hi) != (None, None) else "")
              + f", D = {result['tokens']:.4g} tokens; loss: {result['law']} law of {result['fit_json']}",
              f"   latency (decode ms/token): {how}"]
     if lat.get("extrapolated"):
@@ -200,8 +235,7 @@ def format_report(result: dict, table: pd.DataFrame, top: int) -> str:
               f"{c['latency_ms']:.4g} ms/token",
               f"   vs the best predicted loss (n_layers={b['n_layers']} d_model={b['d_model']} R={b['R']:.4g}): "
               f"{result['speedup_vs_best_loss']:.2f}x faster, loss +{100 * result['loss_increase_vs_best']:.2f}%"]
-    if result.get("depth_edge"):
-        lines.append(f"   note: {result['depth_edge']}")
+    lines += [f"   note: {result[k]}" for k in ("depth_edge", "R_edge") if result.get(k)]
     return "\n".join(lines)
 
 

@@ -57,6 +57,15 @@ class Guard:
                 signal.signal(s, self._handler)
         return self
 
+    def reclaim(self) -> None:
+        """Take the signals back from a handler installed after ours. Lightning's ``Trainer.fit`` installs its own
+        SIGTERM handler, which under DDP runs a broadcast inside the signal handler: with both ranks signalled at
+        different points of a step, the ranks wait in different collectives and the job hangs. Ours only notes the
+        signal; ``Checkpointing`` acts on it at a step end that every rank agrees on."""
+        if self.previous and threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                signal.signal(s, self._handler)
+
     def __exit__(self, *exc) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)

@@ -305,9 +305,12 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> 
             out["weights"] = save_weights(module.model, store.weights_path(cfg.results_dir, spec.sweep, spec.run_id))
         guard.phase = "finishing"
     except signals.Preempted as stop:
-        # The weights are final: the checkpoint taken now lets the relaunch go straight to evaluation.
+        # The weights are final: the checkpoint taken now lets the relaunch go straight to evaluation. Under DDP the
+        # trained weights' checkpoint (on_train_end) is it: a collective save now would wait for ranks the signal
+        # did not reach.
         guard.phase = "saving"
-        callbacks[0].save(trainer, reason=stop.name)
+        if trainer.world_size == 1:
+            callbacks[0].save(trainer, reason=stop.name)
         stop.checkpoint, stop.step, stop.tokens = ckpt, int(trainer.global_step), module.tokens_seen()
         raise
     return out  # the caller writes the record, then removes the checkpoint (store.finish_run)

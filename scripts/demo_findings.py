@@ -96,6 +96,8 @@ def verify_lines(results_dir: Path, sweep: str) -> list[str]:
                    f"{m['loss_predicted']:.4f}, measured {m['loss_measured']:.4f} ({100 * err:+.2f}%; target 3%)")
     sel = _load(results_dir / "verify" / sweep / "selection" / "selection.json") or {}
     out.append("  - selected depth: " + (sel.get("depth_edge") or "inside the enumerated range, not at its edge"))
+    if sel.get("R_edge"):
+        out.append(f"  - selected aspect ratio: {sel['R_edge']}")
     c = v["claim"]
     if not c["same_shape"]:
         out.append(f"  - Morph claim (faster at nearly equal loss): {'held' if c['held'] else 'not held'} "

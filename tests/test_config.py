@@ -1,5 +1,6 @@
 """Every config group of scaling-train composed (and the launchers instantiated); the sweeps' grids checked."""
 
+from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
@@ -7,6 +8,8 @@ from hydra.utils import instantiate
 from scaling_lab.conf import CONF_DIR, compose
 from scaling_lab.pipeline.sweep import grid, plan_points
 from scaling_lab.pipeline.runspec import plan_run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 EXTRA = {"data=files": ["data.path=/some/dir"], "data=hub": ["data.name=some/dataset"]}
 
@@ -51,15 +54,24 @@ def test_every_sweep_expands_to_valid_points(sweep):
 
 def test_demo_sweep_can_teach_both_laws():
     cfg = compose_train(["sweep=demo"], hydra_config=True)
-    points = plan_points(grid(cfg.hydra.sweeper.params, ["sweep=demo"]), check_data=False)
-    # the Makefile's demo adds the smallest shape (a decade below the largest size) at the same budgets
+    fitted = plan_points(grid(cfg.hydra.sweeper.params, ["sweep=demo"]), check_data=False)
+    # the Makefile's demo adds the held-out class (DEMO_HELDOUT) and the smallest shape (a decade below the largest
+    # size), at the same budgets
+    (line,) = [x for x in (ROOT / "Makefile").read_text().splitlines() if x.startswith("DEMO_HELDOUT :=")]
+    heldout = plan_points(grid(cfg.hydra.sweeper.params, ["sweep=demo", *line.split(":=")[1].split()]),
+                          check_data=False)
     small = plan_points(grid(cfg.hydra.sweeper.params, ["sweep=demo", "model.params=2.5e4", "model.n_layers=2"]),
                         check_data=False)
+    points = fitted + heldout
     assert not [p.error for p in points + small if p.error]
     assert len(points) >= 24
     n = [p.n_params for p in points + small]
     d = [p.tokens for p in points + small]
     assert max(n) / min(n) >= 10 and max(d) / min(d) >= 9.9
+    # the held-out class extrapolates in N only: its aspect ratios lie inside the fitted ones
+    aspect = [float(p.shape.split()[-1][1:]) for p in fitted]
+    assert all(min(aspect) <= float(p.shape.split()[-1][1:]) <= max(aspect) for p in heldout)
+    assert min(p.n_params for p in heldout) > max(p.n_params for p in fitted)
     sizes = {}
     for p in points:
         size = next(o for o in p.overrides if o.startswith("model.params="))

@@ -47,7 +47,10 @@ def test_results_sweep_fits_both_laws(tmp_path, capsys):
     assert doc["laws"]["inference_efficient"]["metrics"]["r2"] > 0.99
     for png in ("loss_vs_n.png", "predicted_vs_actual.png", "residuals.png", "loss_vs_aspect_ratio.png"):
         assert (out / png).stat().st_size > 1000
-    assert len(pd.read_csv(out / "predictions.csv")) == 16
+    rows = pd.read_csv(out / "predictions.csv")
+    assert len(rows) == 16
+    # where the law was fitted: each input's range over the fit rows (a selection keeps to the R range)
+    assert prov["fitted_range"] == {x: [rows[x].min(), rows[x].max()] for x in ("N", "D", "R")}
 
 
 def test_fit_json_schema(tmp_path):

@@ -36,11 +36,13 @@ def law(**params) -> LawConstants:
                                                           "params": {**PARAMS, **params}})
 
 
-def write_fit_json(path, latency=LATENCY, laws=("chinchilla", "inference_efficient"), convention="non_embedding"):
+def write_fit_json(path, latency=LATENCY, laws=("chinchilla", "inference_efficient"), convention="non_embedding",
+                   fitted_range=None):
     specs = {"chinchilla": {"formula": "E + A / N**alpha + B / D**beta", "inputs": ["N", "D"],
                             "params": {k: PARAMS[k] for k in ("E", "A", "B", "alpha", "beta")}},
              "inference_efficient": law().to_dict()}
-    doc = {"schema_version": 1, "provenance": {"n_convention": convention}, "laws": {k: specs[k] for k in laws}}
+    provenance = {"n_convention": convention, **({"fitted_range": fitted_range} if fitted_range else {})}
+    doc = {"schema_version": 1, "provenance": provenance, "laws": {k: specs[k] for k in laws}}
     if latency is not None:
         doc["latency"] = latency
     return write_json_atomic(path, doc)
@@ -171,6 +173,28 @@ def test_cli_selects_and_writes(tmp_path, capsys):
     assert [p["latency_ms"] for p in result["pareto"]] == sorted(p["latency_ms"] for p in result["pareto"])
     out = capsys.readouterr().out
     assert "Pareto front" in out and "selected (fastest within 1%" in out and "Bian et al. 2025" in out
+
+
+def test_cli_keeps_to_the_aspect_ratios_the_law_was_fitted_on(tmp_path, capsys):
+    """Past the fitted R range the law's R term extrapolates: the selection enumerates only shapes inside it (and
+    says so when the choice sits at that edge) unless select.within_fitted_R=false."""
+    fit_json = write_fit_json(tmp_path / "fit.json", fitted_range={"N": [1e4, 1e5], "R": [8.0, 40.0]})
+    args = [f"constants={fit_json}", "budget.params=2e5", "select.loss_tolerance=0.05"]
+    inside = select_cli.run(select_config(tmp_path, *args))
+    table = pd.read_csv(tmp_path / "sel" / "candidates.csv")
+    assert table.R.between(8, 40).all() and inside["aspect_ratio_range"] == [8.0, 40.0]
+    # the toy latency model makes depth expensive: the choice is the shallowest shape inside the range, the widest
+    assert inside["chosen"]["R"] == table.R.max() and "widest candidate" in inside["R_edge"]
+    assert "R in [8, 40]" in capsys.readouterr().out
+    everything = select_cli.run(select_config(tmp_path, *args, "select.within_fitted_R=false"))
+    assert everything["candidates"] > inside["candidates"] and everything["chosen"]["R"] > 40
+    assert everything["R_edge"] is None and everything["aspect_ratio_range"] == [None, None]
+    # narrowed further by arch.aspect_ratio, never widened by it
+    both = select_cli.run(select_config(tmp_path, *args, "arch.aspect_ratio=[4,20]"))
+    assert both["aspect_ratio_range"] == [8.0, 20.0]
+    hostile = write_fit_json(tmp_path / "bad.json", fitted_range={"R": "__import__('os')"})
+    with pytest.raises(ValueError, match="fitted_range.R must be"):
+        select_cli.run(select_config(tmp_path, f"constants={hostile}", *args[1:]))
 
 
 def test_cli_total_convention_counts_embeddings(tmp_path):

@@ -57,6 +57,13 @@ def law_entry(f: LawFit) -> dict:
     return entry
 
 
+def fitted_range(table: Table) -> dict[str, list[float]]:
+    """[min, max] of each input over the fit rows (N as the table counts it): where the law was fitted, which a
+    selection or a plan past it extrapolates beyond."""
+    rows = table.fit_rows
+    return {x: [float(rows[x].min()), float(rows[x].max())] for x in ("N", "D", "R") if x in rows and rows[x].notna().all()}
+
+
 def document(table: Table, fits: Mapping[str, LawFit], protocol: Mapping[str, Any], skipped: Mapping[str, str],
              isoflop: Mapping[str, Any] | None, bootstrap_seed: int,
              protocol_selection: Mapping[str, Any] | None = None) -> dict:
@@ -67,7 +74,8 @@ def document(table: Table, fits: Mapping[str, LawFit], protocol: Mapping[str, An
     doc = {"schema_version": SCHEMA_VERSION,
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "tool": {"name": "scaling-lab", "version": tool_version},
-           "provenance": {**table.provenance, "protocol": protocol["name"], "bootstrap_seed": bootstrap_seed},
+           "provenance": {**table.provenance, "protocol": protocol["name"], "bootstrap_seed": bootstrap_seed,
+                          "fitted_range": fitted_range(table)},
            "laws": {name: law_entry(f) for name, f in fits.items()}}
     if protocol_selection is not None:
         doc["protocol_selection"] = protocol_selection

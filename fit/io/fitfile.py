@@ -4,7 +4,8 @@ fit.json, schema_version 1::
 
     {"schema_version": 1,
      "created": "<ISO time>", "tool": {"name": "scaling-lab", "version": "..."},
-     "provenance": {"source": "...", "rows": {...}, "n_convention": "total|non_embedding", "protocol": "..."},
+     "provenance": {"source": "...", "rows": {...}, "n_convention": "total|non_embedding", "protocol": "...",
+                    "fitted_range": {"N": [min, max], "D": [...], "R": [...]}},   # over the fit rows
      "laws": {"<law name>": {"formula": "...", "inputs": [...], "params": {...}, "ci95": {...},
                              "not_identified": [...], "metrics": {...}, ...}},
      "latency": {...}}            # optional, written by the latency model
