@@ -53,6 +53,10 @@ DEMO_FIT_ROWS := params_non_embedding < 2e5
 # and the largest budget (a decade in N and in D for the penalty law)
 DEMO_QUANT_ROWS := (tokens_budget == 51200 or tokens_budget == 512000) and (params_non_embedding < 5e4 or params_non_embedding > 2e5)
 
+# the verification's candidates: shapes within 10% of the largest N (the sweep's size-class tolerance), so that a
+# shallower shape than the conventional one lies inside both the band and the fitted aspect ratios
+DEMO_VERIFY := params_factor=1.0 band=0.1 tokens_per_param=0.5
+
 demo: $(STAMP)
 	@mkdir -p $(DEMO_DIR) && date +%s > $(DEMO_DIR)/.demo_started
 	$(DEMO_TRAIN) hydra.launcher.n_jobs=2
@@ -67,7 +71,7 @@ demo: $(STAMP)
 	$(BIN)/scaling-quantize sweep=demo results_dir=$(DEMO_DIR) 'rows="$(DEMO_QUANT_ROWS)"'
 	$(BIN)/scaling-speculate sweep=demo results_dir=$(DEMO_DIR) 'ks=[1,2,4]' prompts=2
 	$(BIN)/scaling-verify results_dir=$(DEMO_DIR) sweep=demo constants=$(DEMO_DIR)/fit/demo/fit.json \
-		params_factor=1.0 tokens_per_param=0.5 'train_overrides=[$(subst $(space),$(comma),$(strip $(DEMO_DATA)))]'
+		$(DEMO_VERIFY) 'train_overrides=[$(subst $(space),$(comma),$(strip $(DEMO_DATA)))]'
 	$(BIN)/scaling-plan constants=$(DEMO_DIR)/fit/demo/fit.json objective=cost target.chinchilla_params=1e6 \
 		demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo serving.mode=auto serving.measurements=$(DEMO_DIR)/serving/demo
 	$(BIN)/scaling-report sweep=demo results_dir=$(DEMO_DIR)

@@ -66,10 +66,15 @@ def fit_lines(fit: dict | None, law: str) -> list[str]:
     rows = fit["provenance"]["rows"]
     out = [f"- **Fit** ({fit['provenance'].get('protocol')} protocol, N {fit['provenance'].get('n_convention')}, "
            f"{rows['fit']} fit rows, held out: the largest size class, {rows['heldout']} runs):"]
+    choice = fit.get("protocol_selection") or {}
+    if choice.get("best_law"):
+        out.append(f"  - the law the fit chose (from the fit rows alone, `validation.law_rule="
+                   f"{choice['rule'].get('law_rule', 'best')}`): `{choice['best_law']}`, {choice.get('best_law_why')}")
     for name, entry in fit["laws"].items():
         m = entry["metrics"]
         pi = m.get("heldout_in_pi95")
-        flag = " (the law the selection uses)" if name == law else ""
+        flag = "".join([" (chosen by the fit)" if name == choice.get("best_law") else "",
+                        " (the law the selection uses)" if name == law else ""])
         out.append(f"  - `{name}`{flag}: held-out max relative error {100 * m['max_rel_err_heldout']:.2f}%, mean "
                    f"{100 * m['mean_rel_err_heldout']:.2f}% (targets 4% / 2%); R^2 held-out {m['r2_heldout']:.3f}; "
                    + (f"{100 * pi:.0f}% of the held-out runs inside the 95% prediction interval" if pi is not None

@@ -101,3 +101,19 @@ def test_converged_needs_more_than_one_start_at_the_best(tmp_path, capsys):
     assert "WARNING: not converged" in capsys.readouterr().out
     doc = _run(tmp_path, frame, "law=chinchilla", "bootstrap.n=0", name="again.csv")
     assert doc["laws"]["chinchilla"]["fit"]["converged"] is True and "warning" not in doc["laws"]["chinchilla"]["fit"]
+
+
+def test_best_law_by_the_one_standard_error_rule():
+    """The simpler law wins while its score is within one standard error of the best; beyond that, or with the
+    rule off, or on a score without a standard error (max), the lowest score wins."""
+    from scaling_lab.fit.fitting.choose import best_law
+
+    n_free = {"chinchilla": 4, "inference_efficient": 6}
+    rows = lambda ch, ie, se: [{"law": "chinchilla", "score": ch, "mean_rel_err_se": se},
+                               {"law": "inference_efficient", "score": ie, "mean_rel_err_se": se}]
+    law, why = best_law(rows(0.0169, 0.0165, 0.0034), n_free, "mean_rel_err", "one_se")
+    assert law == "chinchilla" and "within one standard error (0.0034)" in why
+    assert best_law(rows(0.0210, 0.0165, 0.0034), n_free, "mean_rel_err", "one_se")[0] == "inference_efficient"
+    assert best_law(rows(0.0169, 0.0165, 0.0034), n_free, "mean_rel_err", "best")[0] == "inference_efficient"
+    assert best_law(rows(0.0169, 0.0165, 0.0034), n_free, "max_rel_err", "one_se")[0] == "inference_efficient"
+    assert best_law(rows(0.0160, 0.0165, 0.0034), n_free, "mean_rel_err", "one_se") == ("chinchilla", "lowest score")

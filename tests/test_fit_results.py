@@ -103,6 +103,19 @@ def test_groups_come_from_actual_n_not_the_target():
     assert len(set(_groups_of_equal_size(np.array([5e4, 6e4, 1e5, 1.2e5]), np.full(4, 1e6)))) == 2
 
 
+def test_protocol_choice_holds_back_the_whole_largest_size_class():
+    """protocol=auto validates on the largest size class formed as the fit's groups are: every shape of the class
+    (the demo's 1.6e5 shapes span 147,904-166,512), not only the one whose solved width came out largest."""
+    from scaling_lab.fit.fitting.choose import validation_split
+
+    N = np.array([74_144, 75_544, 77_160, 83_280, 147_904, 151_032, 154_000, 166_512] * 2, dtype=float)
+    rows = pd.DataFrame({"N": N, "D": [5.12e4] * 8 + [5.12e5] * 8})
+    held = validation_split(rows, {"holdout": "largest_n", "class_rtol": 0.1})
+    assert held.tolist() == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 4
+    by_compute = validation_split(rows, {"holdout": "largest_c", "class_rtol": 0.1})
+    assert by_compute.tolist() == [False] * 12 + [True] * 4  # the 1.6e5 class at the 10x budget
+
+
 def test_mixed_corpora_are_refused_unless_rows_pick_one(tmp_path):
     _write_sweep(tmp_path / "results")
     for i, (corpus, tok) in enumerate((("python3.12-stdlib", "bytes"), ("/data/prose", "bytes"))):

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from scaling_lab.fit.fitting.fitlaw import compile_law
 from scaling_lab.fit.fitting.optimize import fit
-from scaling_lab.fit.fitting.sources import FitInputError, Table, n_conventions, with_n_convention
+from scaling_lab.fit.fitting.sources import FitInputError, Table, n_conventions, size_classes, with_n_convention
 from scaling_lab.fit.laws.spec import LawSpec, tie_label
 
 SCORES = ("mean_rel_err", "max_rel_err", "mse")
@@ -28,18 +28,6 @@ class Choice:
     protocol: Any            # the chosen objective's protocol with the chosen ties (an OmegaConf node)
     n_convention: str
     label: str
-
-
-def size_classes(size: np.ndarray, rtol: float) -> np.ndarray:
-    """Class index of each row, 0 for the smallest: sorted sizes within ``rtol`` of a class's smallest are one."""
-    order = np.argsort(size, kind="stable")
-    labels = np.empty(len(size), dtype=int)
-    cls, start = -1, None
-    for i in order:
-        if start is None or size[i] > start * (1 + rtol):
-            cls, start = cls + 1, size[i]
-        labels[i] = cls
-    return labels
 
 
 def validation_split(rows: pd.DataFrame, rule: Mapping[str, Any]) -> np.ndarray:
@@ -58,11 +46,31 @@ def validation_split(rows: pd.DataFrame, rule: Mapping[str, Any]) -> np.ndarray:
 
 
 def score(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """The validation scores, and the standard errors of the two that are means (over the validation rows)."""
     rel = np.abs(pred - y) / y
-    ok = bool(np.isfinite(pred).all())
-    return {"mse": float(np.mean((pred - y) ** 2)) if ok else float("inf"),
-            "mean_rel_err": float(rel.mean()) if ok else float("inf"),
-            "max_rel_err": float(rel.max()) if ok else float("inf")}
+    if not np.isfinite(pred).all():
+        return {k: float("inf") for k in ("mse", "mean_rel_err", "max_rel_err", "mse_se", "mean_rel_err_se")}
+    sq, n = (pred - y) ** 2, len(y)
+    se = (lambda v: float(np.std(v, ddof=1) / np.sqrt(n))) if n > 1 else (lambda v: float("inf"))
+    return {"mse": float(sq.mean()), "mean_rel_err": float(rel.mean()), "max_rel_err": float(rel.max()),
+            "mse_se": se(sq), "mean_rel_err_se": se(rel)}
+
+
+def best_law(scored: list[dict], n_free: Mapping[str, int], metric: str, rule: str) -> tuple[str, str]:
+    """The law the validation supports, and why. ``best``: the lowest score. ``one_se`` (the one-standard-error
+    rule, Hastie et al., Elements of Statistical Learning 7.10): the law with the fewest free parameters whose
+    score is within one standard error (of the best law's score) of the best; a max-error score has no standard
+    error, so it is ``best``."""
+    top = min(scored, key=lambda r: r["score"])
+    se = top.get(f"{metric}_se")
+    if rule == "best" or se is None or not np.isfinite(se):
+        return top["law"], "lowest score"
+    close = [r for r in scored if r["score"] <= top["score"] + se]
+    simplest = min(close, key=lambda r: (n_free[r["law"]], r["score"]))
+    if simplest["law"] == top["law"]:
+        return top["law"], "lowest score"
+    return simplest["law"], (f"within one standard error ({se:.4f}) of the lowest score ({top['law']} "
+                             f"{top['score']:.4f}), with fewer parameters")
 
 
 def candidates(spec: LawSpec, protocol, conventions: list[str]) -> list[tuple[str, str, Any, str]]:
@@ -96,7 +104,10 @@ def choose(specs: Mapping[str, LawSpec], table: Table, protocol) -> tuple[dict[s
     fit_only = Table(data=table.fit_rows.drop(columns=["heldout"]).reset_index(drop=True),
                      provenance=table.provenance)
     conventions = n_conventions(fit_only)
-    rows, chosen = [], {}
+    law_rule = str(rule.get("law_rule", "one_se"))
+    if law_rule not in ("one_se", "best"):
+        raise FitInputError(f"protocol.validation.law_rule must be one_se or best, not {law_rule!r}")
+    rows, chosen, n_free = [], {}, {}
     for name, spec in specs.items():
         best = None
         for objective, label, node, conv in candidates(spec, protocol, conventions):
@@ -104,10 +115,12 @@ def choose(specs: Mapping[str, LawSpec], table: Table, protocol) -> tuple[dict[s
             held = validation_split(data, rule)
             train, val = data[~held], data[held]
             model = compile_law(spec, node)
+            n_free[name] = min(n_free.get(name, model.n_free), model.n_free)
             row = {"law": name, "objective": objective, "protocol": str(node.name), "ties": label,
                    "tie_groups": OmegaConf.to_container(node.ties), "n_convention": conv, "n_train": int(len(train)), "n_validation": int(len(val))}
             if len(train) < model.n_free:
-                rows.append({**row, "mse": None, "mean_rel_err": None, "max_rel_err": None, "score": None,
+                rows.append({**row, "mse": None, "mean_rel_err": None, "max_rel_err": None, "mse_se": None,
+                             "mean_rel_err_se": None, "score": None,
                              "chosen": False, "note": f"{len(train)} rows for {model.n_free} parameters"})
                 continue
             result = fit(model, {x: np.log(train[x].to_numpy()) for x in spec.law.inputs},
@@ -127,11 +140,12 @@ def choose(specs: Mapping[str, LawSpec], table: Table, protocol) -> tuple[dict[s
         chosen[name] = Choice(protocol=node, n_convention=r["n_convention"],
                               label=f"{r['objective']}, ties {r['ties']}, N {r['n_convention']}")
     scored = [r for r in rows if r["chosen"]]
-    doc = {"rule": {**rule, "score": metric}, "candidates": rows,
+    law, why = best_law(scored, n_free, metric, law_rule)
+    doc = {"rule": {**rule, "score": metric, "law_rule": law_rule}, "candidates": rows,
            "chosen": {r["law"]: {k: r[k] for k in ("objective", "protocol", "ties", "tie_groups", "n_convention",
-                                                   "score")}
+                                                   "score", f"{metric}_se") if k in r}
                       for r in scored},
-           "best_law": min(scored, key=lambda r: r["score"])["law"]}
+           "best_law": law, "best_law_why": why}
     return chosen, doc
 
 
@@ -148,5 +162,6 @@ def table_text(doc: Mapping[str, Any]) -> str:
         lines.append(f"   {r['law']:<20}{r['objective']:<15}{r['ties']:<22}{r['n_convention']:<20}"
                      f"{fmt(r['mse'], '.4g'):>11}{fmt(r['mean_rel_err'], '.4f'):>10}{fmt(r['max_rel_err'], '.4f'):>10}"
                      + ("  <-" if r["chosen"] else (f"  ({r['note']})" if r.get("note") else "")))
-    lines.append(f"   best law by validation: {doc['best_law']}")
+    lines.append(f"   best law by validation: {doc['best_law']} ({doc.get('best_law_why', 'lowest score')}; "
+                 f"validation.law_rule={doc['rule'].get('law_rule', 'best')})")
     return "\n".join(lines)

@@ -98,24 +98,30 @@ def _read_results(src: Mapping[str, Any]) -> tuple[pd.DataFrame, dict]:
     return table, {"columns": columns, **info}
 
 
+def size_classes(size: np.ndarray, rel: float = 0.1) -> np.ndarray:
+    """Size class of each row, 0 for the smallest, from the actual sizes: sorted, a class holds every size up to
+    (1 + ``rel``) / (1 - ``rel``) times its smallest (shapes each within +-``rel`` of one target are one class)."""
+    span = (1 + rel) / (1 - rel)
+    order = np.argsort(size, kind="stable")
+    labels = np.empty(len(size), dtype=int)
+    cls, start = -1, None
+    for i in order:
+        if start is None or size[i] > span * start:
+            cls, start = cls + 1, size[i]
+        labels[i] = cls
+    return labels
+
+
 def _groups_of_equal_size(N: np.ndarray, D: np.ndarray, rel: float = 0.1) -> np.ndarray:
-    """Shapes of one size at one budget, from their actual N: rows with the same D (to 2 significant digits) whose
-    N lie within +-``rel`` of one centre (the span of a size class whose shapes are each within ``rel`` of its
-    target; max/min at most (1 + rel) / (1 - rel)). Labelled by the geometric mean of the group's N."""
+    """Shapes of one size at one budget, from their actual N: rows with the same D (to 2 significant digits) in one
+    size class (``size_classes``). Labelled by the geometric mean of the group's N."""
     key_d = np.array([f"{d:.2g}" for d in D])
     labels = np.empty(len(N), dtype=object)
-    span = (1 + rel) / (1 - rel)
     for d in np.unique(key_d):
         rows = np.flatnonzero(key_d == d)
-        order = rows[np.argsort(N[rows])]
-        groups, current = [], [order[0]]
-        for i in order[1:]:
-            if N[i] > span * N[current[0]]:
-                groups.append(current)
-                current = []
-            current.append(i)
-        groups.append(current)
-        for g in groups:
+        classes = size_classes(N[rows], rel)
+        for c in np.unique(classes):
+            g = rows[classes == c]
             centre = float(np.exp(np.mean(np.log(N[g]))))
             for i in g:
                 labels[i] = f"N~{centre:.3g},D~{d}"
