@@ -22,6 +22,18 @@ def pytest_configure(config):
             os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
 
 
+# The longest test files (`pytest --durations`, summed per file: 90-170 s each), collected first: xdist's
+# `--dist loadfile` hands files to idle workers in collection order, so a long file collected last (alphabetically)
+# would run alone at the end while the other workers wait.
+LONGEST_FIRST = ("test_faults.py", "test_sweep.py", "test_commands.py", "test_ddp.py", "test_report.py",
+                 "test_hostile.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
+
+
 @pytest.fixture(scope="session")
 def token_cache(tmp_path_factory) -> str:
     """One token cache for the whole test session (tokenizing the stdlib once takes a few seconds)."""
