@@ -137,6 +137,16 @@ def _hydra_message(err: BaseException) -> str:
     return " ".join(lines)
 
 
+def print_help(config_name: str) -> None:
+    """The command's own help page (``hydra/help/<prog>``): its template, printed as Hydra would. Hydra's ``--help``
+    first lists every config group, which would not be shown (our templates leave them out) and takes seconds."""
+    import string
+
+    help_cfg = compose(config_name, return_hydra_config=True).hydra.help
+    print(string.Template(help_cfg.template).safe_substitute(FLAGS_HELP="", HYDRA_CONFIG_GROUPS="",
+                                                             APP_CONFIG_GROUPS="", APP_CONFIG=""))
+
+
 def command(prog: str, config_name: str, run: Callable[[Any], Any],
             errors: tuple[type[BaseException], ...] = ()) -> Callable[[], None]:
     """The entry point ``prog`` (e.g. ``scaling-fit``): Hydra composes ``config_name`` and calls ``run(cfg)``.
@@ -160,6 +170,9 @@ def command(prog: str, config_name: str, run: Callable[[Any], Any],
             sys.exit(1)
 
     def main() -> None:
+        if {"--help", "-h"} & set(sys.argv[1:]):
+            print_help(config_name)
+            return
         old = renamed_keys(sys.argv[1:])
         if old:
             fail(prog, "; ".join(f"{a} is now {b} (write {b}=...)" for a, b in old))
