@@ -16,6 +16,7 @@ from scaling_lab.fit.io import store
 from scaling_lab.pipeline.sweep import status
 from scaling_lab.pipeline.train import run
 from tests.test_train import wandb_summary
+from tests.writers import write_many
 
 BIN = Path(sys.executable).parent
 
@@ -112,16 +113,10 @@ def test_sigterm_then_relaunch_resumes_from_checkpoint(compose_train, tmp_path, 
     assert resumed["loss"]["final"] == pytest.approx(straight["loss"]["final"], abs=0.02)
 
 
-def _write_many(results_dir: str, writer: int) -> None:
-    for i in range(150):
-        run_id = f"r{i % 30:03d}"  # both writers keep rewriting the same 30 records
-        store.write_record(results_dir, {"run_id": run_id, "sweep": "race", "status": "ok", "writer": writer,
-                                           "loss": {"final": float(i)}, "padding": "x" * 20000})
-
-
 def test_concurrent_writers_never_corrupt_a_record(tmp_path):
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_write_many, args=(str(tmp_path), w)) for w in (1, 2)]
+    # the writers' module imports only the store (a spawned child imports its target's module)
+    procs = [ctx.Process(target=write_many, args=(str(tmp_path), w)) for w in (1, 2)]
     for p in procs:
         p.start()
     seen = 0
@@ -129,6 +124,7 @@ def test_concurrent_writers_never_corrupt_a_record(tmp_path):
         for path in (tmp_path / "race").glob("r*.json"):
             json.loads(path.read_text())
             seen += 1
+        time.sleep(0.001)  # the writers share this worker's core: leave them most of it
     for p in procs:
         p.join()
         assert p.exitcode == 0
