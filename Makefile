@@ -32,8 +32,8 @@ test-fast: $(STAMP)
 
 # The demo sweep on 2 parallel jobs (1 thread each): 3 size classes x 4 depths x 4 token budgets as WSD decay
 # branches (conf/launch/sweep/demo.yaml; the largest class, held out, one layer deeper), plus the smallest shape
-# (N 2.5e4, a decade below the largest) and a second seed of one shape of the largest class (weights kept). Then fit (held out: the largest size class, to measure
-# extrapolation in N), the latency law per serving mode, INT8/INT4 quantization (of 12 runs) and speculative decoding
+# (N 2.5e4, a decade below the largest) and a second seed of one shape of the largest class (weights kept). Then fit
+# (held out: the largest size class, to measure extrapolation in N), the latency law per serving mode, INT8/INT4 quantization (of 12 runs) and speculative decoding
 # of the trained models, select and verify a shape at the largest size, plan (choosing the serving mode from those
 # measurements), report, and print the findings block of the README.
 # Every stage is a command a user can run alone. DEMO_DATA runs the same study on another corpus, e.g.

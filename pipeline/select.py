@@ -193,12 +193,14 @@ def depth_edge(result: dict, table: pd.DataFrame, depths: tuple[int, int]) -> st
 
 def r_edge(result: dict, table: pd.DataFrame, ratios: tuple[float | None, float | None],
            fitted: dict) -> str | None:
-    """Why the chosen shape is the widest (or narrowest) candidate when the fit's R range bounds the candidates on
-    that side, or None."""
+    """Why the chosen shape is the widest (or narrowest) candidate when the fit's R range (not arch.aspect_ratio)
+    bounds the candidates on that side, or None."""
+    if "R" not in fitted:
+        return None
     r, (lo, hi) = float(result["chosen"]["R"]), ratios
-    side = ("widest", hi) if hi is not None and r >= table.R.max() else \
-        ("narrowest", lo) if lo is not None and r <= table.R.min() else None
-    if side is None or "R" not in fitted:
+    side = ("widest", hi) if hi == float(fitted["R"][1]) and r >= table.R.max() else \
+        ("narrowest", lo) if lo == float(fitted["R"][0]) and r <= table.R.min() else None
+    if side is None:
         return None
     return (f"the selected shape is the {side[0]} candidate: the law was fitted on R in [{fitted['R'][0]:.3g}, "
             f"{fitted['R'][1]:.3g}], and shapes past R {side[1]:.3g}, where its R term would extrapolate, are not "

@@ -52,16 +52,16 @@ class Guard:
 
     def __enter__(self) -> "Guard":
         if threading.current_thread() is threading.main_thread():
-            for s in SIGNALS:
-                self.previous[s] = signal.getsignal(s)
-                signal.signal(s, self._handler)
+            self.previous = {s: signal.getsignal(s) for s in SIGNALS}
+            self.reclaim()
         return self
 
     def reclaim(self) -> None:
-        """Take the signals back from a handler installed after ours. Lightning's ``Trainer.fit`` installs its own
-        SIGTERM handler, which under DDP runs a broadcast inside the signal handler: with both ranks signalled at
-        different points of a step, the ranks wait in different collectives and the job hangs. Ours only notes the
-        signal; ``Checkpointing`` acts on it at a step end that every rank agrees on."""
+        """Install our handler for ``SIGNALS`` (again, taking them back from a handler installed after ours).
+        Lightning's ``Trainer.fit`` installs its own SIGTERM handler, which under DDP runs a broadcast inside the
+        signal handler: with both ranks signalled at different points of a step, the ranks wait in different
+        collectives and the job hangs. Ours only notes the signal; ``Checkpointing`` acts on it at a step end that
+        every rank agrees on."""
         if self.previous and threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 signal.signal(s, self._handler)
