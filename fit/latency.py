@@ -9,22 +9,28 @@ steps; prefill: the prompt), through ``L`` layers of width ``d`` with vocabulary
     ms = call + layer * L                                   fixed cost per pass, and per layer (kernel launches)
        + weight_bytes * (bytes of the block weights in this mode + 4 V d)     weights read once a pass, the
                                                                              untied-or-tied output head included
-       + matmul_flops * 2 b t (12 L d^2 + V d)             multiply-adds of the blocks and the head
+       + matmul_flops * 2 b t (full-precision block weights + V d)         multiply-adds through fp32 matrices
+       + quant_flops * 2 b t (quantized block weights)                      multiply-adds through quantized ones
        + kv * b t L c d                                     the KV cache read (and scores computed) at context c
 
-``12 L d^2`` are the block weights (attention 4 d^2, MLP 8 d^2 at ffn_ratio 4). Block weights take 4 bytes in mode
-``none``, 1 in ``int8``, 1/2 in ``int4`` (a matrix INT4 skips, width not divisible by the group size, stays at 4:
-the same rule as ``pipeline/serving.py``); embedding and head stay fp32. Element-wise work per token and layer
-(``b t L d``) is not a separate term: at the one context a protocol measures it is proportional to the KV term,
-which absorbs it (so a prediction at another context scales it with the context too). All coefficients >= 0, fitted by least
-squares on relative errors jointly over batch sizes (so bytes and FLOPs separate), one law per (mode, quantity).
+The blocks hold ``12 L d^2`` weights (attention 4 d^2, MLP 8 d^2 at ffn_ratio 4). In mode ``none`` all of them are
+full precision; ``int8`` quantizes every block matrix (1 byte a weight); ``int4`` (1/2 byte) skips a matrix whose
+input width is not a multiple of the group size or whose output width is not a multiple of 16, which stays fp32
+(the same rule as ``pipeline/serving.py``); embedding and head stay fp32. A quantized matrix has its own FLOP cost
+because its kernel is another kernel: on CPU, INT4's unpacks the weights in the inner loop and runs at about
+1 GFLOP/s against fp32's 20-100, so one FLOP coefficient for both cannot price a shape whose matrices are partly
+quantized (one law over both: leave-one-shape-out error 47% on the demo's INT4 decode). Element-wise work per
+token and layer (``b t L d``) is not a separate term: at the one context a protocol measures it is proportional
+to the KV term, which absorbs it (so a prediction at another context scales it with the context too). All
+coefficients >= 0, fitted by least squares on relative errors jointly over batch sizes (so bytes and FLOPs
+separate), one law per (mode, quantity).
 
 Held-out errors per (mode, quantity): leave-one-shape-out (every batch of a shape predicted by the law fitted on
 the other shapes) and leave-largest-out (the largest quarter of the shapes by weights predicted from the rest).
 
-fit.json ``latency`` section, ``model: "roofline"``, ``version: 2``::
+fit.json ``latency`` section, ``model: "roofline"``, ``version: 3``::
 
-    {"model": "roofline", "version": 2, "form": "...", "terms": [...], "device": "cpu:x86_64", "threads": 1,
+    {"model": "roofline", "version": 3, "form": "...", "terms": [...], "device": "cpu:x86_64", "threads": 1,
      "dtype": "float32", "prompt_len": 64, "decode_tokens": 32, "batch_size": 1, "group_size": 32,
      "vocab_size": 257,
      "modes": {"none": {"decode_ms_per_token": {"call": .., "layer": .., ...}, "prefill_ms": {...}}, "int8": ...},
@@ -49,30 +55,40 @@ from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
 
 MODEL = "roofline"
-VERSION = 2
-TERMS = ("call", "layer", "weight_bytes", "matmul_flops", "kv")
-FORM = "call + layer*L + weight_bytes*(block weight bytes + 4 V d) + matmul_flops*2 b t (12 L d^2 + V d) + kv*b t L c d"
+VERSION = 3  # 3: the FLOPs through quantized matrices priced apart (quant_flops)
+TERMS = ("call", "layer", "weight_bytes", "matmul_flops", "quant_flops", "kv")
+FORM = ("call + layer*L + weight_bytes*(block weight bytes + 4 V d) + matmul_flops*2 b t (fp32 block weights + V d)"
+        " + quant_flops*2 b t (quantized block weights) + kv*b t L c d")
 QUANTITIES = ("decode_ms_per_token", "prefill_ms")
 MODES = ("none", "int8", "int4")
 BYTES_PER_WEIGHT = {"none": 4.0, "int8": 1.0, "int4": 0.5}
 
 
-def block_weight_bytes(n_layers, d_model, mode: str = "none", group_size: int = 32):
-    """Bytes of the blocks' four weight matrices in ``mode`` (qkv d x 3d, proj d x d, MLP d x 4d and 4d x d);
-    INT4 keeps a matrix in fp32 when its input width is not a multiple of ``group_size`` or its output width
-    not a multiple of 16 (torchao's CPU packing)."""
+def _block_matrices(n_layers, d_model, mode: str, group_size: int):
+    """Per block matrix (qkv d x 3d, proj d x d, MLP d x 4d and 4d x d): its weights over all layers, and whether
+    ``mode`` quantizes it (INT4 keeps a matrix in fp32 when its input width is not a multiple of ``group_size`` or
+    its output width not a multiple of 16: torchao's CPU packing)."""
     if mode not in BYTES_PER_WEIGHT:
         raise ValueError(f"unknown serving mode {mode!r}: the latency law knows {list(BYTES_PER_WEIGHT)}")
     L, d = np.asarray(n_layers, dtype=float), np.asarray(d_model, dtype=float)
-    total = 0.0
     for fan_in, fan_out in ((1, 3), (1, 1), (1, 4), (4, 1)):
-        weights = fan_in * fan_out * d * d
-        per = BYTES_PER_WEIGHT[mode]
         if mode == "int4":
-            fits = (np.mod(fan_in * d, group_size) == 0) & (np.mod(fan_out * d, 16) == 0)
-            per = np.where(fits, per, 4.0)
-        total = total + L * weights * per
-    return total
+            quantized = (np.mod(fan_in * d, group_size) == 0) & (np.mod(fan_out * d, 16) == 0)
+        else:
+            quantized = np.full(np.shape(d), mode != "none")
+        yield L * fan_in * fan_out * d * d, quantized
+
+
+def block_weight_bytes(n_layers, d_model, mode: str = "none", group_size: int = 32):
+    """Bytes of the blocks' weight matrices in ``mode`` (a matrix the mode skips stays at 4 bytes a weight)."""
+    return sum(w * np.where(q, BYTES_PER_WEIGHT[mode], 4.0)
+               for w, q in _block_matrices(n_layers, d_model, mode, group_size))
+
+
+def block_weights(n_layers, d_model, mode: str = "none", group_size: int = 32):
+    """The blocks' weights in full-precision matrices and in quantized ones: ``(fp32, quantized)``."""
+    parts = list(_block_matrices(n_layers, d_model, mode, group_size))
+    return sum(np.where(q, 0.0, w) for w, q in parts), sum(np.where(q, w, 0.0) for w, q in parts)
 
 
 def features(n_layers, d_model, vocab_size, batch, quantity: str, mode: str, prompt_len: int,
@@ -88,15 +104,16 @@ def features(n_layers, d_model, vocab_size, batch, quantity: str, mode: str, pro
     c = context if context is not None else (prompt_len + (decode_tokens - 1) / 2 if decode else prompt_len)
     c = np.broadcast_to(np.asarray(c, dtype=float), L.shape)
     weight_bytes = block_weight_bytes(L, d, mode, group_size) + 4 * V * d
-    return np.column_stack([np.ones_like(L), L, weight_bytes, 2 * b * t * (12 * L * d ** 2 + V * d),
+    full, quantized = block_weights(L, d, mode, group_size)
+    return np.column_stack([np.ones_like(L), L, weight_bytes, 2 * b * t * (full + V * d), 2 * b * t * quantized,
                             b * t * L * c * d])
 
 
 def _fit_terms(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Non-negative least squares on relative error (each row divided by its measured time)."""
-    if len(y) < len(TERMS):
-        raise ValueError(f"the latency law has {len(TERMS)} terms; need at least {len(TERMS)} measurements, "
-                         f"got {len(y)}")
+    used = int(np.any(X != 0, axis=0).sum())  # a term a mode has no part in (fp32's quant_flops) is not fitted
+    if len(y) < used:
+        raise ValueError(f"the latency law has {used} terms here; need at least {used} measurements, got {len(y)}")
     if not np.all(np.isfinite(y)) or np.any(y <= 0):
         raise ValueError("latency measurements must be finite and positive")
     scale = np.abs(X).max(axis=0)
@@ -179,11 +196,12 @@ def heldout_errors(rows: pd.DataFrame, quantity: str, mode: str, meta: Mapping[s
     keys = rows[["n_layers", "d_model"]].apply(tuple, axis=1)
     shapes = list(dict.fromkeys(keys))
     y = rows[quantity].to_numpy()
+    used = int(np.any(_design(rows, quantity, mode, meta) != 0, axis=0).sum())
 
     def fit_on(mask):
         return _fit_terms(_design(rows[mask], quantity, mode, meta), y[mask])
 
-    if len(rows) - max(keys.value_counts()) >= len(TERMS) and len(shapes) > 2:
+    if len(rows) - max(keys.value_counts()) >= used and len(shapes) > 2:
         apes = np.concatenate([_ape(fit_on((keys != s).to_numpy()), rows[(keys == s).to_numpy()], quantity, mode,
                                     meta) for s in shapes])
         out.update(loso_mape=float(apes.mean()), loso_max_ape=float(apes.max()))
@@ -191,7 +209,7 @@ def heldout_errors(rows: pd.DataFrame, quantity: str, mode: str, meta: Mapping[s
     size = {s: 12 * s[0] * s[1] ** 2 for s in shapes}
     largest = set(sorted(shapes, key=size.get)[len(shapes) - k:]) if k else set()
     test = keys.isin(largest).to_numpy()
-    if k and (~test).sum() >= len(TERMS):
+    if k and (~test).sum() >= used:
         apes = _ape(fit_on(~test), rows[test], quantity, mode, meta)
         out.update(largest_mape=float(apes.mean()), largest_max_ape=float(apes.max()), largest_shapes=k)
     return out

@@ -17,12 +17,16 @@ from scaling_lab.fit.latency import (TERMS, LatencyModel, block_weight_bytes, fe
 from scaling_lab.fit.io import store
 from scaling_lab.pipeline.latency import run_latency
 
-META = {"prompt_len": 16, "decode_tokens": 8, "device": "cpu:test", "threads": 1}
-# per-call 0.3 ms, 0.1 ms a layer, 20 GB/s weight reads, 5 GFLOP/s matmuls, a KV-cache term
-TRUE = {"none": {"decode_ms_per_token": dict(zip(TERMS, (0.3, 0.1, 5e-8, 2e-7, 1e-8))),
-                 "prefill_ms": dict(zip(TERMS, (0.5, 0.2, 5e-8, 2e-7, 1e-8)))},
-        "int8": {"decode_ms_per_token": dict(zip(TERMS, (0.3, 0.2, 5e-8, 4e-7, 1e-8))),
-                 "prefill_ms": dict(zip(TERMS, (0.5, 0.3, 5e-8, 4e-7, 1e-8)))}}
+META = {"prompt_len": 16, "decode_tokens": 8, "device": "cpu:test", "threads": 1, "group_size": 64}
+# per-call 0.3 ms, 0.1 ms a layer, 20 GB/s weight reads, 5 GFLOP/s fp32 matmuls, quantized matmuls at their own
+# rate (none has no quantized matrix: 0), a KV-cache term. At group size 64, INT4 quantizes d 32's MLP output
+# matrix only (in_features 128) and every matrix of the wider shapes: shapes whose matrices are partly quantized.
+TRUE = {"none": {"decode_ms_per_token": dict(zip(TERMS, (0.3, 0.1, 5e-8, 2e-7, 0.0, 1e-8), strict=True)),
+                 "prefill_ms": dict(zip(TERMS, (0.5, 0.2, 5e-8, 2e-7, 0.0, 1e-8), strict=True))},
+        "int8": {"decode_ms_per_token": dict(zip(TERMS, (0.3, 0.2, 5e-8, 4e-7, 3e-7, 1e-8), strict=True)),
+                 "prefill_ms": dict(zip(TERMS, (0.5, 0.3, 5e-8, 4e-7, 3e-7, 1e-8), strict=True))},
+        "int4": {"decode_ms_per_token": dict(zip(TERMS, (0.3, 0.1, 5e-8, 2e-7, 2e-6, 1e-8), strict=True)),
+                 "prefill_ms": dict(zip(TERMS, (0.5, 0.2, 5e-8, 2e-7, 2e-6, 1e-8), strict=True))}}
 SHAPES = [(L, d) for L in (1, 2, 4, 8, 16) for d in (32, 64, 128, 256)]
 TINY_PROTOCOL = ["measure.prompt_len=8", "measure.decode_tokens=4", "measure.batch_sizes=[1,2]",
                  "measure.warmup=1", "measure.repeats=2", "measure.threads=1"]
@@ -36,7 +40,8 @@ def measurements(noise=0.0, seed=0) -> pd.DataFrame:
             for batch in (1, 8):
                 row = {"mode": mode, "n_layers": L, "d_model": d, "vocab_size": 257, "batch": batch}
                 for q, coef in quantities.items():
-                    x = features(L, d, 257, batch, q, mode, META["prompt_len"], META["decode_tokens"])[0]
+                    x = features(L, d, 257, batch, q, mode, META["prompt_len"], META["decode_tokens"],
+                                 META["group_size"])[0]
                     row[q] = float(x @ np.array([coef[k] for k in TERMS])) * np.exp(noise * rng.standard_normal())
                 rows.append(row)
     return pd.DataFrame(rows)
@@ -47,8 +52,13 @@ def test_terms_count_weights_head_kv_and_batch():
     x = features(2, 64, 100, 2, "decode_ms_per_token", "none", 16, 8)[0]
     assert x[0] == 1 and x[1] == 2
     assert x[2] == 4 * 2 * 12 * 64 ** 2 + 4 * 100 * 64
-    assert x[3] == 2 * 2 * (2 * 12 * 64 ** 2 + 100 * 64)
-    assert x[4] == 2 * 2 * (16 + 3.5) * 64
+    assert x[3] == 2 * 2 * (2 * 12 * 64 ** 2 + 100 * 64) and x[4] == 0  # fp32: no quantized matrix
+    assert x[5] == 2 * 2 * (16 + 3.5) * 64
+    # FLOPs through quantized matrices apart: int8 quantizes every block matrix, int4 at width 48 only MLP out
+    x = features(2, 64, 100, 2, "decode_ms_per_token", "int8", 16, 8)[0]
+    assert x[3] == 2 * 2 * 100 * 64 and x[4] == 2 * 2 * 2 * 12 * 64 ** 2
+    x = features(1, 48, 100, 1, "prefill_ms", "int4", 16, 8)[0]
+    assert x[3] == 2 * 16 * (8 * 48 ** 2 + 100 * 48) and x[4] == 2 * 16 * 4 * 48 ** 2
     # quantized block weights: 1 byte (int8), half a byte (int4), fp32 where int4 skips a matrix
     assert block_weight_bytes(1, 64, "int8") == 12 * 64 ** 2
     assert block_weight_bytes(1, 64, "int4") == 6 * 64 ** 2
@@ -79,15 +89,18 @@ def test_extrapolates_under_noise_and_reports_heldout_error():
 def test_section_round_trip(tmp_path):
     model = fit_latency(measurements(), META)
     section = model.to_dict()
-    assert section["model"] == "roofline" and section["version"] == 2 and section["device"] == "cpu:test"
-    assert set(section["modes"]) == {"none", "int8"} and section["batch_sizes"] == [1, 8]
+    assert section["model"] == "roofline" and section["version"] == 3 and section["device"] == "cpu:test"
+    assert set(section["modes"]) == {"none", "int8", "int4"} and section["batch_sizes"] == [1, 8]
     again = LatencyModel.from_dict(json.loads(json.dumps(section)))
-    for mode in ("none", "int8"):
+    for mode in ("none", "int8", "int4"):
         assert again.predict(4, 64, batch=8, mode=mode) == pytest.approx(model.predict(4, 64, batch=8, mode=mode))
     with pytest.raises(ValueError, match="roofline"):
         LatencyModel.from_dict({"model": "linear", "decode_ms_per_token": {}})
+    table = measurements()
     with pytest.raises(ValueError, match="int4"):
-        model.predict(4, 64, mode="int4")
+        fit_latency(table[table["mode"] != "int4"], META).predict(4, 64, mode="int4")
+    with pytest.raises(ValueError, match="version 3"):  # a version-2 section (one FLOP term) is refused
+        LatencyModel.from_dict({**section, "version": 2})
 
 
 def test_merge_keeps_laws_and_replaces_latency(tmp_path):

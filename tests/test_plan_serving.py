@@ -39,7 +39,7 @@ def config(tmp_path, *overrides, speculative=True):
         "schema_version": 1, "laws": {"chinchilla": {"formula": "E + A / N**alpha + B / D**beta",
                                                       "inputs": ["N", "D"], "params": CHINCHILLA}},
         "latency": latency_section("cpu:toy", ("none", "int8", "int4"), call=0.5, layer=0.2, weight_bytes=2e-9,
-                                   matmul_flops=1e-10)})
+                                   matmul_flops=1e-10, quant_flops=1e-10)})
     return compose("plan", [f"constants={fit_json}", "objective=cost", "target.loss=2.3", "demand.tokens=1e13",
                             f"serving.measurements={measurements(tmp_path, speculative)}", f"out={tmp_path / 'plan'}",
                             "plot.points=3", *overrides])
