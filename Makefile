@@ -53,6 +53,9 @@ DEMO_FIT_ROWS := params_non_embedding < 2e5
 # and the largest budget (a decade in N and in D for the penalty law)
 DEMO_QUANT_ROWS := (tokens_budget == 51200 or tokens_budget == 512000) and (params_non_embedding < 5e4 or params_non_embedding > 2e5)
 
+# the latency measurements: 3 interleaved rounds (the law fits each shape's fastest), 3 timed passes a round
+DEMO_LATENCY := measure.rounds=3 measure.repeats=3 measure.warmup=1
+
 # the verification's candidates: shapes within 10% of the largest N (the sweep's size-class tolerance), so that a
 # shallower shape than the conventional one lies inside both the band and the fitted aspect ratios
 DEMO_VERIFY := params_factor=1.0 band=0.1 tokens_per_param=0.5
@@ -67,7 +70,7 @@ demo: $(STAMP)
 	$(BIN)/scaling-fit sweep=demo results_dir=$(DEMO_DIR) out=$(DEMO_DIR)/fit/demo \
 		'source.fit_rows="$(DEMO_FIT_ROWS)"' protocol=auto
 	$(BIN)/scaling-latency sweep=demo results_dir=$(DEMO_DIR) constants=$(DEMO_DIR)/fit/demo/fit.json \
-		out=$(DEMO_DIR)/latency/demo 'measure.modes=[none,int8,int4]'
+		out=$(DEMO_DIR)/latency/demo 'measure.modes=[none,int8,int4]' $(DEMO_LATENCY)
 	$(BIN)/scaling-quantize sweep=demo results_dir=$(DEMO_DIR) 'rows="$(DEMO_QUANT_ROWS)"'
 	$(BIN)/scaling-speculate sweep=demo results_dir=$(DEMO_DIR) 'ks=[1,2,4]' prompts=2
 	$(BIN)/scaling-verify results_dir=$(DEMO_DIR) sweep=demo constants=$(DEMO_DIR)/fit/demo/fit.json \

@@ -1,38 +1,52 @@
 """The latency law: prefill and decode time of a shape from what a forward pass reads and computes, fitted per
-device and serving mode to measurements, with held-out errors. The one latency model of the project (selection,
-verification and the planner all read it).
+device over every serving mode to measurements, with held-out errors. The one latency model of the project
+(selection, verification and the planner all read it).
 
 One pass of a batch of ``b`` sequences, ``t`` new tokens each (decode: t = 1; prefill: t = the prompt length),
 attending to a context of ``c`` tokens (decode: the prompt plus half the decoded tokens, the mean over the timed
 steps; prefill: the prompt), through ``L`` layers of width ``d`` with vocabulary ``V``::
 
     ms = call + layer * L                                   fixed cost per pass, and per layer (kernel launches)
-       + weight_bytes * (bytes of the block weights in this mode + 4 V d)     weights read once a pass, the
-                                                                             untied-or-tied output head included
-       + matmul_flops * 2 b t (full-precision block weights + V d)         multiply-adds through fp32 matrices
-       + quant_flops * 2 b t (quantized block weights)                      multiply-adds through quantized ones
+       + weight_bytes * 4 (fp32 block weights + V d)        fp32 weights read once a pass, the output head included
+       + matmul_flops * 2 b t (fp32 block weights + V d)    multiply-adds through fp32 matrices
        + kv * b t L c d                                     the KV cache read (and scores computed) at context c
+       + quant_matrices * (quantized block matrices)        a quantized matrix's own kernel: its call,
+       + quant_bytes * (their bytes: 1 a weight in int8, 1/2 in int4)     the weights it reads,
+       + quant_flops * 2 b t (quantized block weights)                    its multiply-adds,
+       + quant_acts * b t (their input widths)                           and the activations it (de)quantizes
 
 The blocks hold ``12 L d^2`` weights (attention 4 d^2, MLP 8 d^2 at ffn_ratio 4). In mode ``none`` all of them are
-full precision; ``int8`` quantizes every block matrix (1 byte a weight); ``int4`` (1/2 byte) skips a matrix whose
-input width is not a multiple of the group size or whose output width is not a multiple of 16, which stays fp32
-(the same rule as ``pipeline/serving.py``); embedding and head stay fp32. A quantized matrix has its own FLOP cost
-because its kernel is another kernel: on CPU, INT4's unpacks the weights in the inner loop and runs at about
-1 GFLOP/s against fp32's 20-100, so one FLOP coefficient for both cannot price a shape whose matrices are partly
-quantized (one law over both: leave-one-shape-out error 47% on the demo's INT4 decode). Element-wise work per
-token and layer (``b t L d``) is not a separate term: at the one context a protocol measures it is proportional
-to the KV term, which absorbs it (so a prediction at another context scales it with the context too). All
-coefficients >= 0, fitted by least squares on relative errors jointly over batch sizes (so bytes and FLOPs
-separate), one law per (mode, quantity).
+full precision; ``int8`` quantizes every block matrix; ``int4`` skips a matrix whose input width is not a multiple
+of the group size or whose output width is not a multiple of 16, which stays fp32 (the same rule as
+``pipeline/serving.py``); embedding and head stay fp32.
 
-Held-out errors per (mode, quantity): leave-one-shape-out (every batch of a shape predicted by the law fitted on
-the other shapes) and leave-largest-out (the largest quarter of the shapes by weights predicted from the rest).
+One law over the modes, fitted jointly: the first five terms are the same kernels in every mode (an fp32 matrix
+costs what it costs whether or not its neighbours are quantized), so they are shared; the ``quant_*`` terms are
+each quantized mode's own (zero in ``none``). A shape that INT4 packs only in part (the demo's widths 40, 56, 72,
+...) is priced as its fp32 matrices plus its packed ones, and the fp32 costs are learnt from every mode's
+measurements. On CPU the kernels differ by orders of magnitude (INT4's unpacks weights in its inner loop at about
+1 GFLOP/s against fp32's 20-100; INT8's quantizes every activation, about 0.13 ms a matrix here), which is why one
+FLOP or byte coefficient for all matrices cannot price a mixed shape. Element-wise work per token and layer
+(``b t L d``) is not a separate term: at the one context a protocol measures it is proportional to the KV term,
+which absorbs it (so a prediction at another context scales it with the context too). All coefficients >= 0,
+fitted by least squares on relative errors jointly over batch sizes (so bytes and FLOPs separate), one law per
+quantity.
 
-fit.json ``latency`` section, ``model: "roofline"``, ``version: 3``::
+Measurements come in rounds (``scaling-latency measure.rounds``: every shape once a round, interleaved); the law
+fits each (shape, mode, batch)'s fastest round (``aggregate="min"``; ``"median"`` is the alternative). Interference
+from other processes on a shared machine only ever slows a pass down, so the least-disturbed round is the closest
+to the device's own cost, the estimator ``timeit`` recommends for the same reason; on the demo's shapes the
+largest quarter's error fell from 15% (median of 3 rounds) to 6% (fastest of the same 3) in one measurement.
 
-    {"model": "roofline", "version": 3, "form": "...", "terms": [...], "device": "cpu:x86_64", "threads": 1,
+Held-out errors per (mode, quantity): leave-one-shape-out (every mode and batch of a shape predicted by the law
+fitted on the other shapes) and leave-largest-out (the largest quarter of the shapes by weights, in every mode,
+predicted from the rest).
+
+fit.json ``latency`` section, ``model: "roofline"``, ``version: 4``::
+
+    {"model": "roofline", "version": 4, "form": "...", "terms": [...], "device": "cpu:x86_64", "threads": 1,
      "dtype": "float32", "prompt_len": 64, "decode_tokens": 32, "batch_size": 1, "group_size": 32,
-     "vocab_size": 257,
+     "vocab_size": 257, "rounds": 3, "aggregate": "min",
      "modes": {"none": {"decode_ms_per_token": {"call": .., "layer": .., ...}, "prefill_ms": {...}}, "int8": ...},
      "heldout": {"none": {"decode_ms_per_token": {"loso_mape", "loso_max_ape", "largest_mape", "largest_max_ape",
                                                  "largest_shapes"}}},
@@ -55,10 +69,14 @@ from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
 
 MODEL = "roofline"
-VERSION = 3  # 3: the FLOPs through quantized matrices priced apart (quant_flops)
-TERMS = ("call", "layer", "weight_bytes", "matmul_flops", "quant_flops", "kv")
-FORM = ("call + layer*L + weight_bytes*(block weight bytes + 4 V d) + matmul_flops*2 b t (fp32 block weights + V d)"
-        " + quant_flops*2 b t (quantized block weights) + kv*b t L c d")
+VERSION = 4  # 4: one fit over every serving mode; a quantized matrix's call, bytes and FLOPs priced per mode
+SHARED = ("call", "layer", "weight_bytes", "matmul_flops", "kv")  # the same kernels in every mode
+# a quantized matrix's own kernel, one set of terms per quantized mode
+QUANT = ("quant_matrices", "quant_bytes", "quant_flops", "quant_acts")
+TERMS = SHARED + QUANT
+FORM = ("call + layer*L + weight_bytes*4 (fp32 block weights + V d) + matmul_flops*2 b t (fp32 block weights + V d)"
+        " + kv*b t L c d + quant_matrices*(quantized block matrices) + quant_bytes*(their bytes)"
+        " + quant_flops*2 b t (quantized block weights)")
 QUANTITIES = ("decode_ms_per_token", "prefill_ms")
 MODES = ("none", "int8", "int4")
 BYTES_PER_WEIGHT = {"none": 4.0, "int8": 1.0, "int4": 0.5}
@@ -86,9 +104,13 @@ def block_weight_bytes(n_layers, d_model, mode: str = "none", group_size: int = 
 
 
 def block_weights(n_layers, d_model, mode: str = "none", group_size: int = 32):
-    """The blocks' weights in full-precision matrices and in quantized ones: ``(fp32, quantized)``."""
+    """The blocks' weights in full-precision matrices and in quantized ones, and the count of quantized matrices:
+    ``(fp32, quantized, quantized_matrices)``."""
     parts = list(_block_matrices(n_layers, d_model, mode, group_size))
-    return sum(np.where(q, 0.0, w) for w, q in parts), sum(np.where(q, w, 0.0) for w, q in parts)
+    L, d = np.asarray(n_layers, dtype=float), np.asarray(d_model, dtype=float)
+    return (sum(np.where(q, 0.0, w) for w, q in parts), sum(np.where(q, w, 0.0) for w, q in parts),
+            sum(np.where(q, L, 0.0) for _, q in parts),
+            sum(np.where(q, L * fan_in * d, 0.0) for (_, q), fan_in in zip(parts, (1, 1, 1, 4))))
 
 
 def features(n_layers, d_model, vocab_size, batch, quantity: str, mode: str, prompt_len: int,
@@ -103,15 +125,15 @@ def features(n_layers, d_model, vocab_size, batch, quantity: str, mode: str, pro
     t = 1.0 if decode else float(prompt_len)
     c = context if context is not None else (prompt_len + (decode_tokens - 1) / 2 if decode else prompt_len)
     c = np.broadcast_to(np.asarray(c, dtype=float), L.shape)
-    weight_bytes = block_weight_bytes(L, d, mode, group_size) + 4 * V * d
-    full, quantized = block_weights(L, d, mode, group_size)
-    return np.column_stack([np.ones_like(L), L, weight_bytes, 2 * b * t * (full + V * d), 2 * b * t * quantized,
-                            b * t * L * c * d])
+    full, quantized, matrices, inputs = block_weights(L, d, mode, group_size)
+    full = full + V * d  # the output head (tied or not) stays fp32
+    return np.column_stack([np.ones_like(L), L, 4 * full, 2 * b * t * full, b * t * L * c * d,
+                            matrices, BYTES_PER_WEIGHT[mode] * quantized, 2 * b * t * quantized, b * t * inputs])
 
 
 def _fit_terms(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Non-negative least squares on relative error (each row divided by its measured time)."""
-    used = int(np.any(X != 0, axis=0).sum())  # a term a mode has no part in (fp32's quant_flops) is not fitted
+    used = int(np.any(X != 0, axis=0).sum())  # a term no measurement has a part in (fp32's quant_*) is not fitted
     if len(y) < used:
         raise ValueError(f"the latency law has {used} terms here; need at least {used} measurements, got {len(y)}")
     if not np.all(np.isfinite(y)) or np.any(y <= 0):
@@ -178,46 +200,96 @@ class LatencyModel:
         return cls(modes=modes, heldout=dict(spec.get("heldout") or {}), meta=meta)
 
 
-def _design(rows: pd.DataFrame, quantity: str, mode: str, meta: Mapping[str, Any]) -> np.ndarray:
+def _features_of(rows: pd.DataFrame, quantity: str, mode: str, meta: Mapping[str, Any]) -> np.ndarray:
     return features(rows.n_layers.to_numpy(), rows.d_model.to_numpy(), rows.vocab_size.to_numpy(),
                     rows.batch.to_numpy(), quantity, mode, int(meta["prompt_len"]), int(meta["decode_tokens"]),
                     int(meta.get("group_size") or 32))
 
 
-def _ape(coef, rows, quantity, mode, meta) -> np.ndarray:
-    return np.abs(_design(rows, quantity, mode, meta) @ coef / rows[quantity].to_numpy() - 1)
+def _joint_design(rows: pd.DataFrame, quantity: str, meta: Mapping[str, Any]) -> tuple[np.ndarray, list[str]]:
+    """One design over every serving mode: the shared terms in common, each quantized mode's ``QUANT`` terms in
+    columns of its own (zero in other modes' rows). Returns the matrix and the modes, in column order."""
+    modes = [m for m in MODES if m in set(rows["mode"])]
+    X = np.zeros((len(rows), len(SHARED) + len(QUANT) * len(modes)))
+    for i, mode in enumerate(modes):
+        mask = (rows["mode"] == mode).to_numpy()
+        x = _features_of(rows[mask], quantity, mode, meta)
+        X[np.ix_(mask, range(len(SHARED)))] = x[:, :len(SHARED)]
+        X[np.ix_(mask, range(len(SHARED) + len(QUANT) * i, len(SHARED) + len(QUANT) * (i + 1)))] = x[:, len(SHARED):]
+    return X, modes
 
 
-def heldout_errors(rows: pd.DataFrame, quantity: str, mode: str, meta: Mapping[str, Any],
-                   extrapolate_frac: float = 0.25) -> dict:
-    """Leave-one-shape-out, and the largest ``extrapolate_frac`` of the shapes (by weights) from the rest."""
-    out: dict[str, Any] = {"loso_mape": None, "loso_max_ape": None, "largest_mape": None, "largest_max_ape": None,
-                           "largest_shapes": 0}
+def _fit_joint(rows: pd.DataFrame, quantity: str, meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The joint fit's coefficients as one ``TERMS`` vector per mode."""
+    X, modes = _joint_design(rows, quantity, meta)
+    coef = _fit_terms(X, rows[quantity].to_numpy())
+    return {m: np.concatenate([coef[:len(SHARED)], coef[len(SHARED) + len(QUANT) * i:][:len(QUANT)]])
+            for i, m in enumerate(modes)}
+
+
+def _apes(coefs: dict[str, np.ndarray], rows: pd.DataFrame, quantity: str, meta: Mapping[str, Any]) -> pd.Series:
+    """Absolute relative error of each row's prediction by the coefficients of its own mode."""
+    predicted = pd.Series(np.nan, index=rows.index)
+    for m, part in rows.groupby("mode"):
+        predicted[part.index] = _features_of(part, quantity, str(m), meta) @ coefs[str(m)]
+    return (predicted / rows[quantity] - 1).abs()
+
+
+def heldout_errors(rows: pd.DataFrame, quantity: str, meta: Mapping[str, Any],
+                   extrapolate_frac: float = 0.25) -> dict[str, dict]:
+    """Per mode: leave-one-shape-out (every mode and batch of a shape predicted by the law fitted on the other
+    shapes), and the largest ``extrapolate_frac`` of the shapes (by weights) predicted from the rest."""
+    modes = [m for m in MODES if m in set(rows["mode"])]
+    out = {m: {"loso_mape": None, "loso_max_ape": None, "largest_mape": None, "largest_max_ape": None,
+               "largest_shapes": 0} for m in modes}
     keys = rows[["n_layers", "d_model"]].apply(tuple, axis=1)
     shapes = list(dict.fromkeys(keys))
-    y = rows[quantity].to_numpy()
-    used = int(np.any(_design(rows, quantity, mode, meta) != 0, axis=0).sum())
+    X, _ = _joint_design(rows, quantity, meta)
+    used = int(np.any(X != 0, axis=0).sum())
 
-    def fit_on(mask):
-        return _fit_terms(_design(rows[mask], quantity, mode, meta), y[mask])
+    def report(apes: pd.Series, tested: pd.Series, prefix: str, **extra):
+        for m in modes:
+            a = apes[(rows["mode"] == m) & tested]
+            if len(a):
+                out[m].update({f"{prefix}_mape": float(a.mean()), f"{prefix}_max_ape": float(a.max()), **extra})
 
     if len(rows) - max(keys.value_counts()) >= used and len(shapes) > 2:
-        apes = np.concatenate([_ape(fit_on((keys != s).to_numpy()), rows[(keys == s).to_numpy()], quantity, mode,
-                                    meta) for s in shapes])
-        out.update(loso_mape=float(apes.mean()), loso_max_ape=float(apes.max()))
+        apes = pd.concat([_apes(_fit_joint(rows[keys != s], quantity, meta), rows[keys == s], quantity, meta)
+                          for s in shapes])
+        report(apes.reindex(rows.index), keys == keys, "loso")
     k = int(round(len(shapes) * extrapolate_frac))
     size = {s: 12 * s[0] * s[1] ** 2 for s in shapes}
-    largest = set(sorted(shapes, key=size.get)[len(shapes) - k:]) if k else set()
-    test = keys.isin(largest).to_numpy()
+    test = keys.isin(sorted(shapes, key=size.get)[len(shapes) - k:]) if k else keys != keys
     if k and (~test).sum() >= used:
-        apes = _ape(fit_on(~test), rows[test], quantity, mode, meta)
-        out.update(largest_mape=float(apes.mean()), largest_max_ape=float(apes.max()), largest_shapes=k)
+        apes = _apes(_fit_joint(rows[~test], quantity, meta), rows, quantity, meta)
+        report(apes, test, "largest", largest_shapes=k)
     return out
 
 
-def fit_latency(table: pd.DataFrame, meta: Mapping[str, Any], extrapolate_frac: float = 0.25) -> LatencyModel:
-    """The law per serving mode (column ``mode``, default ``none``) and quantity from a table of measurements (one
-    row per shape, batch and mode; repeats averaged by median), with held-out errors. ``meta`` needs the protocol's
+AGGREGATES = ("min", "median")
+MEASURED = ("mode", "n_layers", "d_model", "vocab_size", "batch")  # what a measurement is of; its rounds repeat it
+
+
+def check_aggregate(aggregate: str) -> str:
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"latency_model.aggregate must be one of {list(AGGREGATES)}, got {aggregate!r}")
+    return aggregate
+
+
+def reduce_rounds(table: pd.DataFrame, aggregate: str = "min", by: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per measurement (``MEASURED``, and ``by``): its rounds reduced by ``aggregate`` (``min``: the
+    fastest; ``median``)."""
+    check_aggregate(aggregate)
+    keys = [k for k in (*MEASURED, *by) if k in table.columns]
+    quantities = [q for q in QUANTITIES if q in table.columns]
+    return table.groupby(keys, as_index=False, sort=False)[quantities].agg(aggregate)
+
+
+def fit_latency(table: pd.DataFrame, meta: Mapping[str, Any], extrapolate_frac: float = 0.25,
+                aggregate: str = "min") -> LatencyModel:
+    """The law over every serving mode (column ``mode``, default ``none``) per quantity, from a table of
+    measurements (one row per shape, mode, batch and round), with held-out errors. The rounds of a (shape, mode,
+    batch) are reduced by ``aggregate``: their fastest (``min``) or their ``median``. ``meta`` needs the protocol's
     ``prompt_len`` and ``decode_tokens``."""
     table = table.copy()
     if "mode" not in table:
@@ -229,15 +301,18 @@ def fit_latency(table: pd.DataFrame, meta: Mapping[str, Any], extrapolate_frac: 
     if missing or not quantities:
         raise ValueError(f"latency measurements need columns n_layers, d_model, batch and one of {QUANTITIES}; "
                          f"missing {missing or list(QUANTITIES)}")
-    meta = dict(meta)
-    modes, heldout = {}, {}
-    for mode, rows in table.groupby("mode"):
-        rows = rows.groupby(["n_layers", "d_model", "vocab_size", "batch"], as_index=False)[quantities].median()
-        modes[str(mode)], heldout[str(mode)] = {}, {}
-        for q in quantities:
-            coef = _fit_terms(_design(rows, q, str(mode), meta), rows[q].to_numpy())
-            modes[str(mode)][q] = {k: float(v) for k, v in zip(TERMS, coef)}
-            heldout[str(mode)][q] = heldout_errors(rows, q, str(mode), meta, extrapolate_frac)
+    unknown = sorted(set(map(str, table["mode"])) - set(MODES))
+    if unknown:
+        raise ValueError(f"unknown serving mode {unknown[0]!r}: the latency law knows {list(MODES)}")
+    meta = {**meta, "aggregate": aggregate}
+    rows = reduce_rounds(table, aggregate)
+    modes = {m: {} for m in MODES if m in set(rows["mode"])}
+    heldout = {m: {} for m in modes}
+    for q in quantities:
+        for m, coef in _fit_joint(rows, q, meta).items():
+            modes[m][q] = {k: float(v) for k, v in zip(TERMS, coef)}
+        for m, err in heldout_errors(rows, q, meta, extrapolate_frac).items():
+            heldout[m][q] = err
     shapes = table[["n_layers", "d_model"]].drop_duplicates()
     meta.setdefault("batch_size", int(table.batch.min()))
     meta.setdefault("vocab_size", int(table.vocab_size.iloc[0]))

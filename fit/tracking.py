@@ -220,9 +220,10 @@ def log_latency(cfg, section: Mapping[str, Any], out) -> Path | None:
     if not sweep and cfg.get("constants"):
         sweep, results_dir = sweep_of_fit(cfg.constants)
     inputs = [file_input(sweep, "fit", cfg.constants)] if sweep and cfg.get("constants") else []
+    measurements = Path(section.get("source") or out / "latency.csv")  # measured here, or the table refitted
     return log_stage(cfg, "latency", sweep, results_dir,
-                     tables={"measurements": _csv(out / "latency.csv"), "law": _tables().latency_law(section)},
-                     files=[out / "latency.csv", out / "latency.json"], inputs=inputs,
+                     tables={"measurements": _csv(measurements), "law": _tables().latency_law(section)},
+                     files=[measurements, out / "latency.json"], inputs=inputs,
                      summary={"device": section.get("device"), "threads": section.get("threads")})
 
 

@@ -24,8 +24,8 @@ import torch
 from scaling_lab.conf import command
 from scaling_lab.fit import tracking
 from scaling_lab.fit.io.fitfile import read_fit_json
-from scaling_lab.fit.io.files import write_json_atomic
-from scaling_lab.fit.latency import LatencyModel, fit_latency, merge_into_fit_json
+from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
+from scaling_lab.fit.latency import LatencyModel, check_aggregate, fit_latency, merge_into_fit_json, reduce_rounds
 from scaling_lab.models.gpt import GPT
 from scaling_lab.models.shapes import GPTConfig, resolve_shape
 from scaling_lab.conf.train_schema import LatencyConf
@@ -159,57 +159,84 @@ def shapes_to_measure(cfg) -> list[GPTConfig]:
 def measure_shapes(configs: list[GPTConfig], protocol: dict, device: str = "cpu", rounds: int = 1,
                    log=print, modes: tuple[str, ...] = ("none",), group_size: int = 32) -> list[dict]:
     """Measure each shape with ``measure`` on randomly initialised weights, in each serving mode (quantized by
-    ``pipeline/serving.py``: latency does not depend on the weights' values); one row per shape, mode and batch size
-    (median over ``rounds`` interleaved rounds)."""
+    ``pipeline/serving.py``: latency does not depend on the weights' values), in ``rounds`` interleaved rounds (every
+    shape once a round, so the machine's drift is spread over all of them); one row per shape, mode, batch size and
+    round (``fit_latency`` aggregates the rounds)."""
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           ("cpu" if device == "auto" else device))
     if protocol["prompt_len"] + protocol["decode_tokens"] > min(c.seq_len for c in configs):
         raise ValueError(f"measure.prompt_len + measure.decode_tokens = "
                          f"{protocol['prompt_len'] + protocol['decode_tokens']} exceeds the shortest seq_len "
                          f"{min(c.seq_len for c in configs)}")
-    samples: dict[tuple[int, str, int], dict] = {}  # (shape, mode, round) -> measure's result
     torch.manual_seed(0)
-    total = len(configs) * len(modes) * max(1, int(rounds))
-    done = 0
+    rounds = max(1, int(rounds))
+    total, rows = len(configs) * len(modes) * rounds, []
     if any(m != "none" for m in modes):
         from scaling_lab.pipeline.serving import quantize
-    for r in range(max(1, int(rounds))):
-        for i, c in enumerate(configs):
-            base = GPT(c).to(device).eval()
+    for r in range(rounds):
+        for c in configs:
+            base, counts = GPT(c).to(device).eval(), c.param_counts()
             for mode in modes:
                 model = base if mode == "none" else quantize(base, mode, group_size)[0]
                 result = measure(model, protocol["prompt_len"], protocol["decode_tokens"], protocol["batch_sizes"],
                                  protocol["warmup"], protocol["repeats"])
-                samples[(i, mode, r)] = result
-                done += 1
-                log(f"  [{done}/{total}] n_layers={c.n_layers} d_model={c.d_model} {mode}: decode "
-                    f"{result['decode_ms_per_token']:.3f} ms/token, prefill {result['prefill_ms']:.3f} ms "
-                    f"(batch {result['batch_sizes'][0]})")
+                log(f"  [{len(rows) // len(result['batch_sizes']) + 1}/{total}] n_layers={c.n_layers} "
+                    f"d_model={c.d_model} {mode}: decode {result['decode_ms_per_token']:.3f} ms/token, prefill "
+                    f"{result['prefill_ms']:.3f} ms (batch {result['batch_sizes'][0]})")
+                for b in result["batch_sizes"]:
+                    per = result["by_batch"][str(b)]
+                    rows.append({
+                        "mode": mode, "n_layers": c.n_layers, "d_model": c.d_model, "n_heads": c.n_heads,
+                        "aspect_ratio": c.aspect_ratio, "params_non_embedding": counts["non_embedding"],
+                        "params_total": counts["total"], "vocab_size": c.vocab_size, "batch": int(b), "round": r,
+                        "decode_ms_per_token": per["decode_ms_per_token"]["median"],
+                        "prefill_ms": per["prefill_ms"]["median"],
+                        "decode_iqr_rel": per["decode_ms_per_token"]["iqr_rel"],
+                        "prefill_iqr_rel": per["prefill_ms"]["iqr_rel"],
+                        "device": result["device"], "threads": result["threads"], "dtype": result["dtype"],
+                        **{k: protocol[k] for k in ("prompt_len", "decode_tokens", "warmup", "repeats")},
+                        "group_size": group_size,
+                    })
             del base, model
-    rows = []
-    for i, c in enumerate(configs):
-        for mode in modes:
-            results = [samples[(i, mode, r)] for r in range(max(1, int(rounds)))]
-            counts = c.param_counts()
-            for b in results[0]["batch_sizes"]:
-                per = [res["by_batch"][str(b)] for res in results]
-                rows.append({
-                    "mode": mode, "n_layers": c.n_layers, "d_model": c.d_model, "n_heads": c.n_heads,
-                    "aspect_ratio": c.aspect_ratio, "params_non_embedding": counts["non_embedding"],
-                    "params_total": counts["total"], "vocab_size": c.vocab_size, "batch": int(b),
-                    "decode_ms_per_token": statistics.median(p["decode_ms_per_token"]["median"] for p in per),
-                    "prefill_ms": statistics.median(p["prefill_ms"]["median"] for p in per),
-                    "decode_iqr_rel": statistics.median(p["decode_ms_per_token"]["iqr_rel"] for p in per),
-                    "prefill_iqr_rel": statistics.median(p["prefill_ms"]["iqr_rel"] for p in per),
-                    "device": results[0]["device"], "threads": results[0]["threads"], "dtype": results[0]["dtype"],
-                })
     return rows
 
 
 def run_latency(cfg) -> dict:
-    """The whole ``scaling-latency`` job: measure, write latency.csv, fit, write latency.json and merge into ``constants``."""
+    """The whole ``scaling-latency`` job: measure (or read ``measurements``), write latency.csv, fit, write
+    latency.json and merge into ``constants``."""
     if cfg.constants:
         read_fit_json(cfg.constants)  # a missing or invalid fit.json stops the run before measuring
+    check_aggregate(cfg.latency_model.aggregate)
+    out = Path(cfg.out)
+    if cfg.measurements:
+        table = read_measurements(cfg.measurements)
+        source = Path(cfg.measurements)
+    else:
+        table = pd.DataFrame(measure_from_config(cfg))
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv_atomic(out / "latency.csv", table)
+        source = out / "latency.csv"
+    first = table.iloc[0]
+    meta = {"device": str(first.device), "threads": int(first.threads), "dtype": str(first.dtype),
+            **{k: int(first[k]) for k in MEASUREMENT_PROTOCOL}, "rounds": int(table["round"].max()) + 1,
+            "source": str(source.resolve())}
+    if cfg.latency_model.batch_size is not None:
+        meta["batch_size"] = int(cfg.latency_model.batch_size)
+    model = fit_latency(table, meta, cfg.latency_model.extrapolate_frac, cfg.latency_model.aggregate)
+    section = model.to_dict()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "latency.json", section)
+    if cfg.constants:
+        merge_into_fit_json(cfg.constants, section)
+    print(format_latency(table, section))
+    print(f"wrote {'' if cfg.measurements else str(out / 'latency.csv') + ', '}{out / 'latency.json'}"
+          + (f"; the latency section of {cfg.constants}" if cfg.constants else ""))
+    tracking.log_latency(cfg, section, out)
+    return section
+
+
+def measure_from_config(cfg) -> list[dict]:
+    """Resolve the shapes and the protocol of a ``scaling-latency`` config and measure them."""
     configs = shapes_to_measure(cfg)
     protocol = protocol_defaults(cfg.results_dir, cfg.sweep)
     protocol.update({k: v for k, v in cfg.measure.items() if v is not None and k in PROTOCOL})
@@ -218,37 +245,42 @@ def run_latency(cfg) -> dict:
         torch.set_num_threads(int(protocol["threads"]))
     print(f"measuring {len(configs)} shapes: prompt {protocol['prompt_len']}, {protocol['decode_tokens']} decode "
           f"tokens, batches {protocol['batch_sizes']}, warmup {protocol['warmup']}, repeats {protocol['repeats']}, "
-          f"{torch.get_num_threads()} threads")
-    modes = tuple(str(m) for m in cfg.measure.modes)
-    rows = measure_shapes(configs, protocol, cfg.measure.device, cfg.measure.rounds, modes=modes,
-                          group_size=int(cfg.measure.group_size))
-    table = pd.DataFrame(rows)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "latency.csv", index=False)
-    meta = {"device": rows[0]["device"], "threads": rows[0]["threads"], "dtype": rows[0]["dtype"],
-            **{k: protocol[k] for k in ("prompt_len", "decode_tokens", "warmup", "repeats")},
-            "rounds": int(cfg.measure.rounds), "group_size": int(cfg.measure.group_size),
-            "source": str((out / "latency.csv").resolve())}
-    if cfg.latency_model.batch_size is not None:
-        meta["batch_size"] = int(cfg.latency_model.batch_size)
-    model = fit_latency(table, meta, cfg.latency_model.extrapolate_frac)
-    section = model.to_dict()
-    write_json_atomic(out / "latency.json", section)
-    if cfg.constants:
-        merge_into_fit_json(cfg.constants, section)
-    print(format_latency(table, section))
-    print(f"wrote {out / 'latency.csv'}, {out / 'latency.json'}"
-          + (f"; the latency section of {cfg.constants}" if cfg.constants else ""))
-    tracking.log_latency(cfg, section, out)
-    return section
+          f"{torch.get_num_threads()} threads, {cfg.measure.rounds} rounds")
+    return measure_shapes(configs, protocol, cfg.measure.device, cfg.measure.rounds,
+                          modes=tuple(str(m) for m in cfg.measure.modes), group_size=int(cfg.measure.group_size))
+
+
+# the protocol every measurement row carries, so that a latency.csv is refitted without its latency.json
+MEASUREMENT_PROTOCOL = ("prompt_len", "decode_tokens", "warmup", "repeats", "group_size")
+
+
+def read_measurements(path) -> pd.DataFrame:
+    """A latency.csv written by ``scaling-latency``, checked: one protocol, the columns the law needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no latency measurements at {path}: measurements= takes a latency.csv written by "
+                                f"scaling-latency")
+    table = pd.read_csv(path)
+    need = {"mode", "n_layers", "d_model", "vocab_size", "batch", "round", "decode_ms_per_token", "prefill_ms",
+            "device", "threads", "dtype", *MEASUREMENT_PROTOCOL}
+    missing = sorted(need - set(table.columns))
+    if missing or table.empty:
+        raise ValueError(f"{path} is not a latency.csv of scaling-latency: missing columns {missing or 'rows'}")
+    mixed = [k for k in ("device", "threads", "dtype", *MEASUREMENT_PROTOCOL) if table[k].nunique() > 1]
+    if mixed:
+        raise ValueError(f"{path} mixes measurements taken with different {mixed}: fit one device and protocol at "
+                         f"a time")
+    return table
 
 
 def format_latency(table, section: dict) -> str:
-    """The measurements beside the law's predictions, the coefficients and the held-out errors."""
+    """The measurements (each shape, mode and batch's rounds reduced as the law reduces them) beside the law's
+    predictions, the coefficients and the held-out errors."""
     model = LatencyModel.from_dict(section)
+    table = reduce_rounds(table, section["aggregate"], by=("params_non_embedding",))
     lines = [f"== latency law on {section['device']} ({section['threads']} threads, {section['dtype']}; context: "
-             f"prompt {section['prompt_len']}, {section['decode_tokens']} decoded): ms = {section['form']}",
+             f"prompt {section['prompt_len']}, {section['decode_tokens']} decoded; the {section['aggregate']} of "
+             f"{section['rounds']} rounds): ms = {section['form']}",
              f"   {'mode':>4} {'n_layers':>8} {'d_model':>7} {'N (non-emb)':>11} {'batch':>5} {'decode ms/tok':>13} "
              f"{'law':>8} {'prefill ms':>10} {'law':>8}"]
     for row in table.itertuples():

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from scaling_lab.conf import command, compose
 from scaling_lab.fit import tracking
-from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
 from scaling_lab.pipeline import serving
 from scaling_lab.pipeline.latency import PROTOCOL, measure, protocol_defaults
 
@@ -82,7 +82,7 @@ def run(cfg: DictConfig) -> dict:
     table["decode_speedup"] = table.decode_ms_per_token_full / table.decode_ms_per_token_quantized
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "quantization.csv", index=False)
+    write_csv_atomic(out / "quantization.csv", table)
     penalties = fit_penalties(cfg, out / "quantization.csv", table, modes) if cfg.penalty.fit else {}
     doc = {"schema_version": 1, "sweep": cfg.sweep, "modes": modes, "group_size": int(cfg.group_size),
            "device": lat_full["device"], "threads": torch.get_num_threads(),

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scaling_lab.fit import selection, tracking
 from scaling_lab.conf import command
-from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
 from scaling_lab.fit.latency import FORM, LatencyModel, MissingLatency, load_latency
 from scaling_lab.models.shapes import GPTConfig, non_embedding_params
 from scaling_lab.pipeline.latency import measure_shapes, protocol_defaults
@@ -166,7 +166,7 @@ def run(cfg: DictConfig) -> dict:
                                                                   provenance.get("fitted_range") or {})
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "candidates.csv", index=False)
+    write_csv_atomic(out / "candidates.csv", table)
     write_json_atomic(out / "selection.json", result)
     print(format_report(result, table, cfg.top))
     print(f"wrote {out / 'selection.json'}, {out / 'candidates.csv'}")

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from scaling_lab.conf import command
 from scaling_lab.fit import tracking
-from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
 from scaling_lab.models.speculative import speculative_generate, target_generate
 from scaling_lab.pipeline import serving
 
@@ -145,7 +145,7 @@ def run(cfg: DictConfig) -> dict:
     table.loc[best.index, "best_k"] = True
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "speculative.csv", index=False)
+    write_csv_atomic(out / "speculative.csv", table)
     doc = {"schema_version": 1, "sweep": cfg.sweep, "threads": torch.get_num_threads(),
            "prompts": len(prompts), "prompt_len": int(cfg.prompt_len), "new_tokens": n, "repeats": reps,
            "rows": table.to_dict(orient="records"),

@@ -153,14 +153,19 @@ def serving_lines(results_dir: Path, sweep: str, fit: dict | None) -> list[str]:
         out.append(f"- **Speculative decoding** (`scaling-speculate`): best measured {b['speedup_measured']:.2f}x "
                    f"(draft {b['draft_run_id']} -> target {b['target_run_id']}, {b['mode']}, k={b['k']}, acceptance "
                    f"{b['acceptance_rate']:.2f}, draft/target cost {b['cost_ratio']:.2f}).")
-    held = ((fit or {}).get("latency") or {}).get("heldout") or {}
+    latency = (fit or {}).get("latency") or {}
+    held = latency.get("heldout") or {}
     if held:
-        out.append("- **Latency law** (`scaling-latency`, decode ms/token; leave-one-shape-out MAPE and the largest "
-                   "quarter of the shapes predicted from the rest, target 15%): " + "; ".join(
-                       f"{m} {100 * h['decode_ms_per_token']['loso_mape']:.1f}% / "
-                       f"{100 * h['decode_ms_per_token']['largest_mape']:.1f}%"
-                       for m, h in held.items() if h.get("decode_ms_per_token", {}).get("largest_mape") is not None)
-                   + ".")
+        def errors(h):
+            return (f"{100 * h['loso_mape']:.1f}% / {100 * h['largest_mape']:.1f}% (max "
+                    f"{100 * h['largest_max_ape']:.1f}%)")
+        out.append(f"- **Latency law** (`scaling-latency`, {latency.get('shapes', {}).get('count')} shapes, the "
+                   f"{latency.get('aggregate', 'median')} of {latency.get('rounds', 1)} rounds; leave-one-shape-out "
+                   f"MAPE / the largest quarter of the shapes predicted from the rest, target 15%): " + "; ".join(
+                       f"{m} decode {errors(h['decode_ms_per_token'])}, prefill {errors(h['prefill_ms'])}"
+                       for m, h in held.items()
+                       if all((h.get(q) or {}).get("largest_mape") is not None
+                              for q in ("decode_ms_per_token", "prefill_ms"))) + ".")
     p = _load(results_dir / "plan" / sweep / "plan.json")
     modes = (p or {}).get("serving_modes") or {}
     if modes.get("modes"):

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from scaling_lab.fit.io.fitfile import SCHEMA_VERSION
-from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
 from scaling_lab.fit.fitting.fitlaw import LawFit
 from scaling_lab.fit.fitting.sources import Table
 
@@ -106,5 +106,5 @@ def write(out: str | Path, doc: dict, table: Table, fits: Mapping[str, LawFit]) 
         rows[f"pred_{name}"] = f.pred
         rows[f"pred_{name}_lo"], rows[f"pred_{name}_hi"] = f.pred_ci
         rows[f"pred_{name}_pi_lo"], rows[f"pred_{name}_pi_hi"] = f.pred_pi
-    rows.to_csv(out / "predictions.csv", index=False)
+    write_csv_atomic(out / "predictions.csv", rows)
     return path

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
 
 RECORD_VERSION = 1
 
@@ -154,9 +154,7 @@ def export_table(results_dir: str | Path, sweep: str, out: str | Path | None = N
     out = Path(out) if out is not None else sweep_dir(results_dir, sweep)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "runs.csv"]
-    tmp = out / f".runs.csv.{os.getpid()}.tmp"
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, paths[0])
+    write_csv_atomic(paths[0], table)
     try:
         tmp = out / f".runs.parquet.{os.getpid()}.tmp"
         table.astype({c: "string" for c in ("error", "latency_device", "finished_at")}).to_parquet(tmp, index=False)

@@ -111,8 +111,9 @@ def gather(cfg) -> Study:
         study.latency, study.latency_path = study.fit["latency"], paths["constants"]
     elif study.latency is not None:
         study.latency_path = paths["latency"]
-    if study.latency_path is not None:
-        study.latency_rows = _csv(paths["latency"].parent / "latency.csv")
+    if study.latency_path is not None:  # the measurements the law was fitted to (a refit names another table)
+        source = Path(str(study.latency.get("source") or ""))
+        study.latency_rows = _csv(source if source.is_file() else paths["latency"].parent / "latency.csv")
     verification = _json(paths["verify"])
     if verification is not None and verification.get("sweep") not in (None, sweep):
         raise UserError(f"{paths['verify']} verifies sweep {verification.get('sweep')!r}, not {sweep!r}")

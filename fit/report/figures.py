@@ -322,11 +322,12 @@ def loss_vs_aspect(study, path: Path) -> Path | None:
 
 def latency(study, path: Path) -> Path | None:
     """Decode latency against depth (n_layers) for each width, measured and the latency law's prediction."""
-    from scaling_lab.fit.latency import LatencyModel
+    from scaling_lab.fit.latency import LatencyModel, reduce_rounds
 
     rows, section = study.latency_rows, study.latency
     if rows is None or section is None or rows.empty:
         return None
+    rows = reduce_rounds(rows, section.get("aggregate", "median"))  # one point per measurement, as the law saw it
     try:
         model = LatencyModel.from_dict(section)
     except (ValueError, KeyError, TypeError):
