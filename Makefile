@@ -53,8 +53,8 @@ DEMO_FIT_ROWS := params_non_embedding < 2e5
 # and the largest budget (a decade in N and in D for the penalty law)
 DEMO_QUANT_ROWS := (tokens_budget == 51200 or tokens_budget == 512000) and (params_non_embedding < 5e4 or params_non_embedding > 2e5)
 
-# the latency measurements: 3 interleaved rounds (the law fits each shape's fastest), 3 timed passes a round
-DEMO_LATENCY := measure.rounds=3 measure.repeats=3 measure.warmup=1
+# the latency measurements: 6 interleaved rounds of one timed pass each (the law fits each shape's fastest round)
+DEMO_LATENCY := measure.rounds=6 measure.repeats=1 measure.warmup=1
 
 # the verification's candidates: shapes within 10% of the largest N (the sweep's size-class tolerance), so that a
 # shallower shape than the conventional one lies inside both the band and the fitted aspect ratios

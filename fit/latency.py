@@ -35,8 +35,8 @@ quantity.
 Measurements come in rounds (``scaling-latency measure.rounds``: every shape once a round, interleaved); the law
 fits each (shape, mode, batch)'s fastest round (``aggregate="min"``; ``"median"`` is the alternative). Interference
 from other processes on a shared machine only ever slows a pass down, so the least-disturbed round is the closest
-to the device's own cost, the estimator ``timeit`` recommends for the same reason; on the demo's shapes the
-largest quarter's error fell from 15% (median of 3 rounds) to 6% (fastest of the same 3) in one measurement.
+to the device's own cost, the estimator ``timeit`` recommends for the same reason (what it changed on the demo's
+shapes: pipeline/README.md, stage 5).
 
 Held-out errors per (mode, quantity): leave-one-shape-out (every mode and batch of a shape predicted by the law
 fitted on the other shapes) and leave-largest-out (the largest quarter of the shapes by weights, in every mode,
@@ -46,7 +46,7 @@ fit.json ``latency`` section, ``model: "roofline"``, ``version: 4``::
 
     {"model": "roofline", "version": 4, "form": "...", "terms": [...], "device": "cpu:x86_64", "threads": 1,
      "dtype": "float32", "prompt_len": 64, "decode_tokens": 32, "batch_size": 1, "group_size": 32,
-     "vocab_size": 257, "rounds": 3, "aggregate": "min",
+     "vocab_size": 257, "rounds": 6, "aggregate": "min",
      "modes": {"none": {"decode_ms_per_token": {"call": .., "layer": .., ...}, "prefill_ms": {...}}, "int8": ...},
      "heldout": {"none": {"decode_ms_per_token": {"loso_mape", "loso_max_ape", "largest_mape", "largest_max_ape",
                                                  "largest_shapes"}}},
@@ -76,46 +76,42 @@ QUANT = ("quant_matrices", "quant_bytes", "quant_flops", "quant_acts")
 TERMS = SHARED + QUANT
 FORM = ("call + layer*L + weight_bytes*4 (fp32 block weights + V d) + matmul_flops*2 b t (fp32 block weights + V d)"
         " + kv*b t L c d + quant_matrices*(quantized block matrices) + quant_bytes*(their bytes)"
-        " + quant_flops*2 b t (quantized block weights)")
+        " + quant_flops*2 b t (quantized block weights) + quant_acts*b t (their input widths)")
 QUANTITIES = ("decode_ms_per_token", "prefill_ms")
 MODES = ("none", "int8", "int4")
 BYTES_PER_WEIGHT = {"none": 4.0, "int8": 1.0, "int4": 0.5}
 
 
-def _block_matrices(n_layers, d_model, mode: str, group_size: int):
-    """Per block matrix (qkv d x 3d, proj d x d, MLP d x 4d and 4d x d): its weights over all layers, and whether
-    ``mode`` quantizes it (INT4 keeps a matrix in fp32 when its input width is not a multiple of ``group_size`` or
-    its output width not a multiple of 16: torchao's CPU packing)."""
+def _block_matrices(n_layers, d_model, mode: str, group_size: int, packed: str = "measured"):
+    """Per block matrix (qkv d x 3d, proj d x d, MLP d x 4d and 4d x d): its weights and its input widths over all
+    layers, and whether ``mode`` quantizes it. ``packed="measured"``: as the kernels do (INT4 keeps a matrix in fp32
+    when its input width is not a multiple of ``group_size`` or its output width not a multiple of 16: torchao's CPU
+    packing); ``packed="all"``: every block matrix, as for a planned shape, whose width is chosen for its mode."""
     if mode not in BYTES_PER_WEIGHT:
         raise ValueError(f"unknown serving mode {mode!r}: the latency law knows {list(BYTES_PER_WEIGHT)}")
+    if packed not in ("measured", "all"):
+        raise ValueError(f"packed must be 'measured' or 'all', got {packed!r}")
     L, d = np.asarray(n_layers, dtype=float), np.asarray(d_model, dtype=float)
     for fan_in, fan_out in ((1, 3), (1, 1), (1, 4), (4, 1)):
-        if mode == "int4":
+        if mode == "int4" and packed == "measured":
             quantized = (np.mod(fan_in * d, group_size) == 0) & (np.mod(fan_out * d, 16) == 0)
         else:
             quantized = np.full(np.shape(d), mode != "none")
-        yield L * fan_in * fan_out * d * d, quantized
+        yield L * fan_in * fan_out * d * d, L * fan_in * d, quantized
 
 
-def block_weight_bytes(n_layers, d_model, mode: str = "none", group_size: int = 32):
-    """Bytes of the blocks' weight matrices in ``mode`` (a matrix the mode skips stays at 4 bytes a weight)."""
-    return sum(w * np.where(q, BYTES_PER_WEIGHT[mode], 4.0)
-               for w, q in _block_matrices(n_layers, d_model, mode, group_size))
-
-
-def block_weights(n_layers, d_model, mode: str = "none", group_size: int = 32):
-    """The blocks' weights in full-precision matrices and in quantized ones, and the count of quantized matrices:
-    ``(fp32, quantized, quantized_matrices)``."""
-    parts = list(_block_matrices(n_layers, d_model, mode, group_size))
-    L, d = np.asarray(n_layers, dtype=float), np.asarray(d_model, dtype=float)
-    return (sum(np.where(q, 0.0, w) for w, q in parts), sum(np.where(q, w, 0.0) for w, q in parts),
-            sum(np.where(q, L, 0.0) for _, q in parts),
-            sum(np.where(q, L * fan_in * d, 0.0) for (_, q), fan_in in zip(parts, (1, 1, 1, 4))))
+def block_weights(n_layers, d_model, mode: str = "none", group_size: int = 32, packed: str = "measured"):
+    """What the blocks hold in full-precision matrices and in quantized ones: ``(fp32 weights, quantized weights,
+    quantized matrices, their input widths)``, each summed over the layers."""
+    parts = list(_block_matrices(n_layers, d_model, mode, group_size, packed))
+    L = np.asarray(n_layers, dtype=float)
+    return (sum(np.where(q, 0.0, w) for w, _, q in parts), sum(np.where(q, w, 0.0) for w, _, q in parts),
+            sum(np.where(q, L, 0.0) for *_, q in parts), sum(np.where(q, x, 0.0) for _, x, q in parts))
 
 
 def features(n_layers, d_model, vocab_size, batch, quantity: str, mode: str, prompt_len: int,
-             decode_tokens: int, group_size: int = 32, context=None) -> np.ndarray:
-    """The law's terms (one row per shape), in the order of ``TERMS``."""
+             decode_tokens: int, group_size: int = 32, context=None, packed: str = "measured") -> np.ndarray:
+    """The law's terms (one row per shape), in the order of ``TERMS`` (``packed``: see ``_block_matrices``)."""
     if quantity not in QUANTITIES:
         raise ValueError(f"latency quantity must be one of {QUANTITIES}, got {quantity!r}")
     L, d = np.atleast_1d(np.asarray(n_layers, dtype=float)), np.atleast_1d(np.asarray(d_model, dtype=float))
@@ -125,7 +121,7 @@ def features(n_layers, d_model, vocab_size, batch, quantity: str, mode: str, pro
     t = 1.0 if decode else float(prompt_len)
     c = context if context is not None else (prompt_len + (decode_tokens - 1) / 2 if decode else prompt_len)
     c = np.broadcast_to(np.asarray(c, dtype=float), L.shape)
-    full, quantized, matrices, inputs = block_weights(L, d, mode, group_size)
+    full, quantized, matrices, inputs = block_weights(L, d, mode, group_size, packed)
     full = full + V * d  # the output head (tied or not) stays fp32
     return np.column_stack([np.ones_like(L), L, 4 * full, 2 * b * t * full, b * t * L * c * d,
                             matrices, BYTES_PER_WEIGHT[mode] * quantized, 2 * b * t * quantized, b * t * inputs])
@@ -176,12 +172,14 @@ class LatencyModel:
         return self.modes[mode][quantity]
 
     def predict(self, n_layers, d_model, quantity: str = "decode_ms_per_token", batch: int | None = None,
-                mode: str = "none", vocab_size=None, context=None):
-        """Milliseconds: a float for one shape, an array for arrays of shapes."""
+                mode: str = "none", vocab_size=None, context=None, packed: str = "measured"):
+        """Milliseconds: a float for one shape, an array for arrays of shapes. ``packed="all"`` prices every block
+        matrix as quantized in ``mode`` (a planned shape, given a width the mode packs whole); ``"measured"``, the
+        default, as the kernels pack this very shape."""
         coef = self.coefficients(quantity, mode)
         X = features(n_layers, d_model, vocab_size if vocab_size is not None else self.meta.get("vocab_size", 257),
                      self.batch_size if batch is None else batch, quantity, mode, int(self.meta["prompt_len"]),
-                     int(self.meta["decode_tokens"]), int(self.meta.get("group_size") or 32), context)
+                     int(self.meta["decode_tokens"]), int(self.meta.get("group_size") or 32), context, packed)
         ms = X @ np.array([coef[k] for k in TERMS])
         return float(ms[0]) if np.ndim(n_layers) == 0 and np.ndim(d_model) == 0 else ms
 

@@ -12,7 +12,7 @@ import pytest
 from scaling_lab.conf import compose
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
-from scaling_lab.fit.latency import (TERMS, LatencyModel, block_weight_bytes, features, fit_latency, load_latency,
+from scaling_lab.fit.latency import (TERMS, LatencyModel, block_weights, features, fit_latency, load_latency,
                                      merge_into_fit_json)
 from scaling_lab.fit.io import store
 from scaling_lab.pipeline.latency import run_latency
@@ -64,11 +64,12 @@ def test_terms_count_weights_head_kv_and_batch():
     x = dict(zip(TERMS, features(1, 48, 100, 1, "prefill_ms", "int4", 16, 8)[0]))
     assert x["matmul_flops"] == 2 * 16 * (8 * 48 ** 2 + 100 * 48) and x["quant_flops"] == 2 * 16 * 4 * 48 ** 2
     assert x["quant_matrices"] == 1 and x["quant_bytes"] == 0.5 * 4 * 48 ** 2 and x["quant_acts"] == 16 * 4 * 48
-    # quantized block weights: 1 byte (int8), half a byte (int4), fp32 where int4 skips a matrix
-    assert block_weight_bytes(1, 64, "int8") == 12 * 64 ** 2
-    assert block_weight_bytes(1, 64, "int4") == 6 * 64 ** 2
-    assert block_weight_bytes(1, 48, "int4") == (12 + 4 + 16) * 48 ** 2 + 2 * 48 ** 2  # only MLP out (4d -> d)
-    assert block_weight_bytes(1, 40, "int4") == 48 * 40 ** 2  # out_features 40: no matrix packs
+    # (fp32 weights, quantized weights, quantized matrices, their input widths): int4 skips a matrix it cannot pack
+    assert block_weights(1, 64, "int8") == (0, 12 * 64 ** 2, 4, 7 * 64)
+    assert block_weights(1, 64, "int4") == (0, 12 * 64 ** 2, 4, 7 * 64)
+    assert block_weights(1, 48, "int4") == (8 * 48 ** 2, 4 * 48 ** 2, 1, 4 * 48)  # only MLP out (4d -> d)
+    assert block_weights(1, 40, "int4") == (12 * 40 ** 2, 0, 0, 0)  # out_features 40: no matrix packs
+    assert block_weights(1, 40, "int4", packed="all") == (0, 12 * 40 ** 2, 1 * 4, 7 * 40)  # a planned shape
 
 
 def test_recovers_known_coefficients_exactly_without_noise():
@@ -115,6 +116,13 @@ def test_fp32_matrices_cost_the_same_in_every_mode():
     for q in ("decode_ms_per_token", "prefill_ms"):
         assert model.predict(2, 40, q, mode="int4") == pytest.approx(model.predict(2, 40, q, mode="none"))
         assert model.predict(2, 64, q, mode="int4") != pytest.approx(model.predict(2, 64, q, mode="none"))
+        # a planned shape is priced as packed whole (the planner gives it a width its mode packs)
+        whole = model.predict(2, 40, q, mode="int4", packed="all")
+        assert whole != pytest.approx(model.predict(2, 40, q, mode="none"))
+        assert whole == pytest.approx(float(features(2, 40, 257, 1, q, "int8", 16, 8)[0, :5]
+                                            @ [model.coefficients(q, "int4")[k] for k in TERMS[:5]])
+                                      + float(features(2, 40, 257, 1, q, "int4", 16, 8, packed="all")[0, 5:]
+                                              @ [model.coefficients(q, "int4")[k] for k in TERMS[5:]]))
     shared = [k for k in TERMS if not k.startswith("quant_")]
     assert len({tuple(model.coefficients(mode=m)[k] for k in shared) for m in TRUE}) == 1
 

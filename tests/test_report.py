@@ -57,7 +57,7 @@ def _stages(results: Path, token_cache: str) -> None:
     cli("scaling-fit", f"sweep={SWEEP}", f"results_dir={results}", f"out={fit_dir}", "bootstrap.n=20",
         "protocol.ties=[[alpha,beta,gamma]]", "protocol.max_starts=300")
     cli("scaling-latency", f"sweep={SWEEP}", f"results_dir={results}", f"constants={fit_dir / 'fit.json'}",
-        f"out={results / 'latency' / SWEEP}", "shapes.n_layers=[]", "measure.repeats=2")
+        f"out={results / 'latency' / SWEEP}", "shapes.n_layers=[]", "measure.repeats=2", "measure.rounds=2")
     cli("scaling-verify", f"sweep={SWEEP}", f"results_dir={results}", f"constants={fit_dir / 'fit.json'}",
         "params_factor=1.0", "tokens_per_param=2", "remeasure_rounds=1",
         f'train_overrides=["data.cache_dir={token_cache}","latency.repeats=2"]')

@@ -267,8 +267,9 @@ def plan_serving_modes(cfg: DictConfig, serving_inputs: tuple, constants: LawCon
         ratios = None
     dollars_per_ms = float(cfg.hardware.inference.price_per_hour) / 3.6e6 / shape.decode_batch
 
-    def decode_ms(n_layers, d_model, mode):  # one decode step of decode_batch sequences (the law's batch input)
-        return latency.predict(n_layers, d_model, "decode_ms_per_token", int(shape.decode_batch), mode)
+    def decode_ms(n_layers, d_model, mode):  # one decode step of decode_batch sequences (the law's batch input);
+        # a planned shape is given a width its mode packs whole (INT4's group size): every block matrix quantized
+        return latency.predict(n_layers, d_model, "decode_ms_per_token", int(shape.decode_batch), mode, packed="all")
 
     d_chin = planner.chinchilla_style_for_loss(constants, served_loss)[1]
     log_tokens = (math.log(d_chin) - 4.0, math.log(d_chin) + 8.0)
