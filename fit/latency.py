@@ -264,20 +264,20 @@ def heldout_errors(rows: pd.DataFrame, quantity: str, meta: Mapping[str, Any],
     return out
 
 
-AGGREGATES = ("min", "median")
+AGGREGATES = ("min", "median")  # how the law reduces a measurement's rounds (reduce_rounds also takes "max")
 MEASURED = ("mode", "n_layers", "d_model", "vocab_size", "batch")  # what a measurement is of; its rounds repeat it
 
 
-def check_aggregate(aggregate: str) -> str:
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"latency_model.aggregate must be one of {list(AGGREGATES)}, got {aggregate!r}")
+def check_aggregate(aggregate: str, allowed=AGGREGATES) -> str:
+    if aggregate not in allowed:
+        raise ValueError(f"latency_model.aggregate must be one of {list(allowed)}, got {aggregate!r}")
     return aggregate
 
 
 def reduce_rounds(table: pd.DataFrame, aggregate: str = "min", by: tuple[str, ...] = ()) -> pd.DataFrame:
     """One row per measurement (``MEASURED``, and ``by``): its rounds reduced by ``aggregate`` (``min``: the
-    fastest; ``median``)."""
-    check_aggregate(aggregate)
+    fastest; ``median``; ``max``: the slowest)."""
+    check_aggregate(aggregate, (*AGGREGATES, "max"))
     keys = [k for k in (*MEASURED, *by) if k in table.columns]
     quantities = [q for q in QUANTITIES if q in table.columns]
     return table.groupby(keys, as_index=False, sort=False)[quantities].agg(aggregate)

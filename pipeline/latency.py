@@ -111,6 +111,8 @@ def _device_name(device: torch.device) -> str:
 # ----- scaling-latency: measure shapes without training them, fit the latency model ---------------------------
 
 PROTOCOL = ("prompt_len", "decode_tokens", "batch_sizes", "warmup", "repeats", "threads")
+# the protocol every measurement row carries, so that a latency.csv is refitted without its latency.json
+MEASUREMENT_PROTOCOL = ("prompt_len", "decode_tokens", "warmup", "repeats", "group_size")
 
 def protocol_defaults(results_dir: str | None = None, sweep: str | None = None) -> dict:
     """The training runs' latency protocol (and threads): a sweep's records' (the first one that has it), else the
@@ -171,6 +173,7 @@ def measure_shapes(configs: list[GPTConfig], protocol: dict, device: str = "cpu"
     torch.manual_seed(0)
     rounds = max(1, int(rounds))
     total, rows = len(configs) * len(modes) * rounds, []
+    carried = {k: {**protocol, "group_size": group_size}[k] for k in MEASUREMENT_PROTOCOL}
     if any(m != "none" for m in modes):
         from scaling_lab.pipeline.serving import quantize
     for r in range(rounds):
@@ -194,8 +197,7 @@ def measure_shapes(configs: list[GPTConfig], protocol: dict, device: str = "cpu"
                         "decode_iqr_rel": per["decode_ms_per_token"]["iqr_rel"],
                         "prefill_iqr_rel": per["prefill_ms"]["iqr_rel"],
                         "device": result["device"], "threads": result["threads"], "dtype": result["dtype"],
-                        **{k: protocol[k] for k in ("prompt_len", "decode_tokens", "warmup", "repeats")},
-                        "group_size": group_size,
+                        **carried,
                     })
             del base, model
     return rows
@@ -250,9 +252,6 @@ def measure_from_config(cfg) -> list[dict]:
                           modes=tuple(str(m) for m in cfg.measure.modes), group_size=int(cfg.measure.group_size))
 
 
-# the protocol every measurement row carries, so that a latency.csv is refitted without its latency.json
-MEASUREMENT_PROTOCOL = ("prompt_len", "decode_tokens", "warmup", "repeats", "group_size")
-
 
 def read_measurements(path) -> pd.DataFrame:
     """A latency.csv written by ``scaling-latency``, checked: one protocol, the columns the law needs."""
@@ -277,6 +276,7 @@ def format_latency(table, section: dict) -> str:
     """The measurements (each shape, mode and batch's rounds reduced as the law reduces them) beside the law's
     predictions, the coefficients and the held-out errors."""
     model = LatencyModel.from_dict(section)
+    spread = round_spread(table)
     table = reduce_rounds(table, section["aggregate"], by=("params_non_embedding",))
     lines = [f"== latency law on {section['device']} ({section['threads']} threads, {section['dtype']}; context: "
              f"prompt {section['prompt_len']}, {section['decode_tokens']} decoded; the {section['aggregate']} of "
@@ -297,7 +297,21 @@ def format_latency(table, section: dict) -> str:
             lines.append(f"      held out: leave-one-shape-out MAPE {_pct(err['loso_mape'])} (max "
                          f"{_pct(err['loso_max_ape'])}); largest {err['largest_shapes']} shapes from the rest MAPE "
                          f"{_pct(err['largest_mape'])} (max {_pct(err['largest_max_ape'])})")
+    if spread is not None:
+        worst = spread.loc[spread.ratio.idxmax()]
+        lines.append(f"   the machine's noise: a decode measurement's slowest round over its fastest, median "
+                     f"{spread.ratio.median():.2f}x, worst {worst.ratio:.2f}x ({worst['mode']} {worst.n_layers} x "
+                     f"{worst.d_model}, batch {worst.batch})")
     return "\n".join(lines)
+
+
+def round_spread(table: pd.DataFrame) -> pd.DataFrame | None:
+    """Per measurement, its slowest decode round over its fastest (None with one round): how noisy the machine
+    was, beside the law's errors."""
+    if "round" not in table or table["round"].nunique() < 2:
+        return None
+    slowest, fastest = (reduce_rounds(table, a) for a in ("max", "min"))
+    return fastest.assign(ratio=slowest.decode_ms_per_token / fastest.decode_ms_per_token)
 
 
 def _pct(x) -> str:

@@ -235,6 +235,7 @@ def test_rounds_are_rows_and_a_saved_table_is_refitted_without_measuring(tmp_pat
     assert section["rounds"] == 2 and section["aggregate"] == "min"
     printed = capsys.readouterr().out
     assert "the min of 2 rounds" in printed and printed.count(" none ") >= 3 * 2  # one printed row a measurement
+    assert "the machine's noise: a decode measurement's slowest round over its fastest, median" in printed
     before = csv.stat().st_mtime_ns
     again = run_latency(compose("latency_cli", [f"measurements={csv}", f"out={tmp_path / 'refit'}",
                                                 "latency_model.aggregate=median"]))
