@@ -237,12 +237,11 @@ def heldout_errors(rows: pd.DataFrame, quantity: str, meta: Mapping[str, Any],
                    extrapolate_frac: float = 0.25) -> dict[str, dict]:
     """Per mode: leave-one-shape-out (every mode and batch of a shape predicted by the law fitted on the other
     shapes), and the largest ``extrapolate_frac`` of the shapes (by weights) predicted from the rest."""
-    modes = [m for m in MODES if m in set(rows["mode"])]
+    X, modes = _joint_design(rows, quantity, meta)
     out = {m: {"loso_mape": None, "loso_max_ape": None, "largest_mape": None, "largest_max_ape": None,
                "largest_shapes": 0} for m in modes}
     keys = rows[["n_layers", "d_model"]].apply(tuple, axis=1)
     shapes = list(dict.fromkeys(keys))
-    X, _ = _joint_design(rows, quantity, meta)
     used = int(np.any(X != 0, axis=0).sum())
 
     def report(apes: pd.Series, tested: pd.Series, prefix: str, **extra):
@@ -304,13 +303,13 @@ def fit_latency(table: pd.DataFrame, meta: Mapping[str, Any], extrapolate_frac: 
         raise ValueError(f"unknown serving mode {unknown[0]!r}: the latency law knows {list(MODES)}")
     meta = {**meta, "aggregate": aggregate}
     rows = reduce_rounds(table, aggregate)
-    modes = {m: {} for m in MODES if m in set(rows["mode"])}
-    heldout = {m: {} for m in modes}
+    modes: dict[str, dict] = {}
+    heldout: dict[str, dict] = {}
     for q in quantities:
         for m, coef in _fit_joint(rows, q, meta).items():
-            modes[m][q] = {k: float(v) for k, v in zip(TERMS, coef)}
+            modes.setdefault(m, {})[q] = {k: float(v) for k, v in zip(TERMS, coef)}
         for m, err in heldout_errors(rows, q, meta, extrapolate_frac).items():
-            heldout[m][q] = err
+            heldout.setdefault(m, {})[q] = err
     shapes = table[["n_layers", "d_model"]].drop_duplicates()
     meta.setdefault("batch_size", int(table.batch.min()))
     meta.setdefault("vocab_size", int(table.vocab_size.iloc[0]))

@@ -6,11 +6,11 @@ A serving mode changes two things (both measured on our own models, never assume
   fitted per quantization mode (``<serving>/quantization.json``, ``penalty``); a mode whose law could not be fitted,
   or was fitted without identifying its constants, uses its mean measured delta over the runs it quantized entirely
   (at least 0), and says so: extrapolating an unidentified power law far outside the sweep means nothing. Speculative decoding is exact: no penalty.
-* the decode time of a token: the latency law of the fit.json, fitted per serving mode (``scaling-latency
-  measure.modes=[none,int8,int4]``) at the shape's (n_layers, d_model), every block matrix priced as quantized (a
-  planned model is given a width its mode packs whole, e.g. a multiple of INT4's group size); speculative decoding divides the target's
-  time by the best measured wall-clock speedup (``<serving>/speculative.json``) and multiplies its FLOPs by the
-  measured ``(k + 1 + k c) / tokens per target step``.
+* the decode time of a token: the latency law of the fit.json, fitted over the serving modes (``scaling-latency
+  measure.modes=[none,int8,int4]``), at the shape's (n_layers, d_model), every block matrix priced as quantized (a
+  planned model is given a width its mode packs whole, e.g. a multiple of INT4's group size); speculative decoding
+  divides the target's time by the best measured wall-clock speedup (``<serving>/speculative.json``) and multiplies
+  its FLOPs by the measured ``(k + 1 + k c) / tokens per target step``.
 
 For each mode the trained model must reach ``target + penalty(N, D)``: for every D (and R), N solves
 ``L(N, D[, R]) + penalty(N, D) = target`` (the smallest such N: a log grid, then a bracketed root); total dollars = training + prefill (2N FLOPs a
