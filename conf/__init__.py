@@ -183,7 +183,10 @@ def command(prog: str, config_name: str, run: Callable[[Any], Any],
         # Hydra then raises composition errors instead of printing them over several lines with a hint; we print one.
         os.environ["HYDRA_FULL_ERROR"] = "1"
         if not any(a.startswith("hydra.job.name=") for a in sys.argv[1:]):
-            sys.argv.append(f"hydra.job.name={prog}")  # the log file's name, <prog>.log, not that of this module
+            # the log file's name, <prog>.log, not that of this module; placed among the other overrides, since
+            # argparse takes them in one run (`scaling-train a=1 --cfg job` would leave an appended one over)
+            at = next((i for i, a in enumerate(sys.argv) if i and "=" in a and not a.startswith("-")), len(sys.argv))
+            sys.argv.insert(at, f"hydra.job.name={prog}")
         try:
             _hydra_main()
         except (HydraException, OmegaConfBaseException) as err:

@@ -1,15 +1,44 @@
-"""Typed structured configs of ``scaling-train``: the schema that ``conf/train.yaml`` and its groups fill in.
+"""Typed structured configs of ``scaling-train``: the schema that ``conf/train.yaml`` and its groups fill in, and
+the run identity: which of its keys change a run's result (``RUN_IDENTITY``).
 
-Registered in Hydra's ConfigStore as ``train_schema`` when this module is imported; any key not declared here is an error before anything runs,
-and every value is type-checked. The YAML presets under ``conf/`` hold the values.
+Registered in Hydra's ConfigStore as ``train_schema`` when this module is imported; any key not declared here is an
+error before anything runs, and every value is type-checked (a string choice is an ``Enum``: any other value is
+refused with the choices). The YAML presets under ``conf/`` hold the values.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from enum import Enum
+from typing import Any, Callable, Mapping, Optional
 
 from hydra.core.config_store import ConfigStore
+
+
+class Choice(str, Enum):
+    """A string choice of the schema: it compares, prints and serialises as its value (``"wsd"``)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Schedule(Choice):
+    cosine = "cosine"  # linear warmup, then cosine decay to min_lr_ratio * lr at the budget
+    wsd = "wsd"  # warmup-stable-decay: the budgets of a shape branch from one stable run
+
+
+class BatchRule(Choice):
+    constant = "constant"
+    sqrt_tokens = "sqrt_tokens"  # batch_size * sqrt(D / batch_ref_tokens), in [1, max_batch_size]
+
+
+class LrRule(Choice):
+    constant = "constant"
+    inverse_width = "inverse_width"  # lr * (lr_ref_width / d_model) ** lr_width_exponent
+
+
+# model: GPTConfig.flops_per_token (every matmul, the head and attention); 6N: 6 x non-embedding parameters (Kaplan)
+FlopsConvention = Choice("FlopsConvention", {"model": "model", "6N": "6N"}, module=__name__)
 
 
 @dataclass
@@ -59,16 +88,16 @@ class TrainConf:
     tokens: Optional[float] = 2_000_000
     tokens_per_param: Optional[float] = None
     flops: Optional[float] = None
-    flops_convention: str = "model"  # model: GPTConfig.flops_per_token | 6N: 6 x non-embedding params (Kaplan)
+    flops_convention: FlopsConvention = FlopsConvention.model  # how a flops budget becomes tokens
     batch_size: int = 32  # sequences per step at the reference budget (see batch_rule)
-    batch_rule: str = "constant"  # constant | sqrt_tokens: batch_size * sqrt(D / batch_ref_tokens), in [1, max]
+    batch_rule: BatchRule = BatchRule.constant
     batch_ref_tokens: float = 1_000_000
     max_batch_size: int = 512
     lr: float = 3e-3  # peak learning rate at the reference width (see lr_rule)
-    lr_rule: str = "constant"  # constant | inverse_width: lr * (lr_ref_width / d_model) ** lr_width_exponent
+    lr_rule: LrRule = LrRule.constant
     lr_ref_width: int = 128
     lr_width_exponent: float = 1.0  # 1: muP-style 1/width; the demo's LR scan measured a steeper fall
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay: budgets branch from one stable run per shape)
+    schedule: Schedule = Schedule.cosine
     decay_frac: float = 0.2  # wsd: the decay is this fraction of each budget's steps, to min_lr_ratio * lr
     warmup_frac: float = 0.05  # warmup steps as a fraction of all steps, then cosine decay
     warmup_steps: Optional[int] = None  # instead of warmup_frac (wsd needs it: the stable run is shared)
@@ -145,3 +174,84 @@ class TrainAppConf:
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainAppConf)
+
+
+# ----- run identity: the keys that change a run's result ------------------------------------------------------
+#
+# A run's id (``pipeline.runspec.plan_run``) hashes the resolved shape, its token budget and batch, and the keys
+# of the data and train groups declared in RUN_IDENTITY; the keys in OPERATIONAL (how and where a run executes)
+# never enter it. Every key of DataConf, TrainConf and the resolved shape (models.shapes.GPTConfig) is declared in
+# exactly one of the two (a test checks it, and an undeclared key stops plan_run). The model group's own keys
+# (params, aspect_ratio, head_dim, ...) enter only through the shape they resolve to: two ways of asking for one
+# shape are one run.
+#
+# A key added to the schema after runs were recorded gets a ``baseline``: the value that reproduces the behaviour
+# from before it existed. At its baseline it stays out of the hash, so every finished run keeps its id; at any other
+# value it makes a new run. Keys declared without one are always hashed (they were there when the ids began).
+
+
+class _Always:
+    def __repr__(self) -> str:
+        return "always hashed"
+
+
+ALWAYS = _Always()
+
+
+@dataclass(frozen=True)
+class Key:
+    """How one result-changing key enters the run id."""
+
+    baseline: Any = ALWAYS  # at this value the key is left out of the hash
+    when: Optional[Callable[[Mapping[str, Any]], bool]] = None  # hashed only where it acts (given its group)
+    branch: bool = False  # wsd: differs between the budgets of one stable run, so left out of the trunk id
+
+
+def _wsd(group: Mapping[str, Any]) -> bool:
+    return group["schedule"] == Schedule.wsd
+
+
+def _flops_budget(group: Mapping[str, Any]) -> bool:
+    return group["flops"] is not None
+
+
+RUN_IDENTITY: dict[str, dict[str, Key]] = {
+    "model": {k: Key() for k in ("n_layers", "d_model", "n_heads", "seq_len", "ffn_ratio", "tie_embeddings")},
+    "data": {k: Key() for k in ("source", "path", "val_path", "name", "subset", "split", "text_field", "sample_by",
+                                "max_bytes", "val_fraction", "tokenizer", "bpe_vocab_size", "eval_tokens",
+                                "eval_seed")},
+    "train": {
+        **{k: Key(branch=True) for k in ("tokens", "tokens_per_param", "flops", "min_lr_ratio", "warmup_frac")},
+        "flops_convention": Key(when=_flops_budget, branch=True),
+        **{k: Key() for k in ("batch_size", "batch_rule", "batch_ref_tokens", "max_batch_size", "lr", "lr_rule",
+                              "lr_ref_width", "lr_width_exponent", "warmup_steps", "weight_decay", "beta1", "beta2",
+                              "grad_clip", "precision", "seed", "diverge_loss")},
+        "schedule": Key(baseline=Schedule.cosine),  # added with wsd: cosine runs keep the ids they had before
+        "decay_frac": Key(when=_wsd, branch=True),
+    },
+}
+
+OPERATIONAL: dict[str, set[str]] = {
+    "model": {"vocab_size"},  # fixed by data.tokenizer and data.bpe_vocab_size, which are hashed
+    "data": {"cache_dir", "num_workers", "val_curve_tokens", "streaming"},
+    "train": {"threads", "progress_bar", "progress_every_s", "log_every", "ckpt_every", "val_every", "compile",
+              "accelerator", "devices", "strategy", "num_nodes", "save_model"},
+}
+
+
+def identity(group: str, values: Mapping[str, Any], trunk: bool = False) -> dict:
+    """The part of one group's resolved settings that enters the run id (with ``trunk``: a WSD stable run's id)."""
+    declared, operational = RUN_IDENTITY[group], OPERATIONAL[group]
+    undeclared = sorted(set(values) - set(declared) - operational)
+    if undeclared:
+        raise RuntimeError(f"{group}.{undeclared[0]} is declared neither in RUN_IDENTITY nor in OPERATIONAL "
+                           "(conf/train_schema.py): say whether it changes a run's result, and its baseline")
+    hashed = {}
+    for name, value in values.items():
+        key = declared.get(name)
+        if key is None or (trunk and key.branch) or (key.when is not None and not key.when(values)):
+            continue
+        if key.baseline is not ALWAYS and value == key.baseline:
+            continue
+        hashed[name] = value
+    return hashed

@@ -15,13 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from scaling_lab.fit.io import store
 from scaling_lab.models.shapes import GPTConfig, resolve_shape
 from scaling_lab.conf import UserError
-
-# Config fields that do not change a run's result: they are left out of its run id.
-NOT_IN_RUN_ID = {"train": {"threads", "progress_bar", "progress_every_s", "log_every", "ckpt_every", "val_every", "compile",
-                           "accelerator", "devices", "strategy", "num_nodes",
-                           "save_model"},
-                 "data": {"cache_dir", "num_workers", "val_curve_tokens", "streaming"}}
-
+from scaling_lab.conf.train_schema import BatchRule, FlopsConvention, LrRule, Schedule, identity
 
 class ConfigError(UserError):
     """Bad configuration: raised before any compute is spent."""
@@ -40,10 +34,11 @@ class RunSpec:
     total_steps: int
     warmup_steps: int
     threads: int
-    schedule: str = "cosine"
+    schedule: Schedule = Schedule.cosine
     decay_start: int | None = None  # wsd: the step the decay branch leaves the stable run (its checkpoint)
     trunk_id: str | None = None  # wsd: the stable run shared by every budget of this shape and recipe
-    flops_convention: str | None = None  # how a train.flops budget was turned into tokens
+    flops_convention: FlopsConvention | None = None  # how a train.flops budget was turned into tokens
+    identity: dict | None = None  # what run_id hashes (run_identity)
 
     @property
     def decay_steps(self) -> int:
@@ -104,20 +99,15 @@ def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
     convention = None
     if t.flops is not None:
         convention = t.flops_convention
-        per_token = {"model": model.flops_per_token, "6N": 6 * non_embedding}.get(convention)
-        if per_token is None:
-            raise ConfigError(f"train.flops_convention={convention!r}: choose model (GPTConfig.flops_per_token: "
-                              "every matmul, the head and attention) or 6N (6 x non-embedding parameters)")
+        per_token = model.flops_per_token if convention == FlopsConvention.model else 6 * non_embedding
     tokens = t.tokens if t.tokens is not None else (
         t.tokens_per_param * non_embedding if t.tokens_per_param is not None else t.flops / per_token)
     sequences = int(tokens // model.seq_len)
     if sequences < 1:
         raise ConfigError(f"token budget {tokens:,.0f} is less than one sequence of model.seq_len={model.seq_len}")
     batch = t.batch_size
-    if t.batch_rule == "sqrt_tokens":
+    if t.batch_rule == BatchRule.sqrt_tokens:
         batch = int(round(t.batch_size * math.sqrt(tokens / t.batch_ref_tokens)))
-    elif t.batch_rule != "constant":
-        raise ConfigError(f"train.batch_rule={t.batch_rule!r}: choose constant or sqrt_tokens")
     batch = max(1, min(batch, t.max_batch_size, sequences))
     world = world_size(t)
     if world > 1:  # every global batch, the last one included, splits evenly: no rank idles or weighs more
@@ -127,12 +117,7 @@ def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
         sequences -= sequences % world
         if sequences < world:
             raise ConfigError(f"token budget {tokens:,.0f} gives fewer sequences than the {world} ranks")
-    if t.lr_rule == "constant":
-        lr = t.lr
-    elif t.lr_rule == "inverse_width":
-        lr = t.lr * (t.lr_ref_width / model.d_model) ** t.lr_width_exponent
-    else:
-        raise ConfigError(f"train.lr_rule={t.lr_rule!r}: choose constant or inverse_width")
+    lr = t.lr if t.lr_rule == LrRule.constant else t.lr * (t.lr_ref_width / model.d_model) ** t.lr_width_exponent
     lat = cfg.latency
     if lat.enabled and lat.prompt_len + lat.decode_tokens > model.seq_len:
         raise ConfigError(f"latency.prompt_len + latency.decode_tokens must not exceed model.seq_len={model.seq_len}")
@@ -140,33 +125,33 @@ def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
     if t.warmup_steps is not None and t.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_frac * total_steps))
-    payload = {"model": asdict(model), "tokens": sequences * model.seq_len, "batch_size": batch,
-               **{g: {k: v for k, v in OmegaConf.to_container(cfg[g], resolve=True).items()
-                      if k not in NOT_IN_RUN_ID.get(g, ())} for g in ("data", "train")}}
-    payload["model"].pop("vocab_size")  # fixed by data.tokenizer, which is in the payload
-    if t.flops is None:
-        payload["train"].pop("flops_convention", None)
+    groups = {g: OmegaConf.to_container(cfg[g], resolve=True, enum_to_str=True) for g in ("data", "train")}
+    payload = run_identity(model, sequences * model.seq_len, batch, groups)
     decay_start = trunk_id = None
-    if t.schedule == "wsd":
-        decay_start, trunk_id = _wsd(t, payload, total_steps, warmup)
-    elif t.schedule != "cosine":
-        raise ConfigError(f"train.schedule={t.schedule!r}: choose cosine or wsd")
-    else:
-        for k in ("schedule", "decay_frac"):
-            payload["train"].pop(k, None)  # cosine runs keep the run ids they had before wsd existed
+    if t.schedule == Schedule.wsd:
+        decay_start = _wsd(t, total_steps, warmup)
+        trunk_id = store.run_id_for(run_identity(model, None, batch, groups, trunk=True))
     return RunSpec(run_id=store.run_id_for(payload), sweep=cfg.sweep.name, model=model,
                    tokens=sequences * model.seq_len, batch_size=batch, lr=lr, total_steps=total_steps,
                    warmup_steps=warmup, threads=t.threads or default_threads(), schedule=t.schedule,
-                   decay_start=decay_start, trunk_id=trunk_id, flops_convention=convention)
+                   decay_start=decay_start, trunk_id=trunk_id, flops_convention=convention,
+                   identity=payload)
 
 
-# Settings that differ between the budgets of one stable run: left out of its (trunk) id.
-BRANCH_ONLY = {"tokens", "tokens_per_param", "flops", "flops_convention", "decay_frac", "min_lr_ratio", "warmup_frac"}
+def run_identity(model: GPTConfig, tokens: int | None, batch: int, groups: dict, trunk: bool = False) -> dict:
+    """What a run's id hashes (conf/train_schema.py's RUN_IDENTITY): the resolved shape, the token budget and the
+    batch, and the result-changing keys of the data and train groups. ``trunk``: a WSD stable run's, which every
+    budget of the shape shares (no budget, no branch-only key)."""
+    payload = {"model": identity("model", asdict(model)), "batch_size": batch,
+               **{g: identity(g, values, trunk=trunk) for g, values in groups.items()}}
+    if not trunk:
+        payload["tokens"] = tokens
+    return payload
 
 
-def _wsd(t, payload: dict, total_steps: int, warmup: int) -> tuple[int, str]:
-    """Warmup-stable-decay: the decay's first step, and the id of the stable run every budget branches from."""
-    if t.batch_rule != "constant":
+def _wsd(t, total_steps: int, warmup: int) -> int:
+    """Warmup-stable-decay: the decay's first step (the stable run's step this budget branches from)."""
+    if t.batch_rule != BatchRule.constant:
         raise ConfigError("train.schedule=wsd needs train.batch_rule=constant: every budget of a shape branches from "
                           "one stable run, so the batch must not depend on the budget")
     if t.warmup_steps is None:
@@ -178,9 +163,7 @@ def _wsd(t, payload: dict, total_steps: int, warmup: int) -> tuple[int, str]:
     if decay_start < warmup:
         raise ConfigError(f"train.schedule=wsd: the decay would start at step {decay_start}, before the "
                           f"{warmup} warmup steps end; raise the budget or lower train.warmup_steps")
-    trunk = {**payload, "train": {k: v for k, v in payload["train"].items() if k not in BRANCH_ONLY}}
-    trunk.pop("tokens")
-    return decay_start, store.run_id_for(trunk)
+    return decay_start
 
 
 def _check_shape(m, model: GPTConfig) -> None:

@@ -168,6 +168,7 @@ def _record_head(cfg, spec: RunSpec, corpus) -> dict:
     return {
         "run_id": spec.run_id, "sweep": spec.sweep, "status": "running", "error": None, "seed": cfg.train.seed,
         "group": _group(cfg, counts["non_embedding"], spec.tokens),
+        "identity": spec.identity,  # what the run id hashes (conf/train_schema.py's RUN_IDENTITY)
         "config": redact_config(cfg),  # no credential-named key, no environment secret
         "shape": {"n_layers": c.n_layers, "d_model": c.d_model, "n_heads": c.n_heads, "head_dim": c.head_dim,
                   "ffn_hidden": c.ffn_hidden, "vocab_size": c.vocab_size, "seq_len": c.seq_len,
@@ -182,7 +183,7 @@ def _record_head(cfg, spec: RunSpec, corpus) -> dict:
                                                  "train_tokens", "val_tokens", "python")},
         "timing": {"threads": spec.threads},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "lightning": lightning.__version__, "project": _project_version()},
+                     "lightning": lightning.__version__, "project": store.tool_version()},
     }
 
 
@@ -433,15 +434,6 @@ def _curve_summary(curve: list[tuple[int, float]]) -> dict:
         return {"curve": []}
     return {"curve": [[int(t), float(v)] for t, v in curve], "last_val": curve[-1][1],
             "min_val": min(v for _, v in curve)}
-
-
-def _project_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("scaling-lab")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 # ----- W&B -----------------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ CASES = {
     "unknown key added with +": ("scaling-train", lambda t: [*TRAIN, "+foo=1"], "unknown key 'foo'"),
     "typo'd key added with +": ("scaling-train", lambda t: [*TRAIN, "+train.lrr=0.1"], "unknown key 'train.lrr'"),
     "unknown key without +": ("scaling-train", lambda t: [*TRAIN, "train.lrr=0.1"], "train.lrr"),
+    "a schedule that does not exist": ("scaling-train", lambda t: [*TRAIN, "train.schedule=cosin"],
+                                       "Invalid value 'cosin', expected one of [cosine, wsd]"),
     "a binary file as corpus": ("scaling-train", lambda t: [*TRAIN, "data=files", f"data.path={shutil.which('ls')}",
                                                             f"data.cache_dir={t}/cache"], "not a text file"),
     "random bytes as corpus": ("scaling-train", lambda t: [*TRAIN, "data=files", f"data.path={_random_bytes(t)}",

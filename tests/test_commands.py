@@ -27,6 +27,15 @@ def test_help_is_a_short_page_of_its_own(command, tmp_path):
     assert "Usage:" in out.stdout and "Example" in out.stdout
 
 
+@pytest.mark.parametrize("args", [["--cfg", "job"], ["model.n_layers=2", "--cfg", "job"],
+                                  ["--cfg", "job", "model.n_layers=2"]])
+def test_hydra_cfg_flag_works_before_and_after_overrides(args, tmp_path):
+    out = cli(tmp_path, "scaling-train", *args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "n_layers: 2" in out.stdout or args == ["--cfg", "job"]
+    assert "schedule: cosine" in out.stdout  # a typed choice prints as its value
+
+
 BAD = {  # one bad input per command, each caught before any compute
     "scaling-train": ["model.n_layers=0"],
     "scaling-sweep-status": ["sweep=nothing_here"],

@@ -19,6 +19,7 @@ from tests.test_train import wandb_summary
 from tests.writers import write_many
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, timeout=400, env=None):
@@ -52,6 +53,14 @@ def test_smoke_multirun_then_relaunch_trains_nothing(sweep_args, tmp_path):
     assert (again.stdout + again.stderr).count("is already ok") == 4  # nothing trained
     assert {p: p.stat().st_mtime for p in mtimes} == mtimes
     assert len(list((tmp_path / "results" / "smoke" / "wandb").glob("offline-run-*"))) == 4
+
+    # a later release adds a result-changing train key (at its baseline, today's behaviour): the finished sweep,
+    # relaunched with it, trains nothing (tests/extended_schema.py; tests/test_run_identity.py moves the ids)
+    later = subprocess.run([sys.executable, "-m", "tests.extended_schema", "-m", "sweep=smoke", *sweep_args],
+                           capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert later.returncode == 0, later.stderr[-3000:]
+    assert (later.stdout + later.stderr).count("is already ok") == 4
+    assert {p: p.stat().st_mtime for p in mtimes} == mtimes
 
     # status from what was launched: nothing but the sweep's name and the results folder typed again
     shown = cli("scaling-sweep-status", "sweep=smoke", f"results_dir={tmp_path / 'results'}")

@@ -14,7 +14,6 @@ import json
 
 import math
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from scaling_lab.fit.io.fitfile import SCHEMA_VERSION
 from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
+from scaling_lab.fit.io.store import tool_version
 from scaling_lab.fit.fitting.fitlaw import LawFit
 from scaling_lab.fit.fitting.sources import Table
 
@@ -67,13 +67,9 @@ def fitted_range(table: Table) -> dict[str, list[float]]:
 def document(table: Table, fits: Mapping[str, LawFit], protocol: Mapping[str, Any], skipped: Mapping[str, str],
              isoflop: Mapping[str, Any] | None, bootstrap_seed: int,
              protocol_selection: Mapping[str, Any] | None = None) -> dict:
-    try:
-        tool_version = version("scaling-lab")
-    except PackageNotFoundError:
-        tool_version = "unknown"
     doc = {"schema_version": SCHEMA_VERSION,
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "tool": {"name": "scaling-lab", "version": tool_version},
+           "tool": {"name": "scaling-lab", "version": tool_version()},
            "provenance": {**table.provenance, "protocol": protocol["name"], "bootstrap_seed": bootstrap_seed,
                           "fitted_range": fitted_range(table)},
            "laws": {name: law_entry(f) for name, f in fits.items()}}

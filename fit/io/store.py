@@ -17,9 +17,46 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
+from scaling_lab.conf import UserError
 from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
 
-RECORD_VERSION = 1
+# The run record's schema. Readers take every version up to this one through ``upgrade_record`` and refuse a newer
+# one (a newer scaling-lab wrote it) with the release to upgrade to. CHANGELOG.md says what each version changed.
+#   1: the first records ("record_version": 1, or no version key)
+#   2: "schema_version"; "identity": the settings its run id hashes (conf/train_schema.py's RUN_IDENTITY)
+RECORD_SCHEMA_VERSION = 2
+
+
+class RecordVersionError(UserError):
+    """A record written by a newer scaling-lab than this one."""
+
+
+def tool_version() -> str:
+    """This scaling-lab's version (``unknown`` when it runs from a checkout that was never installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("scaling-lab")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def upgrade_record(doc: dict, path: str | Path = "a run record") -> dict:
+    """A record of any known schema version in the current shape (older ones migrated, step by step); a newer
+    version raises ``RecordVersionError``, a version that is no version raises ``ValueError`` (a damaged record)."""
+    version = doc.get("schema_version", doc.get("record_version", 1))
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{path}: schema_version {version!r} is not a version")
+    if version > RECORD_SCHEMA_VERSION:
+        writer = (doc.get("versions") or {}).get("project")
+        upgrade = (f"pip install -U 'scaling-lab>={writer}'" if isinstance(writer, str) and writer[:1].isdigit()
+                   else "upgrade scaling-lab (CHANGELOG.md lists the record versions)")
+        raise RecordVersionError(f"{path}: a run record of schema_version {version}, written by scaling-lab "
+                                 f"{writer or 'of a later release'}; this scaling-lab {tool_version()} reads "
+                                 f"schema_version 1 to {RECORD_SCHEMA_VERSION}: {upgrade}")
+    if version == 1:  # the settings hashed into its id were not kept
+        doc = {"schema_version": 2, **{k: v for k, v in doc.items() if k != "record_version"}, "identity": None}
+    return doc
 
 # Table column -> path in the nested record. The README documents these columns.
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -89,7 +126,7 @@ def record_path(results_dir: str | Path, sweep: str, run_id: str) -> Path:
 
 def write_record(results_dir: str | Path, record: Mapping[str, Any]) -> Path:
     """Write one run's record atomically; returns its path."""
-    record = {"record_version": RECORD_VERSION, **record}
+    record = {"schema_version": RECORD_SCHEMA_VERSION, **record}
     return write_json_atomic(record_path(results_dir, record["sweep"], record["run_id"]), record,
                              before_rename=lambda: fault_point("record-rename"))
 
@@ -107,12 +144,20 @@ def fault_point(name: str) -> None:
 
 
 def read_record(path: str | Path) -> dict | None:
-    """One record, or None if the file is not a record (a stray or foreign file is never fatal to a sweep)."""
+    """One record in the current schema, or None if the file is not a record (a stray or foreign file is never
+    fatal to a sweep); a record from a newer scaling-lab raises ``RecordVersionError``."""
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return doc if isinstance(doc, dict) and "run_id" in doc else None
+    if not isinstance(doc, dict) or "run_id" not in doc:
+        return None
+    try:
+        return upgrade_record(doc, path)
+    except RecordVersionError:
+        raise
+    except ValueError:
+        return None
 
 
 def iter_records(results_dir: str | Path, sweep: str) -> Iterable[dict]:
@@ -389,7 +434,12 @@ def record_file_state(path: str | Path) -> tuple[str, dict | None]:
         return "damaged", None
     if not isinstance(doc, dict) or "run_id" not in doc or "status" not in doc:
         return "damaged", None
-    return "record", doc
+    try:
+        return "record", upgrade_record(doc, path)
+    except RecordVersionError:
+        raise
+    except ValueError:
+        return "damaged", None
 
 
 def run_state(results_dir, sweep: str, run_id: str) -> str:
