@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from scaling_lab.conf import UserError, command, compose
+from scaling_lab.conf import UserError, command, compose, fail
 from scaling_lab.fit.io import store
 from scaling_lab.fit.io.files import write_json_atomic
 from scaling_lab.pipeline.runspec import ConfigError, duration, plan_run
@@ -92,6 +93,11 @@ class CheckSweep(Callback):
             print(f"scaling-train: error: {len(bad)} of {len(planned)} sweep points are invalid; nothing was launched:\n{lines}",
                   file=sys.stderr)
             sys.exit(2)
+        if config.hydra.launcher.get("submitit_folder"):
+            try:
+                private_folder(config.hydra.launcher.submitit_folder)
+            except (UserError, OSError) as err:
+                fail("scaling-train", err)
         save_launch(config.results_dir, config.sweep.name, planned, list(config.hydra.overrides.task))
         ids = [p.run_id for p in planned]
         if len(set(ids)) != len(ids):
@@ -130,6 +136,23 @@ class CheckSweep(Callback):
         sys.exit(1)
 
 
+def private_folder(folder: str) -> Path:
+    """The folder that holds submitit's job folders (``folder`` up to its ``%j`` part), made so that only this user
+    can enter it: the folders it creates are 0700, and the holder itself is set to 0700. submitit's pickles (the
+    job, its result) are unpickled by the launching process, so nobody else may be able to write or swap them."""
+    holder = Path(folder).expanduser()
+    while "%" in holder.name:
+        holder = holder.parent
+    for parent in reversed([holder, *holder.parents]):
+        if not parent.exists():
+            parent.mkdir(mode=0o700, exist_ok=True)
+    if holder.stat().st_uid != os.getuid():
+        raise UserError(f"hydra.launcher.submitit_folder: {holder} belongs to another user; give a folder of your "
+                        "own (SCALING_SUBMITIT_DIR=<dir>)")
+    holder.chmod(0o700)
+    return holder
+
+
 # ----- what was launched, and each point's state --------------------------------------------------------------
 
 def launches_dir(results_dir, sweep: str) -> Path:
@@ -150,25 +173,52 @@ def save_launch(results_dir, sweep: str, planned: list[Point], overrides: list[s
                               "points": [_entry(p) for p in planned if not p.error]})
 
 
+RUN_ID = re.compile(r"[0-9a-f]{12}")
+
+
+def _launch_points(path: Path) -> list[Point]:
+    """The points of one launch file; a file or entry that is not what ``save_launch`` writes raises ValueError."""
+    if path.stat().st_size > store.MAX_RECORD_BYTES:
+        raise ValueError("too large for a launch file")
+    try:
+        doc = json.loads(path.read_text())
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    entries = doc.get("points") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError("no list of points")
+    points = []
+    for e in entries:
+        numbers = [e.get(k) for k in ("n_params", "tokens", "flops")] if isinstance(e, dict) else [None]
+        if not (isinstance(e, dict) and isinstance(e.get("run_id"), str) and RUN_ID.fullmatch(e["run_id"])
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers)
+                and isinstance(e.get("overrides", []), list) and all(isinstance(o, str) for o in e.get("overrides", []))
+                and isinstance(e.get("shape", ""), str)):
+            raise ValueError(f"a point that is not a launched run: {str(e)[:80]}")
+        points.append(Point(overrides=e.get("overrides", []), run_id=e["run_id"], n_params=numbers[0],
+                            tokens=numbers[1], flops=numbers[2], shape=e.get("shape", "")))
+    return points
+
+
 def launched_points(results_dir, sweep: str) -> list[Point]:
-    """Every point any launch of ``sweep`` declared (the union over launches, by run id)."""
+    """Every point any launch of ``sweep`` declared (the union over launches, by run id); a launch file that is
+    not one is skipped with one warning line naming it."""
     points: dict[str, Point] = {}
     for path in sorted(launches_dir(results_dir, sweep).glob("*.json")):
         try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError):
+            found = _launch_points(path)
+        except (OSError, ValueError) as err:
+            store.log.warning("skipped the launch file %s: %s", path, err)
             continue
-        for e in doc.get("points", []):
-            points.setdefault(e["run_id"], Point(overrides=e.get("overrides", []), run_id=e["run_id"],
-                                                 n_params=e.get("n_params"), tokens=e.get("tokens"),
-                                                 flops=e.get("flops"), shape=e.get("shape", "")))
+        for point in found:
+            points.setdefault(point.run_id, point)
     return list(points.values())
 
 
-def point_states(results_dir, sweep: str, planned: list[Point]) -> list[Point]:
-    """Each point's state from the store, reading each sweep folder once: done, failed, running (a live marker),
-    interrupted (a checkpoint and no live marker), pending."""
-    records = {r["run_id"]: r for r in store.iter_records(results_dir, sweep)}
+def point_states(results_dir, sweep: str, planned: list[Point], records: list[dict] | None = None) -> list[Point]:
+    """Each point's state from the store, reading each sweep folder once (or from its ``records``): done, failed,
+    running (a live marker), interrupted (a checkpoint and no live marker), pending, damaged."""
+    records = {r["run_id"]: r for r in (store.iter_records(results_dir, sweep) if records is None else records)}
     for p in planned:
         if p.error:
             p.state = "invalid"
@@ -182,13 +232,6 @@ def point_states(results_dir, sweep: str, planned: list[Point]) -> list[Point]:
     return planned
 
 
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def status(results_dir, sweep: str) -> list[Point]:
     """Every launched point of ``sweep`` (and any run recorded outside a launch) with its state."""
     if not store.sweep_dir(results_dir, sweep).is_dir():
@@ -196,16 +239,25 @@ def status(results_dir, sweep: str) -> list[Point]:
                         f"results_dir={results_dir}")
     planned = launched_points(results_dir, sweep)
     known = {p.run_id for p in planned}
-    for r in store.iter_records(results_dir, sweep):  # runs recorded before launches were saved
+    records = list(store.iter_records(results_dir, sweep, warn=False))  # the damaged ones are rows of the table
+    for r in records:  # runs recorded before launches were saved
         if r["run_id"] not in known:
-            shape = r.get("shape") or {}
-            planned.append(Point(overrides=[], run_id=r["run_id"], n_params=(r.get("params") or {}).get("non_embedding"),
-                                 tokens=(r.get("tokens") or {}).get("budget"), flops=(r.get("flops") or {}).get("total"),
-                                 shape=f"L{shape.get('n_layers')} d{shape.get('d_model')} R{shape.get('aspect_ratio', 0):g}"))
-    return point_states(results_dir, sweep, planned)
+            row = store.flatten(r)
+            planned.append(Point(overrides=[], run_id=r["run_id"], n_params=row["params_non_embedding"],
+                                 tokens=row["tokens_budget"], flops=row["flops_total"],
+                                 shape=f"L{row['n_layers']} d{row['d_model']} R{row['aspect_ratio'] or 0:g}"))
+    planned += [Point(overrides=[], run_id=path.stem) for path in store.damaged_records(results_dir, sweep)
+                if path.stem not in known]
+    return point_states(results_dir, sweep, planned, records)
 
 
-def format_status(name: str, planned: list[Point]) -> str:
+def _number(x, spec: str) -> str:
+    """A number in its column, or '?' where a record has none."""
+    width = spec.strip("<>").split(".")[0]
+    return format(x, spec) if isinstance(x, (int, float)) else format("?", f">{width}")
+
+
+def format_status(name: str, planned: list[Point], results_dir) -> str:
     counts = {s: sum(p.state == s for p in planned) for s in (*store.STATES, "invalid")}
     lines = [f"sweep {name}: {len(planned)} points: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)]
     lines.append(f"{'state':<12}{'run_id':<14}{'N':>10}{'D':>12}{'FLOPs':>10}  {'shape':<18}{'loss':>8}")
@@ -214,12 +266,21 @@ def format_status(name: str, planned: list[Point]) -> str:
         if p.error:
             lines.append(f"{'invalid':<12}{'':<14}{' '.join(p.overrides)}: {p.error}")
             continue
-        lines.append(f"{p.state:<12}{p.run_id:<14}{p.n_params:>10.3g}{p.tokens:>12.3g}{p.flops:>10.2g}  "
-                     f"{p.shape:<18}{loss:>8}")
+        if p.state == "damaged":
+            path = store.record_path(results_dir, name, p.run_id)
+            lines.append(f"{'damaged':<12}{p.run_id:<14}{path}: {store.damage(path) or 'unreadable'}")
+            continue
+        lines.append(f"{p.state:<12}{p.run_id:<14}{_number(p.n_params, '>10.3g')}{_number(p.tokens, '>12.3g')}"
+                     f"{_number(p.flops, '>10.2g')}  {p.shape:<18}{loss:>8}")
+    from scaling_lab.fit.io import integrity
+
+    # checkpoints and weights whose checksum fails, and those a run set aside (fit.io.integrity)
+    damaged = integrity.damaged_files(store.sweep_dir(results_dir, name))
+    lines += [f"damaged file {path}: {why}" for path, why in damaged]
     done = [p for p in planned if p.state == "done"]
     left = [p for p in planned if p.state in ("pending", "running", "interrupted")]
-    flops_done = sum(p.flops for p in done)
-    flops_left = sum(p.flops for p in left)
+    flops_done = sum(p.flops or 0 for p in done)
+    flops_left = sum(p.flops or 0 for p in left)
     train_s = sum((p.record.get("timing") or {}).get("train_s") or 0 for p in done)
     line = f"FLOPs done {flops_done:.3g}, left {flops_left:.3g}"
     if train_s and flops_left:
@@ -230,7 +291,7 @@ def format_status(name: str, planned: list[Point]) -> str:
 
 
 def _status_command(cfg: DictConfig) -> None:
-    print(format_status(cfg.sweep, status(cfg.results_dir, cfg.sweep)))
+    print(format_status(cfg.sweep, status(cfg.results_dir, cfg.sweep), cfg.results_dir))
 
 
 main = command("scaling-sweep-status", "status", _status_command)

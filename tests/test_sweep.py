@@ -4,7 +4,9 @@ do not stop the sweep, re-launches that train nothing new, the status command, a
 import json
 import multiprocessing
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -29,7 +31,8 @@ def cli(*args, timeout=400, env=None):
 
 
 @pytest.fixture
-def sweep_args(tmp_path, token_cache):
+def sweep_args(tmp_path, token_cache, monkeypatch):
+    monkeypatch.setenv("SCALING_SUBMITIT_DIR", str(tmp_path / "private"))  # submitit's files, not under ~/.cache
     return [f"results_dir={tmp_path / 'results'}", f"data.cache_dir={token_cache}"]
 
 
@@ -81,7 +84,16 @@ def test_submitit_local_two_jobs_one_forced_to_fail(sweep_args, tmp_path):
     failed = table[table.status == "failed"]
     assert len(failed) == 1 and "diverged" in failed.error.iloc[0]
     assert (table.status == "ok").sum() == 1  # its sibling finished
-    assert list((tmp_path / "results" / "smoke" / "hydra").rglob(".submitit"))  # it really went through submitit
+    # it really went through submitit, whose pickles (unpickled by this launching process) are in a folder only this
+    # user can enter, outside the shared results folder: another user cannot swap the result pickle
+    (result,) = [p for p in (tmp_path / "private").rglob("*_result.pkl") if p.stat().st_size][:1]
+    holder = result.parent.parent
+    assert stat.S_IMODE(holder.stat().st_mode) == 0o700 and holder.stat().st_uid == os.getuid()
+    assert not list((tmp_path / "results").rglob("*.pkl")) and not list((tmp_path / "results").rglob(".submitit"))
+    if os.getuid() == 0 and shutil.which("setpriv"):  # as root (CI), act as the user nobody for the co-user
+        swap = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cp", "/etc/hostname",
+                               str(result)], capture_output=True, text=True)
+        assert swap.returncode != 0 and "Permission denied" in swap.stderr, swap
 
 
 @pytest.mark.slow
@@ -154,7 +166,7 @@ def test_submitit_requeue_resumes_from_the_checkpoint_taken_at_the_signal(sweep_
             "logger=none", "data.eval_tokens=2048", "data.val_curve_tokens=512", *sweep_args]
     launcher = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
-    hydra_dir = tmp_path / "results" / "default" / "hydra"
+    hydra_dir = tmp_path / "private"  # submitit's job folders and logs (SCALING_SUBMITIT_DIR)
     deadline, logs = time.time() + 240, []
     while time.time() < deadline and launcher.poll() is None:
         logs = [p for p in hydra_dir.rglob("*_log.out")] if hydra_dir.exists() else []

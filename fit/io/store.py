@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -25,6 +27,10 @@ from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
 #   1: the first records ("record_version": 1, or no version key)
 #   2: "schema_version"; "identity": the settings its run id hashes (conf/train_schema.py's RUN_IDENTITY)
 RECORD_SCHEMA_VERSION = 2
+# A record is a few kilobytes; a file far larger than that is not one of ours (and would be slow to parse).
+MAX_RECORD_BYTES = 16 * 2**20
+
+log = logging.getLogger("scaling.store")
 
 
 class RecordVersionError(UserError):
@@ -116,7 +122,14 @@ def run_id_for(payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+# A sweep's name is a folder name inside the results folder, never a path out of it (``../..``, ``/abs``).
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
 def sweep_dir(results_dir: str | Path, sweep: str) -> Path:
+    if not isinstance(sweep, str) or not PLAIN_NAME.fullmatch(sweep) or ".." in sweep:
+        raise UserError(f"sweep name {sweep!r} is not a plain name: use letters, digits, '.', '_' and '-' (no path "
+                        "separators and no '..'); it names a folder inside results_dir")
     return Path(results_dir) / sweep
 
 
@@ -144,27 +157,20 @@ def fault_point(name: str) -> None:
 
 
 def read_record(path: str | Path) -> dict | None:
-    """One record in the current schema, or None if the file is not a record (a stray or foreign file is never
-    fatal to a sweep); a record from a newer scaling-lab raises ``RecordVersionError``."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(doc, dict) or "run_id" not in doc:
-        return None
-    try:
-        return upgrade_record(doc, path)
-    except RecordVersionError:
-        raise
-    except ValueError:
-        return None
+    """One record in the current schema, or None if the file is missing or not a valid record (a stray, damaged or
+    foreign file is never fatal to a sweep); a record from a newer scaling-lab raises ``RecordVersionError``."""
+    return record_file_state(path)[1]
 
 
-def iter_records(results_dir: str | Path, sweep: str) -> Iterable[dict]:
+def iter_records(results_dir: str | Path, sweep: str, warn: bool = True) -> Iterable[dict]:
+    """The sweep's valid records; each file that is not one is skipped (with ``warn``, with one warning line naming
+    it and why)."""
     for path in sorted(sweep_dir(results_dir, sweep).glob("*.json")):
-        record = read_record(path)
+        kind, record, why = _load_record(path)
         if record is not None:
             yield record
+        elif kind == "damaged" and warn:
+            log.warning("skipped %s: %s", path, why)
 
 
 def _get(record: Mapping[str, Any], path: tuple[str, ...]):
@@ -418,28 +424,51 @@ def finish_run(results_dir, record: Mapping[str, Any]) -> Path:
 
 # ----- what state a run is in (scaling-sweep-status and the fit read it here) ---------------------------------
 
-def record_file_state(path: str | Path) -> tuple[str, dict | None]:
-    """("missing" | "damaged" | "record", the record): a record file that exists but is empty, truncated or not a
-    record is damaged (never silently pending)."""
-    path = Path(path)
+# Record columns that hold text; every other column of COLUMNS holds a number (or null).
+TEXT_COLUMNS = {"run_id", "sweep", "status", "error", "group", "latency_device", "schedule", "branched_from",
+                "flops_convention", "tokenizer", "corpus", "corpus_hash", "weights", "finished_at"}
+
+
+def _load_record(path: Path) -> tuple[str, dict | None, str]:
+    """("missing" | "damaged" | "record", the record in the current schema, why it is damaged)."""
     try:
-        text = path.read_text()
+        size = path.stat().st_size
+        if size > MAX_RECORD_BYTES:
+            return "damaged", None, f"{size:,} bytes, more than a record's {MAX_RECORD_BYTES:,}"
+        doc = json.loads(path.read_text())
     except FileNotFoundError:
-        return "missing", None
-    except (OSError, UnicodeDecodeError):
-        return "damaged", None
+        return "missing", None, ""
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return "damaged", None, f"not JSON ({type(err).__name__})"
+    except RecursionError:
+        return "damaged", None, "JSON nested too deeply"
+    if not isinstance(doc, dict) or not isinstance(doc.get("run_id"), str) or not isinstance(doc.get("status"), str):
+        return "damaged", None, "not a run record (no run_id and status)"
+    if doc["run_id"] != path.stem:
+        return "damaged", None, f"its run_id {doc['run_id']!r} is not its file name"
     try:
-        doc = json.loads(text)
-    except ValueError:
-        return "damaged", None
-    if not isinstance(doc, dict) or "run_id" not in doc or "status" not in doc:
-        return "damaged", None
-    try:
-        return "record", upgrade_record(doc, path)
+        doc = upgrade_record(doc, path)
     except RecordVersionError:
         raise
-    except ValueError:
-        return "damaged", None
+    except ValueError as err:
+        return "damaged", None, str(err)
+    for column, value in flatten(doc).items():
+        wanted = str if column in TEXT_COLUMNS else (int, float)
+        if value is not None and (not isinstance(value, wanted) or isinstance(value, bool)):
+            return "damaged", None, f"{column} is {type(value).__name__}, not {'text' if wanted is str else 'a number'}"
+    return "record", doc, ""
+
+
+def record_file_state(path: str | Path) -> tuple[str, dict | None]:
+    """("missing" | "damaged" | "record", the record): a record file that exists but is empty, truncated, too large
+    or too deep, or not a record of the expected shape is damaged (never silently pending)."""
+    kind, doc, _ = _load_record(Path(path))
+    return kind, doc
+
+
+def damage(path: str | Path) -> str:
+    """Why a record file is damaged ("" when it is not)."""
+    return _load_record(Path(path))[2]
 
 
 def run_state(results_dir, sweep: str, run_id: str) -> str:
