@@ -58,14 +58,30 @@ CASES = {
     "report of a sweep with no records": ("scaling-report", lambda t: ["sweep=nosuch", f"results_dir={t}/results"],
                                           "has no records"),
     "damaged record in the fit": ("scaling-fit", lambda t: _damaged(t), "1 damaged record(s)"),
+    "a record nested 100,000 deep in the fit": ("scaling-fit", lambda t: _damaged(t, "[" * 100_000),
+                                                "1 damaged record(s)"),
+    "a sweep name that leads out of results_dir": ("scaling-train", lambda t: [*TRAIN, "sweep.name=../.."],
+                                                   "sweep name '../..' is not a plain name"),
+    "an absolute sweep name": ("scaling-sweep-status", lambda t: ["sweep=/etc", f"results_dir={t}"],
+                               "sweep name '/etc' is not a plain name"),
+    "a record from a later release": ("scaling-sweep-status", lambda t: _future(t),
+                                      "pip install -U 'scaling-lab>=9.0.0'"),
 }
 
 
-def _damaged(tmp: Path) -> list[str]:
+def _damaged(tmp: Path, text: str = '{"run_id": "aaaa", "status": "o') -> list[str]:
     sweep = tmp / "results" / "broken"
     sweep.mkdir(parents=True)
-    (sweep / "aaaa.json").write_text('{"run_id": "aaaa", "status": "o')  # truncated by a full disk
+    (sweep / "aaaa.json").write_text(text)  # by default truncated by a full disk
     return [f"results_dir={tmp}/results", "sweep=broken", f"out={tmp}/fit"]
+
+
+def _future(tmp: Path) -> list[str]:
+    sweep = tmp / "results" / "later"
+    sweep.mkdir(parents=True)
+    (sweep / "aaaa.json").write_text(json.dumps({"schema_version": 7, "run_id": "aaaa", "sweep": "later",
+                                                 "status": "ok", "versions": {"project": "9.0.0"}}))
+    return [f"results_dir={tmp}/results", "sweep=later"]
 
 
 @pytest.fixture(scope="module", autouse=True)
