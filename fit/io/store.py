@@ -304,7 +304,7 @@ class Claim:
         path.parent.mkdir(parents=True, exist_ok=True)
         now = time.time()
         info = {"host": socket.gethostname(), "pid": os.getpid(), "start": now, "started": now, "heartbeat": now,
-                "token": secrets.token_hex(8), "tokens_resumed": None}
+                "token": secrets.token_hex(8), "tokens_resumed": None, **slurm_job()}
         # The check-and-take-over is serialised by a lock file, so two processes never both take over one stale
         # claim; the claim itself is an exclusive create.
         with open(path.with_name(f".{run_id}.lock"), "a") as lock:
@@ -315,7 +315,7 @@ class Claim:
                         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                     except FileExistsError:
                         old = read_claim(path)
-                        if old is not None and claim_alive(old, stale_s=stale_s):
+                        if old is not None and claim_alive(old, stale_s=stale_s) and not _earlier_try(old, info):
                             return None
                         if old is not None:
                             _append_attempt(results_dir, sweep, run_id, {
@@ -370,9 +370,30 @@ class Claim:
         return {**_attempt_of(self.info), "end": time.time(), "ended": ended}
 
 
+def slurm_job() -> dict:
+    """The SLURM job this process runs in (an array task as ``<array job>_<task>``) and how often SLURM has
+    restarted it (a requeue keeps the job's id and counts up SLURM_RESTART_COUNT); {} outside SLURM."""
+    env = os.environ
+    job = (f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}" if env.get("SLURM_ARRAY_JOB_ID")
+           else env.get("SLURM_JOB_ID"))
+    if not job:
+        return {}
+    restarts = env.get("SLURM_RESTART_COUNT", "0")
+    return {"slurm_job_id": job, "slurm_restart_count": int(restarts) if restarts.isdigit() else 0}
+
+
+def _earlier_try(old: Mapping[str, Any], ours: Mapping[str, Any]) -> bool:
+    """The claim is this SLURM job's own, from before a requeue: a requeued job that starts (on another node)
+    while its killed predecessor's heartbeat still looks fresh takes its claim over instead of skipping its run."""
+    restarts = old.get("slurm_restart_count")
+    return (ours.get("slurm_job_id") is not None and old.get("slurm_job_id") == ours["slurm_job_id"]
+            and isinstance(restarts, int) and restarts < ours["slurm_restart_count"])
+
+
 def _attempt_of(claim: Mapping[str, Any]) -> dict:
     return {"host": claim.get("host"), "pid": claim.get("pid"), "start": claim.get("start", claim.get("started")),
-            "tokens_resumed": claim.get("tokens_resumed")}
+            "tokens_resumed": claim.get("tokens_resumed"),
+            **{k: claim[k] for k in ("slurm_job_id", "slurm_restart_count") if k in claim}}
 
 
 def _append_attempt(results_dir, sweep: str, run_id: str, attempt: dict) -> None:
