@@ -46,12 +46,19 @@ class RunSpec:
 
 
 def world_size(t) -> int:
-    """Ranks of a run: train.devices (a count or a list of device ids) x train.num_nodes; 'auto' and -1 count as
-    one device per node here (they only pick a count on accelerators the planner cannot see)."""
+    """Ranks of a run: train.devices (a count or a list of device ids) x train.num_nodes. A count the planner cannot
+    know (``auto``, -1) is refused: the batch is split across the ranks and the budget rounded to them."""
     devices = t.devices
-    n = len(devices) if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)) else \
-        int(devices) if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()) else 1
-    return max(1, n) * max(1, int(t.num_nodes))
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        n = len(devices)
+    elif isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()):
+        n = int(devices)
+    else:
+        n = 0
+    if n < 1 or int(t.num_nodes) < 1:
+        raise ConfigError(f"train.devices={devices} x train.num_nodes={t.num_nodes}: give counts (e.g. "
+                          "train.devices=4), since the batch is split across the ranks and the budget rounded to them")
+    return n * int(t.num_nodes)
 
 
 def _positive(name: str, value) -> None:

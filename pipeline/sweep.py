@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from scaling_lab.conf import UserError, command, compose, fail
 from scaling_lab.fit.io import store
 from scaling_lab.fit.io.files import write_json_atomic
-from scaling_lab.pipeline.runspec import ConfigError, duration, plan_run
+from scaling_lab.pipeline.runspec import ConfigError, duration, plan_run, world_size
 
 
 def grid(params: dict, overrides: list[str]) -> list[list[str]]:
@@ -44,6 +44,8 @@ class Point:
     tokens: int | None = None
     flops: float | None = None
     shape: str = ""
+    ranks: int = 1  # train.devices x train.num_nodes
+    nodes: int = 1
     state: str = "pending"
     loss: float | None = None
     record: dict | None = None
@@ -69,6 +71,7 @@ def plan_points(points: list[list[str]], check_data: bool = True) -> list[Point]
             cfg = compose("train", overrides)
             spec = plan_run(cfg)
             point.plan(spec)
+            point.ranks, point.nodes = world_size(cfg.train), int(cfg.train.num_nodes)
             m = spec.model
             if check_data:
                 key = repr(sorted(cfg.data.items()))
@@ -93,6 +96,9 @@ class CheckSweep(Callback):
             print(f"scaling-train: error: {len(bad)} of {len(planned)} sweep points are invalid; nothing was launched:\n{lines}",
                   file=sys.stderr)
             sys.exit(2)
+        wiring = rank_wiring(config.hydra.launcher, planned)
+        if wiring:
+            fail("scaling-train", wiring)
         if config.hydra.launcher.get("submitit_folder"):
             try:
                 private_folder(config.hydra.launcher.submitit_folder)
@@ -134,6 +140,25 @@ class CheckSweep(Callback):
             details.append(f"  {states[run_id]} {run_id}: {record.get('error') or 'record unreadable'}")
         print(f"error: {line}\n" + "\n".join(details), file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def rank_wiring(launcher: DictConfig, planned: list[Point]) -> str:
+    """Why the launcher cannot start the points' ranks ("" when it can). Under SLURM each rank is one task, so
+    tasks_per_node must be train.devices; elsewhere Lightning starts the other ranks by re-running the command, which
+    in a multirun would re-run the whole sweep in every rank."""
+    ranked = [p for p in planned if p.ranks > 1]
+    if not ranked:
+        return ""
+    if not str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
+        return (f"{len(ranked)} sweep points run {ranked[0].ranks} ranks (train.devices x train.num_nodes): a DDP sweep "
+                "needs hydra/launcher=submitit_slurm, since Lightning starts the other ranks by re-running the "
+                "command (here, the whole sweep); outside SLURM run a DDP run on its own, without -m")
+    per_node = {p.ranks // max(1, p.nodes) for p in ranked}
+    if per_node != {int(launcher.tasks_per_node)} or {p.nodes for p in ranked} != {int(launcher.nodes)}:
+        return (f"the points run {sorted(per_node)} ranks per node on {sorted({p.nodes for p in ranked})} node(s) but "
+                f"hydra.launcher.tasks_per_node={launcher.tasks_per_node} and nodes={launcher.nodes}: SLURM must start "
+                "one task per rank (the submitit_slurm preset follows train.devices; keep it one value per sweep)")
+    return ""
 
 
 def private_folder(folder: str) -> Path:

@@ -190,3 +190,18 @@ def test_submitit_requeue_resumes_from_the_checkpoint_taken_at_the_signal(sweep_
     assert record["status"] == "ok" and record["tokens"]["seen"] == record["tokens"]["budget"] == 204800
     assert 20 * 8 * 32 <= record["timing"]["resumed_from_tokens"] < 204800
     assert [a["ended"] for a in record["attempts"]] == ["interrupted (SIGUSR2 during training)", "ok"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["train.devices=2", "train.strategy=ddp", "train.accelerator=cpu"],
+     "a DDP sweep needs hydra/launcher=submitit_slurm"),
+    (["train.devices=2", "train.strategy=ddp", "hydra/launcher=submitit_slurm", "hydra.launcher.tasks_per_node=1"],
+     "hydra.launcher.tasks_per_node=1"),
+    (["train.devices=auto"], "give counts"),
+])
+def test_ranks_a_launcher_cannot_start_are_refused_before_any_job(sweep_args, tmp_path, extra, message):
+    out = cli("scaling-train", "-m", "sweep=smoke", "model.params=1e4", "model.n_layers=1", *extra, *sweep_args)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert not list((tmp_path / "results").rglob("launches/*.json"))  # nothing was launched
+    assert not (tmp_path / "private").exists()  # nothing was handed to submitit
