@@ -34,6 +34,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from scaling_lab.conf import UserError
+from scaling_lab.fit.io import integrity
 
 EOT = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".py": "text", ".jsonl": "json", ".json": "json",
@@ -355,8 +356,20 @@ def prepare_corpus(cfg) -> Corpus:
                 meta[f"{split}_documents"] = len(split_docs)
                 meta[f"{split}_bytes"] = sum(len(d.encode("utf-8", "replace")) for d in split_docs)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            for f in sorted(tmp.iterdir()):
+                integrity.write_checksum(f)
             os.replace(tmp, cache)
+    _verify_cache(cache)  # outside the lock: a finished cache never changes, and readers need not queue
     return Corpus(cache, json.loads((cache / "meta.json").read_text()))
+
+
+def _verify_cache(cache: Path) -> None:
+    """Every file of a token cache against its checksum: caches sit on shared filesystems, and a damaged token stream
+    or ``meta.json`` would otherwise train and score a run silently on the wrong data. A cache written before
+    checksums existed has none and is read unverified."""
+    for f in sorted(cache.iterdir()):
+        if not f.name.endswith(integrity.SUFFIX):
+            integrity.verify(f, f"delete the token cache {cache} (the next run tokenizes the corpus again)")
 
 
 # ----- windows for Lightning -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from scaling_lab.fit.io import integrity
 from scaling_lab.models.gpt import GPT
 from scaling_lab.pipeline import signals
 from scaling_lab.models.shapes import GPTConfig
@@ -184,8 +185,8 @@ class Progress(Callback):
 
 
 class Checkpointing(Callback):
-    """Saves ``path`` (atomically) every ``every`` steps and at a pre-emption signal (SIGTERM, SIGUSR1, SIGUSR2: see
-    ``pipeline.signals``), so a re-launched run resumes where it stopped.
+    """Saves ``path`` (atomically, then its checksum: ``fit.io.integrity``) every ``every`` steps and at a pre-emption
+    signal (SIGTERM, SIGUSR1, SIGUSR2: see ``pipeline.signals``), so a re-launched run resumes where it stopped.
 
     Under DDP every rank calls ``save`` (Lightning's ``save_checkpoint`` is collective and writes on rank 0 only):
     one writer, one temporary name shared by all ranks, one rename by rank 0, then a barrier, so no rank goes on
@@ -212,7 +213,7 @@ class Checkpointing(Callback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
-            os.replace(tmp, self.path)
+            integrity.replace_checked(tmp, self.path)
         trainer.strategy.barrier("checkpoint-renamed")
         self.reason = "periodic"
         return self.path
@@ -261,8 +262,8 @@ class Checkpointing(Callback):
 
 
 class SaveAtStep(Callback):
-    """Saves ``path`` (atomically) when training reaches step ``step``: the stable run's checkpoint a WSD decay
-    branch starts from."""
+    """Saves ``path`` (atomically, then its checksum) when training reaches step ``step``: the stable run's checkpoint
+    a WSD decay branch starts from."""
 
     def __init__(self, path: Path, step: int):
         self.path, self.step = Path(path), step
@@ -272,4 +273,4 @@ class SaveAtStep(Callback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             trainer.save_checkpoint(tmp)
-            os.replace(tmp, self.path)
+            integrity.replace_checked(tmp, self.path)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from scaling_lab.conf import UserError
-from scaling_lab.fit.io import store
+from scaling_lab.fit.io import integrity, store
 from scaling_lab.models.gpt import GPT
 from scaling_lab.models.shapes import GPTConfig
 
@@ -103,10 +103,15 @@ def model_config(record: dict) -> GPTConfig:
 
 
 def load_model(record: dict, results_dir) -> GPT:
-    """The run's trained model in eval mode. ``weights_only=True``: loading a file never runs code."""
+    """The run's trained model in eval mode, its weights verified against their checksum (``fit.io.integrity``)
+    and read as data only (``weights_only=True``: loading a file never runs code)."""
     path = check_weights(record, results_dir)
+    remedy = (f"delete it, its {integrity.SUFFIX} and the run's record "
+              f"{store.record_path(results_dir, record['sweep'], record['run_id'])}, then relaunch the run with "
+              "train.save_model=true")
+    state = integrity.load_verified(path, lambda p: torch.load(p, map_location="cpu", weights_only=True), remedy)
     model = GPT(model_config(record))
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(state)
     return model.eval()
 
 

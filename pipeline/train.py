@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from scaling_lab.conf import command
 from scaling_lab.conf.redact import redact, redact_config, run_secrets
-from scaling_lab.fit.io import store
+from scaling_lab.fit.io import integrity, store
 from scaling_lab.pipeline.runspec import ConfigError, RunSpec, describe, duration, plan_run
 
 log = logging.getLogger("scaling.train")
@@ -69,7 +69,7 @@ def _run(cfg: DictConfig) -> dict:
                  "" if previous["status"] == "ok" else " (sweep.retry_failed=true re-runs it)")
         if previous["status"] == "ok":  # a kill between the record and the checkpoint's removal left it behind
             try:
-                store.checkpoint_path(cfg.results_dir, spec.sweep, spec.run_id).unlink(missing_ok=True)
+                _remove_checkpoint(store.checkpoint_path(cfg.results_dir, spec.sweep, spec.run_id))
             except OSError:
                 pass  # a read-only results dir: the finished sweep is still read
         return previous
@@ -138,7 +138,10 @@ def _run_claimed(cfg, spec: RunSpec, claim, previous: dict | None, started: floa
             signals.current.phase = "finishing"
             record.update(status=status, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             record["timing"]["wall_s"] = time.time() - started
-            record["attempts"] = [*earlier, claim.attempt(status)]
+            attempt = claim.attempt(status)
+            if record["error"]:  # kept with the attempt: a relaunch's record still says why it failed
+                attempt["error"] = record["error"]
+            record["attempts"] = [*earlier, attempt]
             # The record is in place before the checkpoint is removed: a kill in between loses nothing.
             try:
                 store.finish_run(cfg.results_dir, redact(record, run_secrets()))
@@ -261,7 +264,7 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> 
     guard.phase = "training"
     fit_start = time.time()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+        _fit(trainer, module, datamodule, resume)
     except SIGTERMException:  # Lightning saw the SIGTERM first (at the end of a step); Checkpointing saved there
         stop = signals.Preempted(signal.SIGTERM, "training")
         stop.checkpoint, stop.step, stop.tokens = ckpt, int(trainer.global_step), module.tokens_seen()
@@ -318,11 +321,11 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> 
 
 
 def save_weights(model, path: Path) -> dict:
-    """The model's state dict (tensors only), written atomically; what the record says about it."""
+    """The model's state dict (tensors only), written atomically with its checksum; what the record says about it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    integrity.replace_checked(tmp, path)
     return {"path": f"weights/{path.name}", "format": "torch_state_dict", "bytes": path.stat().st_size}
 
 
@@ -358,7 +361,8 @@ def _stable_checkpoint(cfg, spec: RunSpec, corpus) -> tuple[Path, dict]:
         partial = folder / "partial.ckpt"
         steps = {p: int(p.stem.split("_")[1]) for p in folder.glob("step_*.ckpt")}
         if partial.exists():
-            steps[partial] = int(torch.load(partial, map_location="cpu", weights_only=False)["global_step"])
+            saved = _checked(partial, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+            steps[partial] = int(saved["global_step"])
         earlier = {p: s for p, s in steps.items() if s < spec.decay_start}
         start = max(earlier, key=earlier.get) if earlier else None
         from_step = earlier[start] if start else 0
@@ -375,14 +379,45 @@ def _stable_checkpoint(cfg, spec: RunSpec, corpus) -> tuple[Path, dict]:
         stable = replace(spec, total_steps=spec.decay_start)
         trainer = build_trainer(t, stable, callbacks=callbacks, root_dir=folder)
         began = time.time()
-        trainer.fit(module, datamodule=data, ckpt_path=str(start) if start else None)
+        _fit(trainer, module, data, start)
         info["train_s"] = time.time() - began
         if not target.exists():
             raise RuntimeError(f"the stable run {spec.trunk_id} stopped before step {spec.decay_start}")
-        partial.unlink(missing_ok=True)
+        _remove_checkpoint(partial)
         info["trunk_steps_trained"] = spec.decay_start - from_step
         info["tokens_trained"] = (spec.decay_start - from_step) * spec.batch_size * spec.model.seq_len
     return target, info
+
+
+def _fit(trainer, module, datamodule, ckpt: Path | None) -> None:
+    """``trainer.fit``, resuming from ``ckpt`` if given (checked by ``_checked``)."""
+    def fit(path=None):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(path) if path else None, weights_only=True)
+
+    if ckpt:
+        _checked(ckpt, fit)
+    else:
+        fit()
+
+
+def _checked(ckpt: Path, load):
+    """``load(ckpt)`` once the checkpoint's checksum is verified, reading it as data only (``weights_only=True``:
+    a checkpoint in a shared results folder never runs code). A checkpoint that fails either is set aside
+    (``<name>.damaged``) and stops the run in one line, so a relaunch trains without it instead of failing on the same
+    checkpoint forever."""
+    remedy = (f"set aside as {ckpt.name}{integrity.DAMAGED}: a relaunch (sweep.retry_failed=true) trains without it; "
+              "delete that file once inspected")
+    try:
+        return integrity.load_verified(ckpt, load, remedy)
+    except integrity.IntegrityError:
+        integrity.set_aside(ckpt)
+        raise
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Remove a checkpoint and its checksum (``store.finish_run`` removes a finished run's checkpoint only)."""
+    path.unlink(missing_ok=True)
+    integrity.sidecar(path).unlink(missing_ok=True)
 
 
 def L_seed(seed: int) -> None:

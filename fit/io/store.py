@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping
 import pandas as pd
 
 from scaling_lab.conf import UserError
+from scaling_lab.fit.io import integrity
 from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
 
 # The run record's schema. Readers take every version up to this one through ``upgrade_record`` and refuse a newer
@@ -438,7 +439,9 @@ def finish_run(results_dir, record: Mapping[str, Any]) -> Path:
     path = write_record(results_dir, record)
     fault_point("checkpoint-removal")
     if record.get("status") == "ok":
-        checkpoint_path(results_dir, record["sweep"], record["run_id"]).unlink(missing_ok=True)
+        ckpt = checkpoint_path(results_dir, record["sweep"], record["run_id"])
+        ckpt.unlink(missing_ok=True)
+        integrity.sidecar(ckpt).unlink(missing_ok=True)
     attempts_path(results_dir, record["sweep"], record["run_id"]).unlink(missing_ok=True)
     return path
 
