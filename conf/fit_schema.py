@@ -42,7 +42,7 @@ class FitConf:
     logger: Any = None             # conf/logger/: the stage's W&B run (fit/tracking.py)
     results_dir: str = "results"
     sweep: Optional[str] = None
-    out: str = "results/fit"
+    out: str = "${results_dir}/fit"
     bootstrap: BootstrapConf = field(default_factory=BootstrapConf)
     allocation: AllocationConf = field(default_factory=AllocationConf)
     isoflop: IsoflopConf = field(default_factory=IsoflopConf)

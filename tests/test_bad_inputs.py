@@ -66,7 +66,26 @@ CASES = {
                                "sweep name '/etc' is not a plain name"),
     "a record from a later release": ("scaling-sweep-status", lambda t: _future(t),
                                       "pip install -U 'scaling-lab>=9.0.0'"),
+    "an input constant in every fit row": ("scaling-fit", lambda t: ["source=csv", f"source.path={_constant_n(t)}"],
+                                           "N=1e+07 in all 12 fit rows"),
+    "a CSV column name given twice": ("scaling-fit", lambda t: ["source=csv", f"source.path={_loss_twice(t)}"],
+                                      "has duplicated column name(s) ['loss']"),
+    "a law parameter named like an input": ("scaling-fit", lambda t: [
+        "source=csv", f"source.path={_csv(t)}", "+law.clash.formula='E + N / D**beta'", "+law.clash.inputs=[N,D]",
+        "+law.clash.params=[E,N,beta]"], "parameter(s) ['N'] named like input(s)"),
 }
+
+
+def _constant_n(tmp: Path) -> Path:
+    path = _csv(tmp)
+    pd.read_csv(path).assign(N=1e7).to_csv(path, index=False)
+    return path
+
+
+def _loss_twice(tmp: Path) -> Path:
+    path = _csv(tmp)
+    pd.read_csv(path).assign(again=1.0).to_csv(path, index=False, header=["N", "D", "loss", "loss"])
+    return path
 
 
 def _damaged(tmp: Path, text: str = '{"run_id": "aaaa", "status": "o') -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from scaling_lab.fit import tracking
@@ -68,6 +69,14 @@ def run(cfg: DictConfig) -> dict:
                     "R = d_model / n_layers: set source.columns.d_model and n_layers, or source.columns.R"
                 hint = f" ({hint})"
             skipped[name] = f"needs input(s) {missing} the data lacks{hint}"
+            print(f"skipping law {name}: {skipped[name]}")
+            continue
+        # an input that never varies leaves its exponent free: the fit would print a tight interval on nothing
+        constant = {x: table.fit_rows[x].iloc[0] for x in spec.law.inputs if np.ptp(table.fit_rows[x]) == 0}
+        if constant:
+            values = ", ".join(f"{x}={v:g}" for x, v in constant.items())
+            skipped[name] = (f"{values} in all {n_fit} fit rows: the effect of a constant input cannot be fitted "
+                             "(vary it, or fit a law without it)")
             print(f"skipping law {name}: {skipped[name]}")
             continue
         models[name] = compile_law(spec, protocol)

@@ -13,7 +13,7 @@ from scaling_lab.fit.fitting.bootstrap import bootstrap, not_identified, percent
 from scaling_lab.fit.laws.law import LawConstants
 from scaling_lab.fit.laws.spec import CompiledLaw, LawSpec, linear_params, tie_label
 from scaling_lab.fit.fitting.metrics import law_metrics
-from scaling_lab.fit.fitting.optimize import FitResult, fit
+from scaling_lab.fit.fitting.optimize import MEMORY_BUDGET, FitResult, arrays_alive, fit
 from scaling_lab.fit.fitting.sources import Table
 
 
@@ -101,16 +101,10 @@ def fit_law(model: CompiledLaw, table: Table, protocol, boot: BootstrapSettings 
     inputs = {x: data[x].to_numpy() for x in spec.law.inputs}
     pred = np.asarray(constants.predict(**inputs), dtype=float)
     if len(samples):
-        pred_samples, _ = model.predict_jac(samples, {x: np.log(v) for x, v in inputs.items()})
-        pred_ci = percentile_ci(pred_samples)
-        # prediction intervals: each resample's law plus a residual of the point fit drawn at random (on log
-        # loss for a log objective, on raw loss for least squares)
         fit_pred = np.asarray(constants.predict(**{x: fit_data[x].to_numpy() for x in spec.law.inputs}), float)
-        draw = np.random.default_rng(boot.seed + 1).integers(0, len(y), size=pred_samples.shape)
-        if protocol.method == "huber_grid":
-            pred_pi = percentile_ci(pred_samples * (y / fit_pred)[draw])
-        else:
-            pred_pi = percentile_ci(pred_samples + (y - fit_pred)[draw])
+        residuals = y / fit_pred if protocol.method == "huber_grid" else y - fit_pred
+        pred_ci, pred_pi = prediction_bands(model, samples, inputs, residuals, protocol.method == "huber_grid",
+                                            boot.seed + 1)
     else:
         pred_ci = pred_pi = (np.full(len(data), np.nan), np.full(len(data), np.nan))
     scored = pred if protocol.get("round_predictions") is None else np.round(pred, int(protocol.round_predictions))
@@ -139,3 +133,23 @@ def fit_law(model: CompiledLaw, table: Table, protocol, boot: BootstrapSettings 
                   pred_pi=pred_pi, boot_info=boot_info,
                   protocol={k: v for k, v in dict(protocol).items() if k in ("name", "method", "ties")},
                   n_convention=str(table.provenance.get("n_convention", "")))
+
+
+def prediction_bands(model: CompiledLaw, samples: np.ndarray, inputs: Mapping[str, np.ndarray],
+                     residuals: np.ndarray, relative: bool, seed: int) -> tuple[tuple, tuple]:
+    """95% bands over the resampled laws at every row, and 95% prediction intervals: each resample's law plus a
+    residual of the point fit drawn at random (a ratio for a log objective, ``relative``; else a difference).
+    Computed block of rows by block, so the (resamples x rows) arrays stay within ``MEMORY_BUDGET`` however many
+    rows the table has (one block, as unchunked, on small tables)."""
+    n = len(next(iter(inputs.values())))
+    block = max(1, int(MEMORY_BUDGET // (8 * len(samples) * arrays_alive(model))))
+    rng = np.random.default_rng(seed)
+    ci, pi = ([], []), ([], [])
+    for i in range(0, n, block):
+        part = {x: np.log(v[i:i + block]) for x, v in inputs.items()}
+        pred, _ = model.predict_jac(samples, part)
+        noise = residuals[rng.integers(0, len(residuals), size=pred.shape)]
+        for out, band in ((ci, percentile_ci(pred)), (pi, percentile_ci(pred * noise if relative else pred + noise))):
+            out[0].append(band[0])
+            out[1].append(band[1])
+    return (np.concatenate(ci[0]), np.concatenate(ci[1])), (np.concatenate(pi[0]), np.concatenate(pi[1]))

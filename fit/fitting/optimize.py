@@ -2,8 +2,8 @@
 
 ``huber_grid``: Hoffmann et al. 2022 Approach 3 as replicated by Epoch AI: Huber loss (delta 1e-3) on log-loss
 residuals, summed over points, positive parameters as logs (log-sum-exp), L-BFGS from a grid of initialisations.
-Every start of the grid is screened at once (its objective after ``screen_iter`` batched L-BFGS iterations, one
-(starts x points) array with exact gradients from the law's formula); the ``refine`` best run to convergence in
+Every start of the grid is screened in one batch (its objective after ``screen_iter`` batched L-BFGS iterations,
+(starts x points) arrays with exact gradients from the law's formula); the ``refine`` best run to convergence in
 one batched L-BFGS (``refine: null`` runs every start), then the best is polished with scipy's L-BFGS-B.
 
 ``vpnls``: variable projection. Where the law is linear in some parameters at fixed values of the others
@@ -13,6 +13,10 @@ objective. The objective is least squares on raw loss, as ``least_squares``.
 
 ``least_squares``: unweighted least squares on raw loss by Levenberg-Marquardt from all-ones initial values, as
 scipy's ``curve_fit`` does (Bian et al. 2025).
+
+Memory: a batch's objective is evaluated over (starts x points) arrays, in chunks of starts (``chunked``) small
+enough that those arrays stay within ``MEMORY_BUDGET`` however many rows the table has (every start at once on
+small tables).
 """
 
 from __future__ import annotations
@@ -26,6 +30,35 @@ import numpy as np
 from scipy.optimize import least_squares, minimize
 
 from scaling_lab.fit.laws.spec import CompiledLaw
+
+
+MEMORY_BUDGET = 256 * 2 ** 20     # bytes of (starts x points) float arrays alive at once in one evaluation
+
+
+def chunked(fn, n_points: int, n_arrays: int, budget: float = MEMORY_BUDGET):
+    """``fn(theta (k, P), rows)`` evaluated on consecutive slices of the starts, its outputs (arrays, or a tuple of
+    arrays, one row per start) concatenated. A slice holds as many starts as keep ``n_arrays`` (starts x
+    ``n_points``) float64 arrays within ``budget`` bytes: every start at once on small tables, as unchunked.
+    ``rows`` (default: 0..k-1) travels with each start (which weights row it uses)."""
+    size = max(1, int(budget // (8 * n_points * n_arrays)))
+
+    def evaluate(theta, rows=None):
+        theta = np.atleast_2d(theta)
+        rows = np.arange(len(theta)) if rows is None else np.asarray(rows)
+        if len(theta) <= size:
+            return fn(theta, rows)
+        parts = [fn(theta[i:i + size], rows[i:i + size]) for i in range(0, len(theta), size)]
+        if isinstance(parts[0], tuple):
+            return tuple(np.concatenate(outputs) for outputs in zip(*parts))
+        return np.concatenate(parts)
+
+    return evaluate
+
+
+def arrays_alive(model: CompiledLaw) -> int:
+    """(starts x points) arrays alive at once while an objective is evaluated, roughly: the prediction and one
+    derivative per free parameter, plus the formula's shared subexpressions and the objective's temporaries."""
+    return model.n_free + 8
 
 
 @dataclass
@@ -44,12 +77,13 @@ class FitResult:
 
 
 def huber_objective(model: CompiledLaw, log_inputs: Mapping[str, np.ndarray], y: np.ndarray, delta: float,
-                    weights: np.ndarray | None = None):
-    """``fg(theta (k, P), rows) -> (objective (k,), gradient (k, P))``; ``weights`` (K, n) are per-start point
-    weights (bootstrap counts), ``rows`` picks the starts being evaluated."""
+                    weights: np.ndarray | None = None, budget: float = MEMORY_BUDGET):
+    """``fg(theta (k, P), rows) -> (objective (k,), gradient (k, P))``, evaluated in chunks of starts within
+    ``budget`` bytes; ``weights`` (W, n) are point weights (bootstrap counts), ``rows`` (k,) the row of ``weights``
+    each start uses."""
     log_y = np.log(y)[None, :]
 
-    def fg(theta, rows=None):
+    def fg(theta, rows):
         pred, jac = model.predict_jac(theta, log_inputs)
         with np.errstate(all="ignore"):
             r = np.log(pred) - log_y
@@ -64,7 +98,7 @@ def huber_objective(model: CompiledLaw, log_inputs: Mapping[str, np.ndarray], y:
         grad[bad] = 0.0
         return f, grad
 
-    return fg
+    return chunked(fg, len(y), arrays_alive(model), budget)
 
 
 def lbfgs_batch(fg, x0: np.ndarray, lower: np.ndarray, upper: np.ndarray, memory: int = 10, max_iter: int = 500,
@@ -258,9 +292,12 @@ def bounded_lstsq(cols: np.ndarray, rhs: np.ndarray, lower: np.ndarray, upper: n
 class Projection:
     """Variable projection of a least-squares objective (raw loss, optional per-point weights): ``fg(theta_nl
     (K, q), rows)`` solves the linear parameters at each row's other parameters and returns the projected objective
-    and its gradient (by the envelope theorem, the full objective's gradient in the searched parameters)."""
+    and its gradient (by the envelope theorem, the full objective's gradient in the searched parameters). ``rows``
+    (k,) is the row of ``weights`` (W, n) each start uses; both are evaluated in chunks of starts within ``budget``
+    bytes."""
 
-    def __init__(self, model: CompiledLaw, log_inputs, y, weights: np.ndarray | None = None):
+    def __init__(self, model: CompiledLaw, log_inputs, y, weights: np.ndarray | None = None,
+                 budget: float = MEMORY_BUDGET):
         self.model, self.log_inputs, self.y, self.weights = model, log_inputs, y, weights
         self.lin = np.array([model.free.index(p) for p in model.natural], dtype=int)
         self.nl = np.array([j for j in range(model.n_free) if j not in set(self.lin)], dtype=int)
@@ -269,27 +306,29 @@ class Projection:
                                                                          model.spec.positive), 0.0, lower[self.lin])
         self.lin_upper = upper[self.lin]
         self.nl_lower, self.nl_upper = lower[self.nl], upper[self.nl]
+        alive = arrays_alive(model) + 2 * len(self.lin)      # and the linear solve's columns, scaled copies too
+        self.full = chunked(self._full, len(y), alive, budget)
+        self.fg = chunked(self._fg, len(y), alive, budget)
 
-    def full(self, theta_nl: np.ndarray, rows=None) -> np.ndarray:
+    def _full(self, theta_nl: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Every free parameter: the searched ones as given, the linear ones solved."""
-        theta_nl = np.atleast_2d(theta_nl)
         full = np.zeros((len(theta_nl), self.model.n_free))
         full[:, self.nl] = theta_nl
         offset, jac = self.model.predict_jac(full, self.log_inputs)     # linear parameters at 0: the offset
         cols = np.stack([jac[j] for j in self.lin], axis=2)
         rhs = self.y[None, :] - offset
         if self.weights is not None:
-            sw = np.sqrt(self.weights[np.arange(len(full)) if rows is None else rows])
+            sw = np.sqrt(self.weights[rows])
             cols, rhs = cols * sw[:, :, None], rhs * sw
         full[:, self.lin] = bounded_lstsq(cols, rhs, self.lin_lower, self.lin_upper)
         return full
 
-    def fg(self, theta_nl, rows=None):
-        full = self.full(theta_nl, rows)
+    def _fg(self, theta_nl, rows):
+        full = self._full(theta_nl, rows)
         pred, jac = self.model.predict_jac(full, self.log_inputs)
         with np.errstate(all="ignore"):
             r = pred - self.y[None, :]
-            w = 1.0 if self.weights is None else self.weights[np.arange(len(full)) if rows is None else rows]
+            w = 1.0 if self.weights is None else self.weights[rows]
             f = np.sum(w * r * r, axis=1)
             grad = np.stack([2.0 * np.einsum("kn,kn->k", w * r, jac[j]) for j in self.nl], axis=1)
         bad = ~np.isfinite(f) | ~np.isfinite(grad).all(1)
@@ -386,33 +425,30 @@ def refit(model: CompiledLaw, log_inputs, y, protocol, starts: np.ndarray, weigh
                 out[i] = res.theta
         return out
     n_refine = max(1, min(int(n_refine), s))
+    # ``rows`` of these objectives name each start's resample (its row of ``weights``): no copy of the weights per start
     if protocol.method == "vpnls" and model.natural:
-        vp = Projection(model, log_inputs, y)
+        vp = Projection(model, log_inputs, y, weights=weights)
         starts, lower, upper = starts[:, vp.nl], vp.nl_lower, vp.nl_upper
-        make = lambda w: Projection(model, log_inputs, y, weights=w).fg
+        objective = vp.fg
     elif protocol.method == "huber_grid":
         lower, upper = model.theta_bounds()
-        make = lambda w: huber_objective(model, log_inputs, y, float(protocol.delta), weights=w)
+        objective = huber_objective(model, log_inputs, y, float(protocol.delta), weights=weights)
     else:
         raise ValueError(f"unknown protocol method {protocol.method!r} ({', '.join(METHODS)})")
     if s > n_refine:
-        # the screen: every (resample, start) pair's objective, in chunks of about a million point evaluations
-        f_screen = np.empty((b, s))
-        chunk = max(1, int(1e6 // (s * len(y))))
-        for i in range(0, b, chunk):
-            w = np.repeat(weights[i:i + chunk], s, axis=0)
-            fg = make(w)
-            f_screen[i:i + chunk] = fg(np.tile(starts, (len(w) // s, 1)), np.arange(len(w)))[0].reshape(-1, s)
+        # the screen: every (resample, start) pair's objective
+        f_screen = objective(np.tile(starts, (b, 1)), np.repeat(np.arange(b), s))[0].reshape(b, s)
         pick = np.argsort(f_screen, axis=1, kind="stable")[:, :n_refine]
     else:
         pick = np.tile(np.arange(s), (b, 1))
     x0 = starts[pick.ravel()]
-    w = np.repeat(weights, pick.shape[1], axis=0)
-    x, f, _ = lbfgs_batch(make(w), x0, lower, upper, max_iter=int(protocol.max_iter))
+    resample = np.repeat(np.arange(b), pick.shape[1])          # of each row of x0
+    x, f, _ = lbfgs_batch(lambda theta, rows: objective(theta, resample[rows]), x0, lower, upper,
+                          max_iter=int(protocol.max_iter))
     f = f.reshape(b, -1)
     best = np.argmin(np.where(np.isfinite(f), f, np.inf), axis=1)
     out = x.reshape(b, pick.shape[1], -1)[np.arange(b), best]
     out[~np.isfinite(f[np.arange(b), best])] = np.nan
     if protocol.method == "vpnls":
-        out = np.where(np.isnan(out[:, :1]), np.nan, Projection(model, log_inputs, y, weights=weights).full(out))
+        out = np.where(np.isnan(out[:, :1]), np.nan, vp.full(out))
     return out

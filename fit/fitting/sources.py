@@ -7,6 +7,7 @@ fit needs happens here, before any fitting, and fails with one clear line (``Fit
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -53,9 +54,16 @@ def _read_csv(path: str) -> pd.DataFrame:
     if not p.is_file():
         raise FitInputError(f"no CSV file at {p}")
     try:
-        return pd.read_csv(p)
+        with open(p, newline="") as fh:
+            header = next(csv.reader(fh), [])
+        frame = pd.read_csv(p)
     except Exception as err:
         raise FitInputError(f"cannot read {p} as CSV: {err}") from None
+    # pandas would silently rename a second 'loss' to 'loss.1' and fit whichever the columns name
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise FitInputError(f"{p} has duplicated column name(s) {twice}: rename them so each column is named once")
+    return frame
 
 
 def _read_results(src: Mapping[str, Any]) -> tuple[pd.DataFrame, dict]:

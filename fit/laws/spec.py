@@ -39,6 +39,10 @@ class LawSpec:
             if key not in spec:
                 raise ValueError(f"law {name!r}: config needs {key!r} (has {sorted(spec)})")
         law = Law.from_dict(name, spec)
+        clash = [p for p in law.params if p in law.inputs]
+        if clash:
+            raise ValueError(f"law {name!r}: parameter(s) {clash} named like input(s) {list(law.inputs)}: the "
+                             "formula cannot tell a fitted constant from a data column; rename the parameter(s)")
         positive = tuple(spec.get("positive") or ())
         bounds = {k: (float(v[0]), float(v[1])) for k, v in (spec.get("bounds") or {}).items()}
         grid = {k: tuple(float(x) for x in v) for k, v in (spec.get("grid") or {}).items()}
