@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from scaling_lab.fit.io import integrity
+from scaling_lab.fit.io import integrity, store
 from scaling_lab.models.gpt import GPT
 from scaling_lab.pipeline import signals
 from scaling_lab.models.shapes import GPTConfig
@@ -75,15 +75,30 @@ class LitGPT(L.LightningModule):
         step = self.global_step
         if step % self.check_every == 0 or step == self.total_steps - 1:  # not every step: .item() syncs a GPU
             value = loss.item()
+            if os.environ.get(store.FAULT_ENV) == f"nan-loss-rank{self.global_rank}":  # tests: one rank diverges
+                value = math.nan
             self.last_train_loss = value
             self.train_curve.append((self.tokens_resumed + self.tokens_local * self.trainer.world_size, value))
-            if not math.isfinite(value) or value > self.diverge_loss:
-                raise DivergenceError(f"diverged at step {step}: training loss {value:.4g} "
+            worst = self._worst_loss(value)
+            if not math.isfinite(worst) or worst > self.diverge_loss:
+                raise DivergenceError(f"diverged at step {step}: training loss {worst:.4g} "
                                       f"(threshold train.diverge_loss={self.diverge_loss})")
             self.log_dict({"train/loss": value, "train/lr": self.lr_schedulers().get_last_lr()[0],
                            "train/tokens": float(self.tokens_resumed + self.tokens_local * self.trainer.world_size)},
                           prog_bar=True)
         return loss
+
+    def _worst_loss(self, value: float) -> float:
+        """The highest training loss over the ranks at this step (NaN as inf): every rank takes the same decision
+        at the same step, so a divergence on one rank ends them all instead of leaving the others waiting in the
+        next all-reduce."""
+        value = value if math.isfinite(value) else math.inf
+        if self.trainer.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        worst = torch.tensor([value], dtype=torch.float64, device=self.device)
+        return float(self.trainer.strategy.reduce(worst, reduce_op=dist.ReduceOp.MAX).item())
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -140,7 +155,7 @@ class LitGPT(L.LightningModule):
 
     def tokens_seen(self) -> int:
         """Training tokens seen so far by all ranks, in this attempt and the ones it resumed (a collective call)."""
-        local = torch.tensor(float(self.tokens_local), device=self.device)
+        local = torch.tensor(self.tokens_local, dtype=torch.int64, device=self.device)  # exact: float32 is not
         return self.tokens_resumed + int(self.trainer.strategy.reduce(local, reduce_op="sum").item())
 
     def on_save_checkpoint(self, checkpoint):
@@ -188,11 +203,10 @@ class Checkpointing(Callback):
     """Saves ``path`` (atomically, then its checksum: ``fit.io.integrity``) every ``every`` steps and at a pre-emption
     signal (SIGTERM, SIGUSR1, SIGUSR2: see ``pipeline.signals``), so a re-launched run resumes where it stopped.
 
-    Under DDP every rank calls ``save`` (Lightning's ``save_checkpoint`` is collective and writes on rank 0 only):
-    one writer, one temporary name shared by all ranks, one rename by rank 0, then a barrier, so no rank goes on
-    (or exits) before the checkpoint is in place. Lightning's own SIGTERM handler is replaced by ours when training
-    starts (``signals.Guard.reclaim``); a signal seen by any rank, rank 0 or not, is shared at the end of each step
-    (an all-reduce of the signal's number), so every rank saves at the same step and leaves together."""
+    Under DDP every rank calls ``save`` (``save_checkpoint``: one writer, one rename, a barrier). Lightning's own
+    SIGTERM handler is replaced by ours when training starts (``signals.Guard.reclaim``); a signal seen by any rank,
+    rank 0 or not, is shared at the steps every rank checks (each ``train.log_every``-th: an all-reduce of the
+    signal's number), so every rank saves at the same step and leaves together."""
 
     def __init__(self, path: Path, every: int, claim=None):
         self.path, self.every, self.claim = Path(path), every, claim
@@ -208,23 +222,19 @@ class Checkpointing(Callback):
 
     def save(self, trainer: L.Trainer, reason: str = "periodic") -> Path:
         self.reason = reason
-        tmp = self.path.with_name(f".{self.path.name}.tmp")  # the same name on every rank; rank 0 writes it
-        if trainer.is_global_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            integrity.replace_checked(tmp, self.path)
-        trainer.strategy.barrier("checkpoint-renamed")
+        save_checkpoint(trainer, self.path)
         self.reason = "periodic"
         return self.path
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         checkpoint["saved"] = {"reason": self.reason, "step": int(trainer.global_step)}
 
-    def _signal(self, trainer) -> int:
+    def _signal(self, trainer, pl_module) -> int:
         guard = signals.current
         signum = int(guard.signum or 0) if guard is not None else 0
-        if trainer.world_size > 1:  # every rank takes part, every step: the first signal any rank saw wins
+        if trainer.world_size > 1:  # every rank takes part at the agreed steps: the first signal any rank saw wins
+            if trainer.global_step % pl_module.check_every:
+                return 0
             import torch.distributed as dist
 
             seen = torch.tensor([signum], dtype=torch.int64, device=trainer.strategy.root_device)
@@ -232,7 +242,7 @@ class Checkpointing(Callback):
         return signum
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        signum = self._signal(trainer)
+        signum = self._signal(trainer, pl_module)
         if signum:
             self.save_at_signal(trainer, pl_module, signum, "training")
         step = trainer.global_step
@@ -270,7 +280,17 @@ class SaveAtStep(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            trainer.save_checkpoint(tmp)
-            integrity.replace_checked(tmp, self.path)
+            save_checkpoint(trainer, self.path)
+
+
+def save_checkpoint(trainer: L.Trainer, path: Path) -> None:
+    """The trainer's checkpoint at ``path``, atomically, with its checksum. Under DDP every rank calls it
+    (Lightning's ``save_checkpoint`` is collective and writes on rank 0 only): one temporary name shared by all
+    ranks, one rename by rank 0, then a barrier, so no rank goes on (or exits) before the checkpoint is in place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if trainer.is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(tmp)
+    if trainer.is_global_zero:
+        integrity.replace_checked(tmp, path)
+    trainer.strategy.barrier("checkpoint-renamed")

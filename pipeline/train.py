@@ -9,10 +9,12 @@ A run that raises, runs out of memory or diverges is recorded as ``failed`` and 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import platform
+import secrets
 import signal
 import sys
 import time
@@ -28,7 +30,8 @@ from omegaconf import DictConfig
 from scaling_lab.conf import command
 from scaling_lab.conf.redact import redact, redact_config, run_secrets
 from scaling_lab.fit.io import integrity, store
-from scaling_lab.pipeline.runspec import ConfigError, RunSpec, describe, duration, plan_run
+from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.pipeline.runspec import ConfigError, RunSpec, describe, duration, plan_run, world_size
 
 log = logging.getLogger("scaling.train")
 # A resumed run's sampler continues where the checkpoint stopped (pipeline.data.GlobalBatches); Lightning cannot see
@@ -269,11 +272,18 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> 
         stop = signals.Preempted(signal.SIGTERM, "training")
         stop.checkpoint, stop.step, stop.tokens = ckpt, int(trainer.global_step), module.tokens_seen()
         raise stop from None
+    finally:  # every rank has read rank 0's plan of the stable run by now (it took part in this fit)
+        if trunk and _global_rank() == 0:
+            _plan_path(Path(trunk["trunk_checkpoint"]).parent).unlink(missing_ok=True)
     train_s = time.time() - fit_start
+    tokens_seen = module.tokens_seen()  # the last collective: evaluation, latency and weights are rank 0's alone
+    if trainer.world_size > 1:
+        _leave_process_group()
+        if not trainer.is_global_zero:
+            return {}
     guard.phase = "evaluation"
     try:
         guard.check()  # a signal after the last step: saved below like one during evaluation
-        tokens_seen = module.tokens_seen()
         if tokens_seen != spec.tokens:
             raise RuntimeError(f"trained on {tokens_seen:,} tokens, budget was {spec.tokens:,}")
         trained_here = tokens_seen - module.tokens_resumed + trunk.get("tokens_trained", 0)
@@ -315,9 +325,19 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> 
         guard.phase = "saving"
         if trainer.world_size == 1:
             callbacks[0].save(trainer, reason=stop.name)
-        stop.checkpoint, stop.step, stop.tokens = ckpt, int(trainer.global_step), module.tokens_seen()
+        stop.checkpoint, stop.step, stop.tokens = ckpt, int(trainer.global_step), tokens_seen
         raise
     return out  # the caller writes the record, then removes the checkpoint (store.finish_run)
+
+
+def _leave_process_group() -> None:
+    """After a DDP run's last collective every rank leaves the process group (so a rank exits cleanly and no NCCL
+    communicator outlives the run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def save_weights(model, path: Path) -> dict:
@@ -344,48 +364,106 @@ def _stable_checkpoint(cfg, spec: RunSpec, corpus) -> tuple[Path, dict]:
     The stable run (``spec.trunk_id``: the shape and recipe without the budget) keeps a checkpoint at every step a
     branch has started from; a branch extends it from the latest one before its own start. A lock serialises the
     branches of one shape (parallel jobs of other shapes are unaffected), and a partial checkpoint every
-    ``train.ckpt_every`` steps makes the stable run itself resumable."""
+    ``train.ckpt_every`` steps makes the stable run itself resumable. Under DDP rank 0 alone takes the lock and
+    decides; the other ranks follow its plan (``_trunk_plan``), so every rank enters the same fits."""
     from filelock import FileLock
 
-    from scaling_lab.pipeline.data import TokenDataModule
-    from scaling_lab.pipeline.module import Checkpointing, Progress, SaveAtStep
-
-    t = cfg.train
     folder = store.trunk_dir(cfg.results_dir, spec.sweep, spec.trunk_id)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step_{spec.decay_start:08d}.ckpt"
-    info = {"trunk_checkpoint": str(target), "trunk_steps_trained": 0, "tokens_trained": 0, "train_s": 0.0}
+    if _global_rank() != 0:
+        return _train_trunk(cfg, spec, corpus, target, _await_plan(folder))
     with FileLock(str(folder) + ".lock"):
-        if target.exists():
-            return target, info
-        partial = folder / "partial.ckpt"
-        steps = {p: int(p.stem.split("_")[1]) for p in folder.glob("step_*.ckpt")}
-        if partial.exists():
-            saved = _checked(partial, lambda p: torch.load(p, map_location="cpu", weights_only=True))
-            steps[partial] = int(saved["global_step"])
-        earlier = {p: s for p, s in steps.items() if s < spec.decay_start}
-        start = max(earlier, key=earlier.get) if earlier else None
-        from_step = earlier[start] if start else 0
-        log.info("stable run %s: training steps %d to %d (from %s)", spec.trunk_id, from_step, spec.decay_start,
-                 start or "scratch")
-        L_seed(t.seed)
-        module = build_module(t, spec)
-        data = TokenDataModule(corpus, spec.model.seq_len, spec.batch_size, spec.decay_start * spec.batch_size,
-                               cfg.data.eval_tokens, cfg.data.val_curve_tokens, t.seed, cfg.data.num_workers,
-                               eval_seed=cfg.data.eval_seed)
-        callbacks = [SaveAtStep(target, spec.decay_start), Checkpointing(partial, t.ckpt_every)]
-        if not _show_bar(t):
-            callbacks.append(Progress(log, t.progress_every_s))
-        stable = replace(spec, total_steps=spec.decay_start)
-        trainer = build_trainer(t, stable, callbacks=callbacks, root_dir=folder)
-        began = time.time()
-        _fit(trainer, module, data, start)
-        info["train_s"] = time.time() - began
-        if not target.exists():
-            raise RuntimeError(f"the stable run {spec.trunk_id} stopped before step {spec.decay_start}")
+        plan = _trunk_plan(folder, target, spec)
+        if world_size(cfg.train) > 1:
+            write_json_atomic(_plan_path(folder), plan)
+        try:
+            return _train_trunk(cfg, spec, corpus, target, plan)
+        finally:  # a stable run that trained: every rank read the plan to take part (else the branch's fit removes it)
+            if plan["train"]:
+                _plan_path(folder).unlink(missing_ok=True)
+
+
+def _trunk_plan(folder: Path, target: Path, spec: RunSpec) -> dict:
+    """Rank 0's decision, under the trunk's lock: whether the stable run must train to the branch's start, and from
+    which of its checkpoints (the latest before that step)."""
+    if target.exists():
+        return {"train": False, "start": None, "from_step": spec.decay_start}
+    partial = folder / "partial.ckpt"
+    steps = {p: int(p.stem.split("_")[1]) for p in folder.glob("step_*.ckpt")}
+    if partial.exists():
+        saved = _checked(partial, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+        steps[partial] = int(saved["global_step"])
+    earlier = {p: s for p, s in steps.items() if s < spec.decay_start}
+    start = max(earlier, key=earlier.get) if earlier else None
+    return {"train": True, "start": str(start) if start else None, "from_step": earlier[start] if start else 0}
+
+
+def _plan_path(folder: Path) -> Path:
+    return folder / f".plan-{launch_token()}.json"
+
+
+def _await_plan(folder: Path) -> dict:
+    """Rank 0's plan for this launch (a rank other than 0 waits for it: rank 0 may first wait for the trunk's lock
+    while another job trains the same stable run). A pre-emption signal while waiting stops the run as usual."""
+    from scaling_lab.pipeline import signals
+
+    path, polls = _plan_path(folder), 0
+    while not path.exists():
+        signals.current.check()
+        time.sleep(0.2)
+        polls += 1
+        if polls % 300 == 0:  # every minute
+            log.info("waiting for rank 0's plan of the stable run %s", folder.name)
+    return json.loads(path.read_text())
+
+
+def launch_token() -> str:
+    """A value every rank of this launch shares and no other launch has: under SLURM its job, step and restart;
+    elsewhere a random token rank 0 puts in its environment before Lightning starts the other ranks (which inherit
+    it)."""
+    env = os.environ
+    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_STEP_ID', '')}-{env.get('SLURM_RESTART_COUNT', '0')}"
+    return env.setdefault(TOKEN_ENV, secrets.token_hex(8))
+
+
+TOKEN_ENV = "SCALING_LAB_LAUNCH"
+
+
+def _train_trunk(cfg, spec: RunSpec, corpus, target: Path, plan: dict) -> tuple[Path, dict]:
+    """Follow ``plan``: train the stable run to the branch's start (saving ``target`` there), or not."""
+    from scaling_lab.pipeline import signals
+    from scaling_lab.pipeline.data import TokenDataModule
+    from scaling_lab.pipeline.module import Checkpointing, Progress, SaveAtStep
+
+    info = {"trunk_checkpoint": str(target), "trunk_steps_trained": 0, "tokens_trained": 0, "train_s": 0.0}
+    if not plan["train"]:
+        return target, info
+    t, folder, from_step = cfg.train, target.parent, plan["from_step"]
+    log.info("stable run %s: training steps %d to %d (from %s)", spec.trunk_id, from_step, spec.decay_start,
+             plan["start"] or "scratch")
+    L_seed(t.seed)
+    module = build_module(t, spec)
+    data = TokenDataModule(corpus, spec.model.seq_len, spec.batch_size, spec.decay_start * spec.batch_size,
+                           cfg.data.eval_tokens, cfg.data.val_curve_tokens, t.seed, cfg.data.num_workers,
+                           eval_seed=cfg.data.eval_seed)
+    partial = folder / "partial.ckpt"
+    callbacks = [SaveAtStep(target, spec.decay_start), Checkpointing(partial, t.ckpt_every)]
+    if not _show_bar(t):
+        callbacks.append(Progress(log, t.progress_every_s))
+    trainer = build_trainer(t, replace(spec, total_steps=spec.decay_start), callbacks=callbacks, root_dir=folder)
+    began = time.time()
+    signals.current.phase = "training"  # a signal is acted on at the next step's end: partial.ckpt saved there
+    _fit(trainer, module, data, Path(plan["start"]) if plan["start"] else None)
+    signals.current.phase = "setup"
+    info["train_s"] = time.time() - began
+    if not target.exists():
+        raise RuntimeError(f"the stable run {spec.trunk_id} stopped before step {spec.decay_start}")
+    if trainer.is_global_zero:
         _remove_checkpoint(partial)
-        info["trunk_steps_trained"] = spec.decay_start - from_step
-        info["tokens_trained"] = (spec.decay_start - from_step) * spec.batch_size * spec.model.seq_len
+    info["trunk_steps_trained"] = spec.decay_start - from_step
+    info["tokens_trained"] = (spec.decay_start - from_step) * spec.batch_size * spec.model.seq_len
     return target, info
 
 

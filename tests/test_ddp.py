@@ -88,3 +88,49 @@ def test_ddp_sigterm_mid_training_every_rank_saves_at_one_step(to, tmp_path, tok
     assert record["timing"]["resumed_from_tokens"] == saved["tokens_seen"] > 0
     assert [a["ended"] for a in record["attempts"]] == ["interrupted (SIGTERM during training)", "ok"]
     assert not _temp_files(tmp_path / "r")
+
+
+WSD = ["train.schedule=wsd", "train.warmup_steps=4", "train.decay_frac=0.25", "train.tokens=32768",
+       "train.ckpt_every=16", "train.progress_every_s=0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase, line", [("trunk", "step 40/128 "), ("branch", "step 110/128 ")])
+def test_ddp_wsd_preempted_in_the_stable_run_or_the_branch_resumes_exactly(phase, line, tmp_path, token_cache):
+    """A WSD branch on 2 ranks: rank 0 alone takes the stable run's lock and decides, the other rank follows its
+    plan; SIGTERM to the job in the stable run (steps 0-96) or in the decay branch (96-128) saves on both ranks at
+    one step, and the relaunch resumes from there and ends at the exact budget with both attempts."""
+    args = [*TINY, *DDP, *WSD, f"results_dir={tmp_path / 'r'}", f"data.cache_dir={token_cache}"]
+    proc = _popen(args)
+    seen = _wait_for_line(proc, line)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output = "".join(seen) + _finish(proc, timeout=180)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "interrupted: SIGTERM during training" in output and "Traceback" not in output, output[-3000:]
+    (trunk,) = [p for p in (tmp_path / "r" / "default" / "trunks").iterdir() if p.is_dir()]
+    saved = list(trunk.glob("partial.ckpt")) if phase == "trunk" else \
+        list((tmp_path / "r" / "default" / "checkpoints").glob("*.ckpt"))
+    assert saved and not list(trunk.glob(".plan-*"))
+    again = subprocess.run([str(BIN / "scaling-train"), *args], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (record,) = _records(tmp_path / "r" / "default")
+    assert record["status"] == "ok" and record["tokens"]["seen"] == record["tokens"]["budget"] == 32768
+    assert [a["ended"] for a in record["attempts"]] == ["interrupted (SIGTERM during training)", "ok"]
+    if phase == "trunk":  # the relaunch trained the stable run from the step of the signal, not from scratch
+        assert 0 < record["schedule"]["trunk_steps_trained"] < 96 - 40
+    else:
+        assert record["timing"]["resumed_from_tokens"] > 96 * 8 * 32
+    assert not _temp_files(tmp_path / "r") and not list(trunk.glob(".plan-*"))
+
+
+@pytest.mark.slow
+def test_ddp_divergence_on_one_rank_ends_both_at_once(tmp_path, token_cache):
+    """Rank 1 alone sees a NaN loss (a fault point): the ranks take the divergence decision together at the same
+    step, so both end within seconds and the run is recorded failed (a per-rank decision left rank 0 waiting in the
+    next all-reduce until the process group's timeout)."""
+    args = [*TINY, *DDP, f"results_dir={tmp_path / 'r'}", f"data.cache_dir={token_cache}"]
+    proc = _popen(args, env={store.FAULT_ENV: "nan-loss-rank1"})
+    output = _finish(proc, timeout=240)
+    assert proc.returncode == 1, output[-3000:]
+    (record,) = _records(tmp_path / "r" / "default")
+    assert record["status"] == "failed" and "diverged at step 0: training loss inf" in record["error"]

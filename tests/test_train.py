@@ -171,3 +171,17 @@ def test_ranks_get_equal_work_in_every_global_batch(compose_train):
     with pytest.raises(ConfigError, match="multiple of the 2 ranks"):
         plan_run(compose_train("train.batch_size=7", "train.devices=2"))
     assert plan_run(compose_train("train.devices=[0,1]", "train.num_nodes=2", "train.batch_size=8")).tokens % 4 == 0
+
+
+def test_token_counts_are_exact_beyond_float32():
+    """150,001 x 1000 tokens is not a float32 (it would come back as 150,000,992 and fail the end-of-run check)."""
+    import lightning as L
+
+    from scaling_lab.models.shapes import GPTConfig
+    from scaling_lab.pipeline.module import LitGPT
+
+    module = LitGPT(GPTConfig(n_layers=1, d_model=32, n_heads=2), lr=1e-3, total_steps=10, warmup_steps=1,
+                    min_lr_ratio=0.1, weight_decay=0.0, betas=(0.9, 0.95), diverge_loss=10.0, check_every=1)
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    module.tokens_local = 150_001 * 1000
+    assert module.tokens_seen() == 150_001_000
