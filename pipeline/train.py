@@ -241,12 +241,14 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> 
     from scaling_lab.pipeline.data import bits_per_byte, slice_info
     from scaling_lab.pipeline.latency import measure
     from scaling_lab.pipeline.module import Checkpointing, Progress
+    from scaling_lab.pipeline.throughput import StepTimes
 
     t = cfg.train
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = build_module(t, spec)
     ckpt = store.checkpoint_path(cfg.results_dir, spec.sweep, spec.run_id)
-    callbacks = [Checkpointing(ckpt, t.ckpt_every, claim=claim)]
+    steps = StepTimes()
+    callbacks = [Checkpointing(ckpt, t.ckpt_every, claim=claim), steps]
     if not _show_bar(t):
         callbacks.append(Progress(log, t.progress_every_s))
     resume = ckpt if ckpt.exists() else None
@@ -305,7 +307,13 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> 
                        "resumed_from_tokens": module.tokens_resumed},
             # FLOPs this job spent: a WSD branch's decay plus whatever part of the stable run it trained itself
             "flops": {**record_flops(cfg, spec), "spent": spec.model.flops_per_token * trained_here},
+            "hardware": _hardware(trainer, module, t.precision, spec.threads),
         }
+        steady = steps.tokens_per_s(spec.batch_size * spec.model.seq_len)
+        peak = out["hardware"]["peak_flops"]
+        out["timing"]["tokens_per_s_steady"] = steady
+        out["timing"]["mfu"] = (spec.model.flops_per_token * steady / (peak * trainer.world_size)
+                                if steady and peak else None)
         if spec.schedule == "wsd":
             out["schedule"] = {**_schedule_head(cfg, spec), **{k: v for k, v in trunk.items() if k != "train_s"}}
         if cfg.latency.enabled:
@@ -328,6 +336,16 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> 
         stop.checkpoint, stop.step, stop.tokens = ckpt, int(trainer.global_step), tokens_seen
         raise
     return out  # the caller writes the record, then removes the checkpoint (store.finish_run)
+
+
+def _hardware(trainer, module, precision: str, threads: int) -> dict:
+    """Where the run trained: the device and its count, the precision, and the device's peak FLOP/s (the MFU's
+    denominator, with its source)."""
+    from scaling_lab.pipeline.throughput import device_peak
+
+    name, peak, source = device_peak(module.device, precision, threads)
+    return {"accelerator": module.device.type, "device": name, "devices": trainer.world_size,
+            "precision": str(precision), "peak_flops": peak, "peak_source": source}
 
 
 def _leave_process_group() -> None:

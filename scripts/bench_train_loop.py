@@ -20,26 +20,12 @@ import torch
 from scaling_lab.conf import compose
 from scaling_lab.pipeline.data import TokenDataModule, prepare_corpus
 from scaling_lab.pipeline.runspec import plan_run
+from scaling_lab.pipeline.throughput import matmul_peak
 from scaling_lab.pipeline.train import build_module, build_trainer
 
 DEFAULTS = ["model.n_layers=2", "model.d_model=64", "model.head_dim=16", "train.tokens=1_000_000",
             "train.threads=1", "train.progress_bar=false", "logger=none"]
 REPEATS = 3
-
-
-def matmul_peak(threads: int, n: int = 1024, reps: int = 20) -> float:
-    """FLOP/s of an n x n fp32 matmul on this machine (best of a few timed batches)."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, (time.perf_counter() - start) / reps)
-    return 2 * n ** 3 / best
 
 
 def plain_loop(t, spec, datamodule) -> float:

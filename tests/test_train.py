@@ -43,12 +43,21 @@ def test_tiny_run_end_to_end(compose_train, monkeypatch):
     assert lat["prefill_ms"] > 0 and lat["decode_ms_per_token"] > 0 and lat["batch_sizes"] == [1, 2]
     assert set(lat["by_batch"]["2"]["decode_ms_per_token"]) == {"median", "min", "max", "iqr_rel"}
     assert record["versions"]["torch"] and record["data"]["corpus_hash"] and record["data"]["python"]
+    # throughput as GPU users read it: the device, its count and precision, steady-state tokens/s and MFU against
+    # the device's peak (on a CPU, a fp32 matmul measured in the run)
+    hw = record["hardware"]
+    assert hw["accelerator"] == hw["device"] == "cpu" and hw["devices"] == 1 and hw["precision"] == "32-true"
+    assert hw["peak_flops"] > 1e9 and "measured" in hw["peak_source"]
+    steady, mfu = record["timing"]["tokens_per_s_steady"], record["timing"]["mfu"]
+    assert steady > 0 and mfu == pytest.approx(record["flops"]["per_token"] * steady / hw["peak_flops"])
+    assert 0 < mfu < 1
 
     results = Path(cfg.results_dir)
     path = store.record_path(results, "unit", record["run_id"])
     assert json.loads(path.read_text())["loss"]["final"] == record["loss"]["final"]
     table = store.load_table(results, "unit")
     assert len(table) == 1 and table.loc[0, "status"] == "ok" and table.loc[0, "loss"] == record["loss"]["final"]
+    assert table.loc[0, "device"] == "cpu" and table.loc[0, "world_size"] == 1 and table.loc[0, "mfu"] == mfu
     assert not list(results.rglob("*.ckpt"))  # a finished run leaves no checkpoint behind
 
     run_dirs = list((results / "unit" / "wandb").glob("offline-run-*"))

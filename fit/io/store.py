@@ -109,6 +109,11 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "wall_s": ("timing", "wall_s"),
     "train_s": ("timing", "train_s"),
     "tokens_per_s": ("timing", "tokens_per_s"),
+    "tokens_per_s_steady": ("timing", "tokens_per_s_steady"),
+    "mfu": ("timing", "mfu"),
+    "device": ("hardware", "device"),
+    "world_size": ("hardware", "devices"),
+    "precision": ("hardware", "precision"),
     "tokenizer": ("data", "tokenizer"),
     "corpus": ("data", "corpus"),
     "corpus_hash": ("data", "corpus_hash"),
@@ -209,7 +214,7 @@ def export_table(results_dir: str | Path, sweep: str, out: str | Path | None = N
     write_csv_atomic(paths[0], table)
     try:
         tmp = out / f".runs.parquet.{os.getpid()}.tmp"
-        table.astype({c: "string" for c in ("error", "latency_device", "finished_at")}).to_parquet(tmp, index=False)
+        table.astype({c: "string" for c in TEXT_COLUMNS}).to_parquet(tmp, index=False)
         os.replace(tmp, out / "runs.parquet")
         paths.append(out / "runs.parquet")
     except ImportError:
@@ -450,7 +455,8 @@ def finish_run(results_dir, record: Mapping[str, Any]) -> Path:
 
 # Record columns that hold text; every other column of COLUMNS holds a number (or null).
 TEXT_COLUMNS = {"run_id", "sweep", "status", "error", "group", "latency_device", "schedule", "branched_from",
-                "flops_convention", "tokenizer", "corpus", "corpus_hash", "weights", "finished_at"}
+                "flops_convention", "tokenizer", "corpus", "corpus_hash", "weights", "finished_at", "device",
+                "precision"}
 
 
 def _load_record(path: Path) -> tuple[str, dict | None, str]:
