@@ -74,6 +74,13 @@ class DataConf:
     val_fraction: float = 0.02
     tokenizer: str = "bytes"  # bytes | bpe
     bpe_vocab_size: int = 2048
+    # bpe: the BPE learns from the first bpe_sample_bytes of training text (null: all of it), so preparing a corpus of
+    # any size takes bounded memory; a smaller corpus is learnt whole, as it always was
+    bpe_sample_bytes: Optional[int] = 1_000_000_000
+    # a corpus larger than this (and any hub dataset) is prepared once by scaling-prepare; runs then only read its
+    # cache. A smaller one is prepared by the first run that needs it
+    prepare_threshold_bytes: int = 100_000_000
+    prepare_chunk_bytes: int = 8_000_000  # text tokenized at a time (memory) and between resumable progress records
     eval_tokens: int = 32768  # final held-out loss: windows spread over the whole held-out split, same for every run
     eval_seed: int = 0  # which spread windows (fixed per corpus, tokenizer and seq_len; not the training seed)
     val_curve_tokens: int = 8192  # held-out tokens for the validation curve (windows disjoint from the eval slice)
@@ -215,11 +222,19 @@ def _flops_budget(group: Mapping[str, Any]) -> bool:
     return group["flops"] is not None
 
 
+def _bpe(group: Mapping[str, Any]) -> bool:
+    return group["tokenizer"] == "bpe"
+
+
 RUN_IDENTITY: dict[str, dict[str, Key]] = {
     "model": {k: Key() for k in ("n_layers", "d_model", "n_heads", "seq_len", "ffn_ratio", "tie_embeddings")},
-    "data": {k: Key() for k in ("source", "path", "val_path", "name", "subset", "split", "text_field", "sample_by",
-                                "max_bytes", "val_fraction", "tokenizer", "bpe_vocab_size", "eval_tokens",
-                                "eval_seed")},
+    "data": {
+        **{k: Key() for k in ("source", "path", "val_path", "name", "subset", "split", "text_field", "sample_by",
+                              "max_bytes", "val_fraction", "tokenizer", "bpe_vocab_size", "eval_tokens", "eval_seed")},
+        # Added with scaling-prepare. Before it, the BPE learnt from the whole corpus, held in memory (data=hub capped
+        # at 100 MB): at this baseline any corpus under 1 GB is still learnt whole, so its tokens and run ids stay.
+        "bpe_sample_bytes": Key(baseline=1_000_000_000, when=_bpe),
+    },
     "train": {
         **{k: Key(branch=True) for k in ("tokens", "tokens_per_param", "flops", "min_lr_ratio", "warmup_frac")},
         "flops_convention": Key(when=_flops_budget, branch=True),
@@ -233,7 +248,8 @@ RUN_IDENTITY: dict[str, dict[str, Key]] = {
 
 OPERATIONAL: dict[str, set[str]] = {
     "model": {"vocab_size"},  # fixed by data.tokenizer and data.bpe_vocab_size, which are hashed
-    "data": {"cache_dir", "num_workers", "val_curve_tokens", "streaming"},
+    "data": {"cache_dir", "num_workers", "val_curve_tokens", "streaming", "prepare_threshold_bytes",
+             "prepare_chunk_bytes"},
     "train": {"threads", "progress_bar", "progress_every_s", "log_every", "ckpt_every", "val_every", "compile",
               "accelerator", "devices", "strategy", "num_nodes", "save_model"},
 }

@@ -1,11 +1,15 @@
 """Corpora, tokenizers and the token cache, loaded with Hugging Face ``datasets`` in every case.
 
-``prepare_corpus(cfg)`` loads documents (the Python standard library's own source, the user's files, or a hub
+``prepare_corpus(cfg)`` streams documents (the Python standard library's own source, the user's files, or a hub
 dataset), splits them into train and held-out by a hash of each document (or by the user's own validation files),
-tokenizes them once and caches the tokens as memory-mapped ``uint16`` files keyed by the corpus hash and the
-tokenizer (and every data setting that changes the tokens or the split). ``TokenDataModule`` serves fixed-length
-windows from that cache to Lightning: training windows are a seeded permutation of non-overlapping windows, so a run
-of D tokens sees D distinct training tokens, never an epoch repeat. The final evaluation slice (``heldout_windows``)
+tokenizes them once, chunk by chunk, and caches the tokens as memory-mapped ``uint16`` files keyed by the corpus hash
+and the tokenizer (and every data setting that changes the tokens or the split). Memory stays bounded whatever the
+corpus's size: the BPE learns from a bounded sample, and a killed preparation continues where it stopped. A small
+corpus is prepared by the first run that needs it; a larger one (over ``data.prepare_threshold_bytes``, or any hub
+dataset) once beforehand by ``scaling-prepare`` (``prepare_cache``), and runs only read its cache.
+
+``TokenDataModule`` serves fixed-length windows from that cache to Lightning: training windows are a seeded
+permutation of non-overlapping windows, so a run of D tokens sees D distinct training tokens, never an epoch repeat. The final evaluation slice (``heldout_windows``)
 is spread over the whole held-out split: one seeded window in each of ``n`` equal strata of it, so it samples many
 documents, and it is the same for every run of a corpus, tokenizer and context length; the validation curve uses
 its own, disjoint windows.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import collections
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -25,6 +30,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 from urllib.parse import urlparse
 
 import lightning as L
@@ -33,10 +39,13 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from scaling_lab.conf import UserError
+from scaling_lab.conf import CONF_DIR, UserError
+from scaling_lab.conf.train_schema import ALWAYS, RUN_IDENTITY
 from scaling_lab.fit.io import integrity
+from scaling_lab.fit.io.files import write_json_atomic
 
 EOT = "<|endoftext|>"
+SPLITS = ("train", "val")
 TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".py": "text", ".jsonl": "json", ".json": "json",
                  ".parquet": "parquet"}
 
@@ -100,7 +109,9 @@ def _files_hash(files: list[Path], root: Path | None) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(str(f.relative_to(root) if root else f.name).encode() + b"\0")
-        h.update(f.read_bytes())
+        with open(f, "rb") as data:  # in blocks: one file can be larger than memory
+            while block := data.read(integrity.BLOCK):
+                h.update(block)
         h.update(b"\0")
     return h.hexdigest()
 
@@ -137,18 +148,28 @@ def check_text(files: list[Path], builder: str, encoding: bool = True) -> None:
                     raise DataError(f"{f}:{n}: a JSONL corpus line must be a JSON object, not {type(row).__name__}")
 
 
-def _load_files(files: list[Path], cfg) -> list[str]:
+def _file_documents(files: list[Path], cfg) -> Iterator[str]:
+    """The non-empty documents of ``files`` in order, streamed by ``datasets`` (no copy of the corpus is held or
+    written)."""
     import datasets
 
     builder = TEXT_SUFFIXES.get(files[0].suffix, "text")
-    # the interpreter's own stdlib has a few test files in legacy encodings on purpose: only NUL bytes refuse it
-    check_text(files, builder, encoding=not str(files[0]).startswith(sysconfig.get_paths()["stdlib"]))
     kwargs = {"sample_by": cfg.sample_by, "encoding_errors": "replace"} if builder == "text" else {}
-    ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                               cache_dir=str(Path(cfg.cache_dir) / "hf"), **kwargs)
-    if cfg.text_field not in ds.column_names:
-        raise DataError(f"{files[0]}: no column {cfg.text_field!r} (columns: {ds.column_names}); set data.text_field")
-    return [t for t in ds[cfg.text_field] if t]
+    ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True, **kwargs)
+    for i, row in enumerate(ds):
+        if i == 0 and cfg.text_field not in row:
+            raise DataError(f"{files[0]}: no column {cfg.text_field!r} (columns: {list(row)}); set data.text_field")
+        if row.get(cfg.text_field):
+            yield row[cfg.text_field]
+
+
+def check_files(info: dict) -> None:
+    """The corpus's files are text (``check_text``), before any is tokenized."""
+    files = info["files"] + info["val_files"]
+    if files:
+        # the interpreter's own stdlib has a few test files in legacy encodings on purpose: only NUL bytes refuse it
+        check_text(files, TEXT_SUFFIXES.get(files[0].suffix, "text"),
+                   encoding=not str(files[0]).startswith(sysconfig.get_paths()["stdlib"]))
 
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
@@ -162,22 +183,26 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
         return False
 
 
-def _load_hub(cfg) -> list[str]:
-    import datasets
-
+def _check_hub(cfg) -> None:
     if os.environ.get("HF_HUB_OFFLINE") != "1" and not _hub_reachable():
         raise DataError(f"data=hub: the Hugging Face Hub cannot be reached from this machine, so {cfg.name!r} cannot "
                         "be downloaded; use data=stdlib or data=files data.path=<your files>")
+
+
+def _hub_documents(cfg) -> Iterator[str]:
+    """The hub dataset's rows in order (empty ones too), until ``max_bytes`` characters have been read."""
+    import datasets
+
+    _check_hub(cfg)
     ds = datasets.load_dataset(cfg.name, cfg.subset, split=cfg.split, streaming=cfg.streaming,
                                cache_dir=str(Path(cfg.cache_dir) / "hf"))
-    docs, size = [], 0
+    size = 0
     for row in ds:
         text = row.get(cfg.text_field) or ""
-        docs.append(text)
+        yield text
         size += len(text)
         if cfg.max_bytes and size >= cfg.max_bytes:
-            break
-    return docs
+            return
 
 
 def _doc_is_heldout(text: str, fraction: float) -> bool:
@@ -210,32 +235,39 @@ def describe_corpus(cfg) -> dict:
     return info
 
 
-def load_documents(cfg, info: dict) -> dict[str, list[str]]:
-    """Train and held-out documents of the corpus ``describe_corpus`` found."""
-    if cfg.source == "hub":
-        docs, val_docs = _load_hub(cfg), None
-    else:
-        docs = _load_files(info["files"], cfg)
-        val_docs = _load_files(info["val_files"], cfg) if info["val_files"] else None
-    if val_docs is None:
-        val_docs = [d for d in docs if _doc_is_heldout(d, cfg.val_fraction)]
-        docs = [d for d in docs if not _doc_is_heldout(d, cfg.val_fraction)]
-    if cfg.max_bytes and cfg.source != "hub":  # a slice of the training text; the held-out split stays the same
-        docs = _take_bytes(docs, cfg.max_bytes)
-    if not docs or not val_docs:
-        raise DataError(f"corpus {info['corpus']!r} has {len(docs)} training and {len(val_docs)} held-out documents; "
-                        "it needs both (raise data.val_fraction or give data.val_path)")
-    return {"train": docs, "val": val_docs}
+def documents(cfg, info: dict) -> Iterator[tuple[str, str]]:
+    """Every document of the corpus ``describe_corpus`` found, in order, with its split ("train" or "val"): the
+    held-out files' documents, or else a hash split of all documents by ``val_fraction``. With ``max_bytes`` the
+    training documents stop after that many bytes (a hub stream stops there); the held-out split stays the same."""
+    docs = _hub_documents(cfg) if cfg.source == "hub" else _file_documents(info["files"], cfg)
+    size = 0
+    for text in docs:
+        split = "val" if not info["val_files"] and _doc_is_heldout(text, cfg.val_fraction) else "train"
+        if split == "train" and cfg.max_bytes and cfg.source != "hub":
+            if size >= cfg.max_bytes:
+                continue
+            size += len(text.encode("utf-8", "replace"))
+        yield split, text
+    if info["val_files"]:
+        yield from (("val", text) for text in _file_documents(info["val_files"], cfg))
 
 
-def _take_bytes(docs: list[str], limit: int) -> list[str]:
-    out, size = [], 0
-    for d in docs:
-        if size >= limit:
-            break
-        out.append(d)
-        size += len(d.encode())
-    return out
+def bpe_sample(cfg, info: dict) -> Iterator[str]:
+    """What the BPE learns from: the first ``bpe_sample_bytes`` of training text (the last document cut there), so
+    its memory is bounded. A corpus smaller than that is learnt whole: the tokenizer trained on everything."""
+    left = cfg.bpe_sample_bytes
+    for split, text in documents(cfg, info):
+        if split != "train":
+            continue
+        data = text.encode("utf-8", "replace")
+        if left is not None and len(data) > left:
+            yield data[:left].decode("utf-8", "ignore")
+            return
+        yield text
+        if left is not None:
+            left -= len(data)
+            if not left:
+                return
 
 
 # ----- tokenizers ----------------------------------------------------------------------------------------------
@@ -258,7 +290,7 @@ class ByteTokenizer:
 class BPETokenizer:
     """A byte-level BPE trained with ``tokenizers`` on the training documents, cached beside the tokens."""
 
-    def __init__(self, vocab_size: int, path: Path, train_docs: list[str] | None = None):
+    def __init__(self, vocab_size: int, path: Path, train_docs: Iterable[str] | None = None):
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         if path.exists():
@@ -271,7 +303,9 @@ class BPETokenizer:
                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
             tok.train_from_iterator(train_docs, trainer=trainer)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tok.save(str(path))
+            part = path.with_name(path.name + ".part")  # a kill while saving leaves no half tokenizer to resume with
+            tok.save(str(part))
+            os.replace(part, path)
             self.tok = tok
         self.vocab_size = self.tok.get_vocab_size()
         if self.vocab_size > 65535:
@@ -313,62 +347,179 @@ def tokenizer_id(cfg) -> str:
 
 # Data settings that change the documents, the tokens or the train/held-out split, beyond the corpus's own content
 # hash (which covers the files, hub name/subset/split and max_bytes) and the tokenizer: all are in the cache key.
-TOKEN_SETTINGS = ("sample_by", "text_field", "val_fraction", "max_bytes", "split", "bpe_vocab_size")
+TOKEN_SETTINGS = ("sample_by", "text_field", "val_fraction", "max_bytes", "split", "bpe_vocab_size", "bpe_sample_bytes")
+# The keys that name a corpus's cache: what a `scaling-prepare` command line must repeat of a run's data settings.
+CACHE_KEYS = ("path", "val_path", "name", "subset", "tokenizer", *TOKEN_SETTINGS, "cache_dir")
+
+
+def token_settings(cfg) -> dict:
+    """The values of ``TOKEN_SETTINGS``, less those of settings added later that sit at their baseline (the value
+    that reproduces the tokens from before they existed, declared with the run identity in conf/train_schema.py) or
+    do not act (``Key.when``): so every cache written before keeps its key and its ``meta.json``."""
+    declared = RUN_IDENTITY["data"]
+    return {k: cfg.get(k) for k in TOKEN_SETTINGS
+            if declared[k].baseline is ALWAYS or (cfg.get(k) != declared[k].baseline
+                                                  and (declared[k].when is None or declared[k].when(cfg)))}
 
 
 def cache_key(cfg, info: dict, tok_id: str) -> str:
-    """The token cache's folder name: corpus hash, tokenizer, and a hash of every setting in ``TOKEN_SETTINGS``."""
-    settings = json.dumps({k: cfg.get(k) for k in TOKEN_SETTINGS}, sort_keys=True, default=str).encode()
+    """The token cache's folder name: corpus hash, tokenizer, and a hash of the ``token_settings``."""
+    settings = json.dumps(token_settings(cfg), sort_keys=True, default=str).encode()
     return f"{info['corpus_hash'][:16]}-{tok_id}-{hashlib.sha256(settings).hexdigest()[:10]}"
 
 
-def prepare_corpus(cfg) -> Corpus:
-    """Load, split, tokenize and cache a corpus once; later calls (from any process) reuse the cache."""
+def _locate(cfg) -> tuple[str, dict, Path]:
     tok_id = tokenizer_id(cfg)
     info = describe_corpus(cfg)
-    key = cache_key(cfg, info, tok_id)
-    cache = Path(cfg.cache_dir) / "tokens" / key
+    return tok_id, info, Path(cfg.cache_dir) / "tokens" / cache_key(cfg, info, tok_id)
+
+
+def prepare_corpus(cfg, verify_tokens: bool = True) -> Corpus:
+    """A run's corpus: its token cache, prepared here on first use if the corpus is small; a larger one (over
+    ``data.prepare_threshold_bytes``) or a hub dataset must have been prepared by ``scaling-prepare``. Later calls
+    (from any process) read the cache. ``verify_tokens=False`` checks only ``meta.json`` against its checksum (a
+    pre-launch check reads nothing else; the runs verify every file they read)."""
+    tok_id, info, cache = _locate(cfg)
+    if not (cache / "meta.json").exists():
+        if cfg.source == "hub":
+            _check_hub(cfg)  # a machine without a network cannot prepare it either
+        size = None if cfg.source == "hub" else sum(f.stat().st_size for f in info["files"] + info["val_files"])
+        if size is None or size > cfg.prepare_threshold_bytes:
+            why = ("a hub dataset's size is unknown until it is streamed" if size is None else
+                   f"its {size:,} bytes are over data.prepare_threshold_bytes={cfg.prepare_threshold_bytes:,}")
+            raise DataError(f"corpus {info['corpus']!r} has no token cache yet and {why}: prepare it once with "
+                            f"`{prepare_command(cfg)}` (a CPU job), then runs read it")
+        build_cache(cfg, info, tok_id, cache)
+    return _open_cache(cache, verify_tokens)
+
+
+def prepare_cache(cfg, on_chunk: Callable[[dict], None] | None = None) -> Corpus:
+    """``scaling-prepare``: the corpus's token cache, prepared in bounded memory whatever the corpus's size (or found
+    prepared); ``on_chunk(progress)`` follows the tokenization."""
+    tok_id, info, cache = _locate(cfg)
+    if not (cache / "meta.json").exists():
+        build_cache(cfg, info, tok_id, cache, on_chunk)
+    return _open_cache(cache, verify_tokens=True)
+
+
+def prepare_command(cfg) -> str:
+    """The ``scaling-prepare`` command line for ``cfg``'s cache: its data preset and the cache's settings that differ
+    from the preset's."""
+    import shlex
+
+    from omegaconf import OmegaConf
+
+    from scaling_lab.conf.train_schema import DataConf
+
+    preset = OmegaConf.merge(OmegaConf.structured(DataConf), OmegaConf.load(CONF_DIR / "data" / f"{cfg.source}.yaml"))
+    preset = OmegaConf.to_container(preset, resolve=True, throw_on_missing=False)
+    args = [f"data={cfg.source}"]
+    for k in CACHE_KEYS:
+        value = cfg.get(k)
+        if value != preset.get(k):
+            args.append(shlex.quote(f"data.{k}={'null' if value is None else value}"))
+    return "scaling-prepare " + " ".join(args)
+
+
+def build_cache(cfg, info: dict, tok_id: str, cache: Path, on_chunk: Callable[[dict], None] | None = None) -> None:
+    """Stream, split, tokenize and write the corpus into ``cache`` (once, under a lock). The work goes into
+    ``<cache>.tmp``, which a killed process leaves behind: the next one continues from its last finished chunk.
+    The finished folder replaces nothing: it is renamed into place whole."""
     cache.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache) + ".lock"):
-        for orphan in cache.parent.glob(cache.name + ".tmp*"):  # left by a killed process (we hold the lock)
+        if (cache / "meta.json").exists():  # prepared by another process while this one waited
+            return
+        for orphan in cache.parent.glob(cache.name + ".tmp?*"):  # a per-process folder of an older release
             shutil.rmtree(orphan, ignore_errors=True)
-        if not (cache / "meta.json").exists():
-            tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            if not sys.stderr.isatty():  # `datasets` progress bars are carriage-return noise in a log file
-                import datasets
+        tmp = cache.with_name(cache.name + ".tmp")
+        tmp.mkdir(exist_ok=True)
+        if not sys.stderr.isatty():  # `datasets` progress bars are carriage-return noise in a log file
+            import datasets
 
-                datasets.disable_progress_bars()
-            docs = load_documents(cfg, info)
-            tok = ByteTokenizer() if tok_id == "bytes" else BPETokenizer(cfg.bpe_vocab_size, tmp / "tokenizer.json",
-                                                                         docs["train"])
-            meta = {k: v for k, v in info.items() if k not in ("files", "val_files")}
-            meta.update(n_files=len(info["files"]) + len(info["val_files"]), tokenizer=tok_id,
-                        vocab_size=tok.vocab_size, eot=tok.eot,
-                        settings={k: cfg.get(k) for k in TOKEN_SETTINGS})
-            np.save(tmp / "token_bytes.npy", token_byte_lengths(tok_id, tmp / "tokenizer.json", tok.eot,
-                                                                tok.vocab_size))
-            for split, split_docs in docs.items():
-                ids = tok.encode_docs(split_docs)
-                ids.tofile(tmp / f"{split}.bin")
-                meta[f"{split}_tokens"] = int(ids.size)
-                meta[f"{split}_documents"] = len(split_docs)
-                meta[f"{split}_bytes"] = sum(len(d.encode("utf-8", "replace")) for d in split_docs)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            for f in sorted(tmp.iterdir()):
-                integrity.write_checksum(f)
-            os.replace(tmp, cache)
-    _verify_cache(cache)  # outside the lock: a finished cache never changes, and readers need not queue
+            datasets.disable_progress_bars()
+        check_files(info)
+        tok = ByteTokenizer() if tok_id == "bytes" else BPETokenizer(cfg.bpe_vocab_size, tmp / "tokenizer.json",
+                                                                     bpe_sample(cfg, info))
+        progress = _tokenize(cfg, info, tok, tmp, on_chunk)
+        if not progress["train"]["documents"] or not progress["val"]["documents"]:
+            raise DataError(f"corpus {info['corpus']!r} has {progress['train']['documents']} training and "
+                            f"{progress['val']['documents']} held-out documents; it needs both (raise "
+                            "data.val_fraction or give data.val_path)")
+        meta = {k: v for k, v in info.items() if k not in ("files", "val_files")}
+        meta.update(n_files=len(info["files"]) + len(info["val_files"]), tokenizer=tok_id, vocab_size=tok.vocab_size,
+                    eot=tok.eot, settings=token_settings(cfg))
+        for split in SPLITS:
+            meta.update({f"{split}_{k}": progress[split][k] for k in ("tokens", "documents", "bytes")})
+        np.save(tmp / "token_bytes.npy", token_byte_lengths(tok_id, tmp / "tokenizer.json", tok.eot, tok.vocab_size))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        files = sorted(f for f in tmp.iterdir() if f.name in CACHE_FILES)
+        for f in files:
+            integrity.write_checksum(f)
+        for f in set(tmp.iterdir()) - set(files) - {integrity.sidecar(f) for f in files}:
+            f.unlink()  # the progress record and any half-written temporary file
+        os.replace(tmp, cache)
+
+
+CACHE_FILES = {"train.bin", "val.bin", "meta.json", "tokenizer.json", "token_bytes.npy"}
+
+
+def _tokenize(cfg, info: dict, tok, tmp: Path, on_chunk=None) -> dict:
+    """Append the tokens of the corpus's documents to ``<split>.bin`` in ``tmp``, ``data.prepare_chunk_bytes`` of
+    text at a time (``tokenizers`` encodes a chunk on every core), recording after each chunk how many documents
+    were done and what was written (``progress.json``): a relaunch cuts off a chunk written only in part and skips
+    the documents done. Returns the token, document and byte counts of each split."""
+    record = tmp / "progress.json"
+    progress = json.loads(record.read_text()) if record.exists() else \
+        {"documents": 0, "done": False, **{s: {"tokens": 0, "documents": 0, "bytes": 0} for s in SPLITS}}
+    for split in SPLITS:
+        with open(tmp / f"{split}.bin", "ab") as f:
+            f.truncate(progress[split]["tokens"] * np.dtype(np.uint16).itemsize)
+    if progress["done"]:
+        return progress
+    for chunk in _chunks(itertools.islice(documents(cfg, info), progress["documents"], None), cfg.prepare_chunk_bytes):
+        for split in SPLITS:
+            docs = [text for s, text in chunk if s == split]
+            if docs:
+                ids = tok.encode_docs(docs)
+                with open(tmp / f"{split}.bin", "ab") as f:
+                    ids.tofile(f)
+                counts = progress[split]
+                counts["tokens"] += int(ids.size)
+                counts["documents"] += len(docs)
+                counts["bytes"] += sum(len(d.encode("utf-8", "replace")) for d in docs)
+        progress["documents"] += len(chunk)
+        write_json_atomic(record, progress)
+        if on_chunk is not None:
+            on_chunk(progress)
+    progress["done"] = True
+    write_json_atomic(record, progress)
+    return progress
+
+
+def _chunks(docs: Iterator[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
+    """Consecutive runs of documents of about ``size`` characters each."""
+    chunk, n = [], 0
+    for doc in docs:
+        chunk.append(doc)
+        n += len(doc[1])
+        if n >= size:
+            yield chunk
+            chunk, n = [], 0
+    if chunk:
+        yield chunk
+
+
+def _open_cache(cache: Path, verify_tokens: bool) -> Corpus:
+    _verify_cache(cache, verify_tokens)  # no lock: a finished cache never changes, and readers need not queue
     return Corpus(cache, json.loads((cache / "meta.json").read_text()))
 
 
-def _verify_cache(cache: Path) -> None:
-    """Every file of a token cache against its checksum: caches sit on shared filesystems, and a damaged token stream
-    or ``meta.json`` would otherwise train and score a run silently on the wrong data. A cache written before
-    checksums existed has none and is read unverified."""
+def _verify_cache(cache: Path, tokens: bool = True) -> None:
+    """Every file of a token cache (or only its ``meta.json``) against its checksum: caches sit on shared
+    filesystems, and a damaged token stream or ``meta.json`` would otherwise train and score a run silently on the
+    wrong data. A cache written before checksums existed has none and is read unverified."""
     for f in sorted(cache.iterdir()):
-        if not f.name.endswith(integrity.SUFFIX):
+        if not f.name.endswith(integrity.SUFFIX) and (tokens or f.name == "meta.json"):
             integrity.verify(f, f"delete the token cache {cache} (the next run tokenizes the corpus again)")
 
 

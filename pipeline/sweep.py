@@ -75,8 +75,8 @@ def plan_points(points: list[list[str]], check_data: bool = True) -> list[Point]
             m = spec.model
             if check_data:
                 key = repr(sorted(cfg.data.items()))
-                if key not in corpora:
-                    corpora[key] = prepare_corpus(cfg.data)
+                if key not in corpora:  # a prepared cache: only its meta.json is read (the runs verify the rest)
+                    corpora[key] = prepare_corpus(cfg.data, verify_tokens=False)
                 check_budget(corpora[key], spec.tokens, m.seq_len)
         except (ConfigError, DataError, ValueError) as e:
             point.error = str(e)

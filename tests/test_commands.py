@@ -11,7 +11,8 @@ import pytest
 
 BIN = Path(sys.executable).parent
 COMMANDS = ["scaling-train", "scaling-sweep-status", "scaling-fit", "scaling-latency", "scaling-select",
-            "scaling-verify", "scaling-plan", "scaling-report", "scaling-quantize", "scaling-speculate"]
+            "scaling-verify", "scaling-plan", "scaling-report", "scaling-quantize", "scaling-speculate",
+            "scaling-prepare"]
 
 
 def cli(tmp_path, *args):
@@ -48,6 +49,7 @@ BAD = {  # one bad input per command, each caught before any compute
     "scaling-report": ["sweep=nothing_here", "results_dir=nowhere"],
     "scaling-quantize": ["sweep=nothing_here", "results_dir=nowhere"],
     "scaling-speculate": ["sweep=nothing_here", "results_dir=nowhere"],
+    "scaling-prepare": ["data=files", "data.path=nowhere/*.txt"],
 }
 
 

@@ -180,3 +180,37 @@ def test_a_job_that_can_never_start_ends_the_sweep_with_slurms_reason(slurm, tmp
     (state,) = accounted(slurm, [job])
     assert state.startswith("CANCELLED"), state
     assert not list((tmp_path / "results").rglob("smoke/*.json"))
+
+
+def wait_in_logs(proc, tmp_path, needle: str, timeout: float = 150) -> str:
+    """The job's id, once a log of it shows ``needle``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        for log in (tmp_path / "private").rglob("*_log.out"):
+            if needle in log.read_text():
+                return log.name.split("_")[0]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"no job log showed {needle!r}:\n{proc.communicate()[1][-3000:]}\n{job_logs(tmp_path)[-3000:]}")
+
+
+@pytest.mark.slow
+def test_ddp_wsd_on_two_ranks_preempted_in_the_stable_run_and_the_branch_resumes_exactly(slurm, tmp_path,
+                                                                                         token_cache):
+    """2 gloo ranks as 2 SLURM tasks (the preset takes tasks_per_node from train.devices), a WSD branch (the stable
+    run to step 300, the decay to 400): USR2 in the stable run and again in the branch; each time both ranks save at
+    one step, submitit requeues the job, and the run ends at the exact budget with all three attempts."""
+    proc = launch(slurm, tmp_path, token_cache, *LONG_RUN, "train.devices=2", "train.strategy=ddp",
+                  "train.threads=1", "train.schedule=wsd", "train.warmup_steps=4", "train.decay_frac=0.25")
+    job = wait_in_logs(proc, tmp_path, "step 20/")
+    assert slurm.run("scancel", "--signal=USR2", job).returncode == 0
+    wait_in_logs(proc, tmp_path, "step 320/", timeout=240)  # the requeued job, past the stable run
+    assert slurm.run("scancel", "--signal=USR2", job).returncode == 0
+    out, err = finish(proc, timeout=240)
+    assert proc.returncode == 0, err[-3000:] + job_logs(tmp_path)[-3000:]
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "results" / "default").glob("*.json")]
+    assert record["status"] == "ok" and record["tokens"]["seen"] == record["tokens"]["budget"] == TOKENS
+    assert record["hardware"]["devices"] == 2
+    assert [a["ended"] for a in record["attempts"]] == ["interrupted (SIGUSR2 during training)"] * 2 + ["ok"]
+    assert [a["slurm_restart_count"] for a in record["attempts"]] == [0, 1, 2]
+    assert 300 * 8 * 32 < record["timing"]["resumed_from_tokens"] < TOKENS  # the branch resumed mid-decay
