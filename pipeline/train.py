@@ -671,7 +671,9 @@ def main() -> None:
     except Exception as err:  # noqa: BLE001 - only submitit's job errors are turned into a report
         if not type(err).__module__.startswith("submitit"):
             raise
-        first = (str(err).strip().splitlines() or [""])[0]
+        lines = str(err).strip().splitlines() or [""]
+        # submitit puts the job's state (CANCELLED, TIMEOUT, ...) on its second line: keep it
+        first = " ".join(lines[:2]) if len(lines) > 1 and "(state: " in lines[1] else lines[0]
         print(f"scaling-train: a job did not complete ({type(err).__name__}: {first}); an interrupted run keeps its "
               "checkpoint and resumes when the sweep is relaunched (or requeued)", file=sys.stderr)
         sys.exit(1)

@@ -66,6 +66,11 @@ CASES = {
                                "sweep name '/etc' is not a plain name"),
     "a record from a later release": ("scaling-sweep-status", lambda t: _future(t),
                                       "pip install -U 'scaling-lab>=9.0.0'"),
+    "a token cache whose val.bin was damaged": ("scaling-train", lambda t: _damaged_cache(t, _flip_val),
+                                                "val.bin is damaged: its contents do not match its checksum"),
+    "a token cache whose meta.json says another vocab_size": ("scaling-train",
+                                                              lambda t: _damaged_cache(t, _vocab_in_meta),
+                                                              "meta.json is damaged"),
     "an input constant in every fit row": ("scaling-fit", lambda t: ["source=csv", f"source.path={_constant_n(t)}"],
                                            "N=1e+07 in all 12 fit rows"),
     "a CSV column name given twice": ("scaling-fit", lambda t: ["source=csv", f"source.path={_loss_twice(t)}"],
@@ -93,6 +98,32 @@ def _damaged(tmp: Path, text: str = '{"run_id": "aaaa", "status": "o') -> list[s
     sweep.mkdir(parents=True)
     (sweep / "aaaa.json").write_text(text)  # by default truncated by a full disk
     return [f"results_dir={tmp}/results", "sweep=broken", f"out={tmp}/fit"]
+
+
+def _damaged_cache(tmp: Path, damage) -> list[str]:
+    """A small corpus prepared by scaling-prepare, then one file of its token cache changed by ``damage``."""
+    (tmp / "corpus").mkdir()
+    words = " ".join(f"word{i % 97}" for i in range(8000))
+    (tmp / "corpus" / "train.txt").write_text(words)
+    (tmp / "val.txt").write_text(words[:4000])
+    data = ["data=files", f"data.path={tmp}/corpus", f"data.val_path={tmp}/val.txt", f"data.cache_dir={tmp}/cache"]
+    prepared = subprocess.run([str(BIN / "scaling-prepare"), *data], capture_output=True, text=True, cwd=tmp,
+                              timeout=300)
+    assert prepared.returncode == 0, prepared.stderr
+    (cache,) = [p for p in (tmp / "cache" / "tokens").iterdir() if p.is_dir()]
+    damage(cache)
+    return [*TRAIN, *data]
+
+
+def _flip_val(cache: Path) -> None:
+    data = bytearray((cache / "val.bin").read_bytes())
+    data[100:104] = b"\xff\xff\xff\xff"
+    (cache / "val.bin").write_bytes(bytes(data))
+
+
+def _vocab_in_meta(cache: Path) -> None:
+    meta = json.loads((cache / "meta.json").read_text())
+    (cache / "meta.json").write_text(json.dumps({**meta, "vocab_size": 300}))
 
 
 def _future(tmp: Path) -> list[str]:
