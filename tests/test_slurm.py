@@ -214,3 +214,15 @@ def test_ddp_wsd_on_two_ranks_preempted_in_the_stable_run_and_the_branch_resumes
     assert [a["ended"] for a in record["attempts"]] == ["interrupted (SIGUSR2 during training)"] * 2 + ["ok"]
     assert [a["slurm_restart_count"] for a in record["attempts"]] == [0, 1, 2]
     assert 300 * 8 * 32 < record["timing"]["resumed_from_tokens"] < TOKENS  # the branch resumed mid-decay
+
+
+@pytest.mark.slow
+def test_a_cancelled_job_is_reported_with_its_state(slurm, tmp_path, token_cache):
+    """scancel of a running job: scaling-train says so in one line with SLURM's state, and the run can resume."""
+    proc = launch(slurm, tmp_path, token_cache, *LONG_RUN)
+    job = running_job(proc, tmp_path)
+    assert slurm.run("scancel", job).returncode == 0
+    out, err = finish(proc)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    (line,) = [x for x in err.splitlines() if "a job did not complete" in x]
+    assert line.startswith("scaling-train: ") and "(state: CANCELLED" in line, line
