@@ -40,7 +40,7 @@ def device_peak(device: torch.device, precision: str, threads: int) -> tuple[str
         name = torch.cuda.get_device_name(device)
         peak = get_available_flops(device, MATMUL_DTYPE.get(str(precision), torch.float32))
         return name, float(peak) if peak else None, "datasheet (lightning get_available_flops)"
-    return "cpu", matmul_peak(threads, n=512, reps=10, rounds=3), f"fp32 512^3 matmul measured, {threads} thread(s)"
+    return "cpu", matmul_peak(threads, n=1024, reps=5, rounds=3), f"fp32 1024^3 matmul measured, {threads} thread(s)"
 
 
 class StepTimes(Callback):
