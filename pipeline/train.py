@@ -40,6 +40,9 @@ warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")  # torch 2.13 vs Lightning 2.6
 # Hydra 1.3 still merges our conf/hydra/launcher/submitit_*.yaml presets into the plugin's schema of the same name.
 warnings.filterwarnings("ignore", message="(?s).*is validated against ConfigStore schema with the same name.*")
+# On a machine with SLURM's tools, Lightning hints at srun for every run outside a job: sweeps reach SLURM through
+# submitit (hydra/launcher=submitit_slurm), which starts the job's tasks itself.
+warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used.*")
 
 # ----- the run -------------------------------------------------------------------------------------------------
 
