@@ -66,7 +66,7 @@ demo: $(STAMP)
 	$(DEMO_TRAIN) hydra.launcher.n_jobs=2 $(DEMO_HELDOUT)
 	$(DEMO_TRAIN) hydra.launcher.n_jobs=1 model.params=2.5e4 model.n_layers=2 & \
 	$(DEMO_TRAIN) hydra.launcher.n_jobs=1 model.params=2.4e5 model.n_layers=4 train.seed=1; wait
-	$(BIN)/scaling-sweep-status sweep=demo results_dir=$(DEMO_DIR) $(DEMO_DATA)
+	$(BIN)/scaling-sweep-status sweep=demo results_dir=$(DEMO_DIR)
 	$(BIN)/scaling-fit sweep=demo results_dir=$(DEMO_DIR) out=$(DEMO_DIR)/fit/demo \
 		'source.fit_rows="$(DEMO_FIT_ROWS)"' protocol=auto
 	$(BIN)/scaling-latency sweep=demo results_dir=$(DEMO_DIR) constants=$(DEMO_DIR)/fit/demo/fit.json \
@@ -74,7 +74,7 @@ demo: $(STAMP)
 	$(BIN)/scaling-quantize sweep=demo results_dir=$(DEMO_DIR) 'rows="$(DEMO_QUANT_ROWS)"'
 	$(BIN)/scaling-speculate sweep=demo results_dir=$(DEMO_DIR) 'ks=[1,2,4]' prompts=2
 	$(BIN)/scaling-verify results_dir=$(DEMO_DIR) sweep=demo constants=$(DEMO_DIR)/fit/demo/fit.json \
-		$(DEMO_VERIFY) 'train_overrides=[$(subst $(space),$(comma),$(strip $(DEMO_DATA)))]'
+		$(DEMO_VERIFY) 'train_overrides=[$(subst $(space),$(comma),$(foreach o,$(strip $(DEMO_DATA)),"$(o)"))]'
 	$(BIN)/scaling-plan constants=$(DEMO_DIR)/fit/demo/fit.json objective=cost target.chinchilla_params=1e6 \
 		demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo serving.mode=auto serving.measurements=$(DEMO_DIR)/serving/demo
 	$(BIN)/scaling-report sweep=demo results_dir=$(DEMO_DIR)
