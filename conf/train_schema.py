@@ -97,6 +97,9 @@ class TrainConf:
     flops: Optional[float] = None
     flops_convention: FlopsConvention = FlopsConvention.model  # how a flops budget becomes tokens
     batch_size: int = 32  # sequences per step at the reference budget (see batch_rule)
+    # sequences a rank computes at once: each step's batch in micro-batches whose gradients add up to the batch's
+    # (null: the rank's whole share at once); the recipe's batch then fits any memory
+    micro_batch_size: Optional[int] = None
     batch_rule: BatchRule = BatchRule.constant
     batch_ref_tokens: float = 1_000_000
     max_batch_size: int = 512
@@ -251,7 +254,8 @@ OPERATIONAL: dict[str, set[str]] = {
     "data": {"cache_dir", "num_workers", "val_curve_tokens", "streaming", "prepare_threshold_bytes",
              "prepare_chunk_bytes"},
     "train": {"threads", "progress_bar", "progress_every_s", "log_every", "ckpt_every", "val_every", "compile",
-              "accelerator", "devices", "strategy", "num_nodes", "save_model"},
+              "accelerator", "devices", "strategy", "num_nodes", "save_model",
+              "micro_batch_size"},  # the same gradient per step, summed in parts (equal up to rounding)
 }
 
 

@@ -542,25 +542,34 @@ class Windows(Dataset):
 
 class GlobalBatches(Sampler):
     """Batches of window indices 0..n-1 in order, ``batch_size`` per optimizer step summed over all ranks (rank r
-    takes every world-th window of each global batch), starting at batch ``start``.
+    takes every world-th window of each global batch), starting at batch ``start``; with ``accumulate`` > 1 each
+    rank's share of a step comes in that many micro-batches (a shorter last batch in as many as it fills).
 
-    Its length is the whole run's number of steps even when it starts later: Lightning counts the batches of a
+    Its length is the whole run's number of batches even when it starts later: Lightning counts the batches of a
     resumed epoch from where the checkpoint left off, so the run still ends exactly at the token budget.
     """
 
-    def __init__(self, n: int, batch_size: int, start: int = 0, rank: int = 0, world: int = 1, on_batch=None):
+    def __init__(self, n: int, batch_size: int, start: int = 0, rank: int = 0, world: int = 1, on_batch=None,
+                 accumulate: int = 1):
         self.n, self.batch_size, self.start, self.rank, self.world = n, batch_size, start, rank, world
         self.on_batch = on_batch  # called with each batch's indices as the loader takes it (in order)
+        self.micro = max(1, batch_size // world // accumulate)  # sequences a rank takes at once
+
+    def _share(self, b: int) -> list[int]:
+        return list(range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size)))[self.rank::self.world]
 
     def __len__(self):
-        return math.ceil(self.n / self.batch_size)
+        steps = math.ceil(self.n / self.batch_size)  # every step's share is full but the last one's
+        per_step, last = (math.ceil(len(self._share(b)) / self.micro) for b in (0, steps - 1))
+        return (steps - 1) * per_step + last
 
     def __iter__(self):
-        for b in range(self.start, len(self)):
-            batch = list(range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size)))[self.rank::self.world]
-            if self.on_batch is not None:
-                self.on_batch(batch)
-            yield batch
+        for b in range(self.start, math.ceil(self.n / self.batch_size)):
+            share = self._share(b)
+            for i in range(0, len(share), self.micro):
+                if self.on_batch is not None:
+                    self.on_batch(share[i:i + self.micro])
+                yield share[i:i + self.micro]
 
 
 def heldout_windows(n_tokens: int, seq_len: int, n: int, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
@@ -615,9 +624,9 @@ class TokenDataModule(L.LightningDataModule):
     that earlier (interrupted) attempts of the same run already consumed; and a fixed held-out slice."""
 
     def __init__(self, corpus: Corpus, seq_len: int, batch_size: int, train_sequences: int, eval_tokens: int,
-                 val_curve_tokens: int, seed: int, num_workers: int = 0, eval_seed: int = 0):
+                 val_curve_tokens: int, seed: int, num_workers: int = 0, eval_seed: int = 0, accumulate: int = 1):
         super().__init__()
-        self.corpus, self.seq_len, self.batch_size = corpus, seq_len, batch_size
+        self.corpus, self.seq_len, self.batch_size, self.accumulate = corpus, seq_len, batch_size, accumulate
         self.train_sequences, self.seed, self.num_workers = train_sequences, seed, num_workers
         available = check_budget(corpus, train_sequences * seq_len, seq_len)
         n_eval = eval_tokens // seq_len
@@ -643,7 +652,7 @@ class TokenDataModule(L.LightningDataModule):
                             "sequences evenly: give train.devices and train.num_nodes as counts, so the run's plan "
                             "rounds the budget for its ranks")
         sampler = GlobalBatches(len(self.train_windows), self.batch_size, start, rank, world,
-                                on_batch=lambda b: self.fed.append(self.train_windows[b]))
+                                on_batch=lambda b: self.fed.append(self.train_windows[b]), accumulate=self.accumulate)
         ds = Windows(self.corpus.tokens("train"), self.seq_len, self.train_windows)
         return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers)
 

@@ -48,8 +48,12 @@ def warmup_stable_decay(step: int, total_steps: int, warmup_steps: int, decay_st
 class LitGPT(L.LightningModule):
     def __init__(self, model_config: GPTConfig, lr: float, total_steps: int, warmup_steps: int, min_lr_ratio: float,
                  weight_decay: float, betas: tuple[float, float], diverge_loss: float, check_every: int,
-                 compile: bool = False, decay_start: int | None = None):
+                 compile: bool = False, decay_start: int | None = None, accumulate: int = 1,
+                 batch_size: int = 0, sequences: int = 0):
         super().__init__()
+        # micro-batches per step (train.micro_batch_size), and the run's batch and sequences: the last step's batch
+        # may be shorter, and its micro-batches' losses are weighted so that the step's gradient is its batch's mean
+        self.accumulate, self.batch_size, self.sequences = accumulate, batch_size, sequences
         self.model = GPT(model_config)
         self.forward_model = torch.compile(self.model) if compile else self.model
         self.lr, self.total_steps, self.warmup_steps, self.min_lr_ratio = lr, total_steps, warmup_steps, min_lr_ratio
@@ -67,26 +71,46 @@ class LitGPT(L.LightningModule):
         x, y = batch
         _, loss = self.forward_model(x, y)
         self.tokens_local += x.numel()
+        self._hash_windows()
+        if batch_idx % self.accumulate == 0:  # a step's first (or only) micro-batch: the same one on every rank
+            self._check(loss, self._tokens_after_step(x.size(1)))
+        if self.accumulate == 1:
+            return loss
+        # Lightning divides each micro-batch's loss by `accumulate`; weighted by its share of this step's batch on
+        # this rank, the step's gradient is that batch's mean, a shorter last batch's included
+        share = min(self.batch_size, self.sequences - self.global_step * self.batch_size) // self.trainer.world_size
+        return loss * (x.size(0) * self.accumulate / share)
+
+    def _hash_windows(self) -> None:
+        """Chain the indices of the windows this batch trained on into ``windows_hash``."""
         fed = getattr(getattr(self.trainer, "datamodule", None), "fed", None)
         if fed:
             windows = np.asarray(fed.popleft(), dtype=np.int64)
             self.windows_hash = hashlib.blake2b(self.windows_hash.encode() + windows.tobytes(),
                                                 digest_size=16).hexdigest()
+
+    def _tokens_after_step(self, seq_len: int) -> int:
+        """Training tokens seen by all ranks once this step is done (its micro-batches still to come counted)."""
+        if self.accumulate == 1:
+            return self.tokens_resumed + self.tokens_local * self.trainer.world_size
+        return min((self.global_step + 1) * self.batch_size, self.sequences) * seq_len
+
+    def _check(self, loss, tokens: int) -> None:
+        """Every check_every-th step (and the last), on every rank together: the training loss logged and the
+        divergence decided (not every step: .item() synchronises a GPU)."""
         step = self.global_step
-        if step % self.check_every == 0 or step == self.total_steps - 1:  # not every step: .item() syncs a GPU
+        if step % self.check_every == 0 or step == self.total_steps - 1:
             value = loss.item()
             if os.environ.get(store.FAULT_ENV) == f"nan-loss-rank{self.global_rank}":  # tests: one rank diverges
                 value = math.nan
             self.last_train_loss = value
-            self.train_curve.append((self.tokens_resumed + self.tokens_local * self.trainer.world_size, value))
+            self.train_curve.append((tokens, value))
             worst = self._worst_loss(value)
             if not math.isfinite(worst) or worst > self.diverge_loss:
                 raise DivergenceError(f"diverged at step {step}: training loss {worst:.4g} "
                                       f"(threshold train.diverge_loss={self.diverge_loss})")
             self.log_dict({"train/loss": value, "train/lr": self.lr_schedulers().get_last_lr()[0],
-                           "train/tokens": float(self.tokens_resumed + self.tokens_local * self.trainer.world_size)},
-                          prog_bar=True)
-        return loss
+                           "train/tokens": float(tokens)}, prog_bar=True)
 
     def _worst_loss(self, value: float) -> float:
         """The highest training loss over the ranks at this step (NaN as inf): every rank takes the same decision
@@ -199,7 +223,22 @@ class Progress(Callback):
                       duration(left))
 
 
-class Checkpointing(Callback):
+class StepEnd(Callback):
+    """A callback that acts once per optimizer step: with micro-batches (``Trainer(accumulate_grad_batches=k)``)
+    Lightning calls ``on_train_batch_end`` after every micro-batch, and ``stepped`` is true only after the one that
+    ended a step (``trainer.global_step`` moved)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.last_step = trainer.global_step
+
+    def stepped(self, trainer) -> bool:
+        if trainer.global_step == getattr(self, "last_step", None):
+            return False
+        self.last_step = trainer.global_step
+        return True
+
+
+class Checkpointing(StepEnd):
     """Saves ``path`` (atomically, then its checksum: ``fit.io.integrity``) every ``every`` steps and at a pre-emption
     signal (SIGTERM, SIGUSR1, SIGUSR2: see ``pipeline.signals``), so a re-launched run resumes where it stopped.
 
@@ -214,6 +253,7 @@ class Checkpointing(Callback):
         self.saved_for_signal = False
 
     def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
         if signals.current is not None:
             signals.current.reclaim()
         if self.claim is not None:  # the attempt's resume point, in the claim (kept if this attempt is killed)
@@ -242,6 +282,8 @@ class Checkpointing(Callback):
         return signum
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.stepped(trainer):  # mid-step (micro-batches): no checkpoint of half-accumulated gradients
+            return
         signum = self._signal(trainer, pl_module)
         if signum:
             self.save_at_signal(trainer, pl_module, signum, "training")
@@ -271,7 +313,7 @@ class Checkpointing(Callback):
             self.saved_for_signal = True
 
 
-class SaveAtStep(Callback):
+class SaveAtStep(StepEnd):
     """Saves ``path`` (atomically, then its checksum) when training reaches step ``step``: the stable run's checkpoint
     a WSD decay branch starts from."""
 
@@ -279,7 +321,7 @@ class SaveAtStep(Callback):
         self.path, self.step = Path(path), step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
+        if self.stepped(trainer) and trainer.global_step == self.step:
             save_checkpoint(trainer, self.path)
 
 

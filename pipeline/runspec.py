@@ -39,6 +39,7 @@ class RunSpec:
     trunk_id: str | None = None  # wsd: the stable run shared by every budget of this shape and recipe
     flops_convention: FlopsConvention | None = None  # how a train.flops budget was turned into tokens
     identity: dict | None = None  # what run_id hashes (run_identity)
+    accumulate: int = 1  # micro-batches per step on each rank (train.micro_batch_size)
 
     @property
     def decay_steps(self) -> int:
@@ -124,6 +125,13 @@ def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
         sequences -= sequences % world
         if sequences < world:
             raise ConfigError(f"token budget {tokens:,.0f} gives fewer sequences than the {world} ranks")
+    accumulate = 1
+    if t.micro_batch_size is not None:
+        _positive("train.micro_batch_size", t.micro_batch_size)
+        if (batch // world) % t.micro_batch_size:
+            raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} must divide each rank's share of the "
+                              f"batch, {batch // world} sequences (train.batch_size={batch} over {world} rank(s))")
+        accumulate = batch // world // t.micro_batch_size
     lr = t.lr if t.lr_rule == LrRule.constant else t.lr * (t.lr_ref_width / model.d_model) ** t.lr_width_exponent
     lat = cfg.latency
     if lat.enabled and lat.prompt_len + lat.decode_tokens > model.seq_len:
@@ -142,7 +150,7 @@ def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
                    tokens=sequences * model.seq_len, batch_size=batch, lr=lr, total_steps=total_steps,
                    warmup_steps=warmup, threads=t.threads or default_threads(), schedule=t.schedule,
                    decay_start=decay_start, trunk_id=trunk_id, flops_convention=convention,
-                   identity=payload)
+                   identity=payload, accumulate=accumulate)
 
 
 def run_identity(model: GPTConfig, tokens: int | None, batch: int, groups: dict, trunk: bool = False) -> dict:

@@ -8,7 +8,8 @@ import statistics
 import time
 
 import torch
-from lightning.pytorch.callbacks import Callback
+
+from scaling_lab.pipeline.module import StepEnd
 
 # the precision setting -> the dtype its matmuls run in (what a device's peak is quoted for)
 MATMUL_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "bf16": torch.bfloat16,
@@ -43,7 +44,7 @@ def device_peak(device: torch.device, precision: str, threads: int) -> tuple[str
     return "cpu", matmul_peak(threads, n=1024, reps=5, rounds=3), f"fp32 1024^3 matmul measured, {threads} thread(s)"
 
 
-class StepTimes(Callback):
+class StepTimes(StepEnd):
     """The end of every training step, read without synchronising the device: steady-state speed is the median
     gap between consecutive ends after the first tenth of the steps (warm-up, compilation), so the steps that ran a
     validation or saved a checkpoint do not count."""
@@ -52,7 +53,8 @@ class StepTimes(Callback):
         self.ends: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.ends.append(time.perf_counter())
+        if self.stepped(trainer):
+            self.ends.append(time.perf_counter())
 
     def tokens_per_s(self, tokens_per_step: int) -> float | None:
         ends = self.ends[max(1, len(self.ends) // 10):]

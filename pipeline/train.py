@@ -118,7 +118,7 @@ def _run_claimed(cfg, spec: RunSpec, claim, previous: dict | None, started: floa
     spec = plan_run(cfg, vocab_size=corpus.vocab_size)
     datamodule = TokenDataModule(corpus, spec.model.seq_len, spec.batch_size, spec.tokens // spec.model.seq_len,
                                  cfg.data.eval_tokens, cfg.data.val_curve_tokens, cfg.train.seed, cfg.data.num_workers,
-                                 eval_seed=cfg.data.eval_seed)
+                                 eval_seed=cfg.data.eval_seed, accumulate=spec.accumulate)
     record = _record_head(cfg, spec, corpus)
     _save_launch(cfg, spec)
     log.info("%s%s", describe(spec), _estimate(cfg, spec))
@@ -468,7 +468,7 @@ def _train_trunk(cfg, spec: RunSpec, corpus, target: Path, plan: dict) -> tuple[
     module = build_module(t, spec)
     data = TokenDataModule(corpus, spec.model.seq_len, spec.batch_size, spec.decay_start * spec.batch_size,
                            cfg.data.eval_tokens, cfg.data.val_curve_tokens, t.seed, cfg.data.num_workers,
-                           eval_seed=cfg.data.eval_seed)
+                           eval_seed=cfg.data.eval_seed, accumulate=spec.accumulate)
     partial = folder / "partial.ckpt"
     callbacks = [SaveAtStep(target, spec.decay_start), Checkpointing(partial, t.ckpt_every)]
     if not _show_bar(t):
@@ -531,7 +531,8 @@ def build_module(t, spec: RunSpec):
     return LitGPT(spec.model, lr=spec.lr, total_steps=spec.total_steps, warmup_steps=spec.warmup_steps,
                   min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
                   diverge_loss=t.diverge_loss, check_every=t.log_every, compile=t.compile,
-                  decay_start=spec.decay_start)
+                  decay_start=spec.decay_start, accumulate=spec.accumulate, batch_size=spec.batch_size,
+                  sequences=spec.tokens // spec.model.seq_len)
 
 
 def build_trainer(t, spec: RunSpec, logger=None, callbacks=(), root_dir=None, validate: bool = True):
@@ -551,7 +552,9 @@ def build_trainer(t, spec: RunSpec, logger=None, callbacks=(), root_dir=None, va
         plugins=plugins, max_steps=spec.total_steps, max_epochs=-1, precision=t.precision, accelerator=t.accelerator,
         devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, gradient_clip_val=t.grad_clip,
         logger=logger or False, callbacks=list(callbacks), enable_checkpointing=False,
-        val_check_interval=t.val_every or max(1, spec.total_steps // 8), check_val_every_n_epoch=None,
+        accumulate_grad_batches=spec.accumulate,  # val_check_interval counts micro-batches
+        val_check_interval=(t.val_every or max(1, spec.total_steps // 8)) * spec.accumulate,
+        check_val_every_n_epoch=None,
         limit_val_batches=None if validate else 0, num_sanity_val_steps=0, use_distributed_sampler=False,
         log_every_n_steps=t.log_every, enable_progress_bar=_show_bar(t), enable_model_summary=False,
         default_root_dir=str(root_dir) if root_dir else None)

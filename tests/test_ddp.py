@@ -134,3 +134,24 @@ def test_ddp_divergence_on_one_rank_ends_both_at_once(tmp_path, token_cache):
     assert proc.returncode == 1, output[-3000:]
     (record,) = _records(tmp_path / "r" / "default")
     assert record["status"] == "failed" and "diverged at step 0: training loss inf" in record["error"]
+
+
+@pytest.mark.slow
+def test_ddp_micro_batches_saved_at_a_step_and_resumed_exactly(tmp_path, token_cache):
+    """2 ranks, each taking its 4 sequences of a step in 2 micro-batches: SIGTERM saves at the end of a whole step
+    (never between micro-batches), and the relaunch ends at the exact budget."""
+    args = [*TINY, *DDP, "train.micro_batch_size=2", "train.tokens=32768", "train.ckpt_every=0",
+            "train.progress_every_s=0", f"results_dir={tmp_path / 'r'}", f"data.cache_dir={token_cache}"]
+    proc = _popen(args)
+    seen = _wait_for_line(proc, "step 40/")
+    os.killpg(proc.pid, signal.SIGTERM)
+    output = "".join(seen) + _finish(proc, timeout=180)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    (ckpt,) = (tmp_path / "r" / "default" / "checkpoints").glob("*.ckpt")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert saved["tokens_seen"] == saved["global_step"] * 8 * 32  # whole steps only
+    again = subprocess.run([str(BIN / "scaling-train"), *args], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    (record,) = _records(tmp_path / "r" / "default")
+    assert record["status"] == "ok" and record["tokens"]["seen"] == record["tokens"]["budget"] == 32768
+    assert record["timing"]["resumed_from_tokens"] == saved["tokens_seen"]

@@ -90,6 +90,7 @@ def test_divergence_is_recorded_as_failed(compose_train):
     ("train.tokens=-5", ConfigError, "positive"),
     ("train.tokens=1e12", DataError, "exceeds the .* unique training tokens"),
     ("data=files", DataError, "data.path"),
+    ("train.micro_batch_size=3", ConfigError, "must divide each rank's share of the batch, 8 sequences"),
 ])
 def test_bad_input_stops_before_training(compose_train, override, error, message):
     overrides = [override]
@@ -194,3 +195,18 @@ def test_token_counts_are_exact_beyond_float32():
     module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     module.tokens_local = 150_001 * 1000
     assert module.tokens_seen() == 150_001_000
+
+
+@pytest.mark.parametrize("schedule", [[], ["train.schedule=wsd", "train.warmup_steps=2"]])
+def test_micro_batches_train_the_same_run(compose_train, tmp_path, schedule):
+    """train.micro_batch_size: each step's batch in micro-batches whose gradients add up to the batch's. The same
+    run (its id), the same tokens and, up to rounding, the same losses, the budget's shorter last batch included
+    (516 sequences: 64 batches of 8, then 4)."""
+    common = ["logger=none", "latency.enabled=false", "train.tokens=16512", *schedule]
+    whole = run(compose_train(*common, f"results_dir={tmp_path / 'whole'}"))
+    parts = run(compose_train(*common, "train.micro_batch_size=2", f"results_dir={tmp_path / 'parts'}"))
+    assert whole["status"] == parts["status"] == "ok", parts.get("error")
+    assert whole["run_id"] == parts["run_id"]
+    assert parts["tokens"]["seen"] == whole["tokens"]["seen"] == 16512
+    assert parts["loss"]["final"] == pytest.approx(whole["loss"]["final"], rel=1e-4)
+    assert [t for t, _ in parts["loss"]["train_curve"]] == [t for t, _ in whole["loss"]["train_curve"]]
