@@ -95,11 +95,12 @@ WSD = ["train.schedule=wsd", "train.warmup_steps=4", "train.decay_frac=0.25", "t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase, line", [("trunk", "step 40/128 "), ("branch", "step 110/128 ")])
+@pytest.mark.parametrize("phase, line", [("trunk", "step 40/128 ")])  # the branch: tests/test_slurm.py
 def test_ddp_wsd_preempted_in_the_stable_run_or_the_branch_resumes_exactly(phase, line, tmp_path, token_cache):
     """A WSD branch on 2 ranks: rank 0 alone takes the stable run's lock and decides, the other rank follows its
     plan; SIGTERM to the job in the stable run (steps 0-96) or in the decay branch (96-128) saves on both ranks at
-    one step, and the relaunch resumes from there and ends at the exact budget with both attempts."""
+    one step, and the relaunch resumes from there and ends at the exact budget with both attempts. (The same run
+    pre-empted in both, under SLURM: tests/test_slurm.py.)"""
     args = [*TINY, *DDP, *WSD, f"results_dir={tmp_path / 'r'}", f"data.cache_dir={token_cache}"]
     proc = _popen(args)
     seen = _wait_for_line(proc, line)
