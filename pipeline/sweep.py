@@ -10,7 +10,6 @@ reads those and the results store, composing nothing, so it needs no override ty
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -49,6 +48,7 @@ class Point:
     state: str = "pending"
     loss: float | None = None
     record: dict | None = None
+    damage: str = ""  # why its record file is damaged
 
     def plan(self, spec) -> "Point":
         """Fill in what the run's spec says: run id, N (non-embedding), D, training FLOPs, shape."""
@@ -165,9 +165,9 @@ def private_folder(folder: str) -> Path:
     """The folder that holds submitit's job folders (``folder`` up to its ``%j`` part), made so that only this user
     can enter it: the folders it creates are 0700, and the holder itself is set to 0700. submitit's pickles (the
     job, its result) are unpickled by the launching process, so nobody else may be able to write or swap them."""
-    holder = Path(folder).expanduser()
-    while "%" in holder.name:
-        holder = holder.parent
+    from scaling_lab.pipeline.launcher import submitit_folder
+
+    holder = submitit_folder(folder)
     for parent in reversed([holder, *holder.parents]):
         if not parent.exists():
             parent.mkdir(mode=0o700, exist_ok=True)
@@ -203,12 +203,7 @@ RUN_ID = re.compile(r"[0-9a-f]{12}")
 
 def _launch_points(path: Path) -> list[Point]:
     """The points of one launch file; a file or entry that is not what ``save_launch`` writes raises ValueError."""
-    if path.stat().st_size > store.MAX_RECORD_BYTES:
-        raise ValueError("too large for a launch file")
-    try:
-        doc = json.loads(path.read_text())
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
+    doc = store.read_json(path)
     entries = doc.get("points") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
         raise ValueError("no list of points")
@@ -240,40 +235,44 @@ def launched_points(results_dir, sweep: str) -> list[Point]:
     return list(points.values())
 
 
-def point_states(results_dir, sweep: str, planned: list[Point], records: list[dict] | None = None) -> list[Point]:
-    """Each point's state from the store, reading each sweep folder once (or from its ``records``): done, failed,
-    running (a live marker), interrupted (a checkpoint and no live marker), pending, damaged."""
-    records = {r["run_id"]: r for r in (store.iter_records(results_dir, sweep) if records is None else records)}
+def point_states(results_dir, sweep: str, planned: list[Point]) -> list[Point]:
+    """Each point's state from the store, reading the sweep's records once: done, failed, damaged (with why),
+    running (a live marker), interrupted (a checkpoint and no live marker), pending."""
+    found, damaged = store.scan_records(results_dir, sweep)
+    records = {r["run_id"]: r for r in found}
     for p in planned:
         if p.error:
             p.state = "invalid"
             continue
         p.record = records.get(p.run_id)
+        p.damage = damaged.get(store.record_path(results_dir, sweep, p.run_id), "")
         if p.record and p.record.get("status") in ("ok", "failed"):
             p.state = "done" if p.record["status"] == "ok" else "failed"
             p.loss = (p.record.get("loss") or {}).get("final")
-        else:  # damaged, running (a live claim), interrupted, pending: the one state logic (fit.io.store)
+        elif p.damage:
+            p.state = "damaged"
+        else:  # running (a live claim), interrupted, pending: the one state logic (fit.io.store)
             p.state = store.run_state(results_dir, sweep, p.run_id)
     return planned
 
 
 def status(results_dir, sweep: str) -> list[Point]:
-    """Every launched point of ``sweep`` (and any run recorded outside a launch) with its state."""
+    """Every launched point of ``sweep``, and any run recorded (or any record damaged) outside a launch, with its
+    state."""
     if not store.sweep_dir(results_dir, sweep).is_dir():
         raise UserError(f"no sweep {sweep!r} under {results_dir}: launch it with scaling-train -m sweep={sweep} "
                         f"results_dir={results_dir}")
     planned = launched_points(results_dir, sweep)
     known = {p.run_id for p in planned}
-    records = list(store.iter_records(results_dir, sweep, warn=False))  # the damaged ones are rows of the table
+    records, damaged = store.scan_records(results_dir, sweep)
     for r in records:  # runs recorded before launches were saved
         if r["run_id"] not in known:
             row = store.flatten(r)
             planned.append(Point(overrides=[], run_id=r["run_id"], n_params=row["params_non_embedding"],
                                  tokens=row["tokens_budget"], flops=row["flops_total"],
                                  shape=f"L{row['n_layers']} d{row['d_model']} R{row['aspect_ratio'] or 0:g}"))
-    planned += [Point(overrides=[], run_id=path.stem) for path in store.damaged_records(results_dir, sweep)
-                if path.stem not in known]
-    return point_states(results_dir, sweep, planned, records)
+    planned += [Point(overrides=[], run_id=path.stem) for path in damaged if path.stem not in known]
+    return point_states(results_dir, sweep, planned)
 
 
 def _number(x, spec: str) -> str:
@@ -293,7 +292,7 @@ def format_status(name: str, planned: list[Point], results_dir) -> str:
             continue
         if p.state == "damaged":
             path = store.record_path(results_dir, name, p.run_id)
-            lines.append(f"{'damaged':<12}{p.run_id:<14}{path}: {store.damage(path) or 'unreadable'}")
+            lines.append(f"{'damaged':<12}{p.run_id:<14}{path}: {p.damage or 'unreadable'}")
             continue
         lines.append(f"{p.state:<12}{p.run_id:<14}{_number(p.n_params, '>10.3g')}{_number(p.tokens, '>12.3g')}"
                      f"{_number(p.flops, '>10.2g')}  {p.shape:<18}{loss:>8}")

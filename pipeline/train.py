@@ -75,7 +75,7 @@ def _run(cfg: DictConfig) -> dict:
                  "" if previous["status"] == "ok" else " (sweep.retry_failed=true re-runs it)")
         if previous["status"] == "ok":  # a kill between the record and the checkpoint's removal left it behind
             try:
-                _remove_checkpoint(store.checkpoint_path(cfg.results_dir, spec.sweep, spec.run_id))
+                integrity.remove(store.checkpoint_path(cfg.results_dir, spec.sweep, spec.run_id))
             except OSError:
                 pass  # a read-only results dir: the finished sweep is still read
         return previous
@@ -482,7 +482,7 @@ def _train_trunk(cfg, spec: RunSpec, corpus, target: Path, plan: dict) -> tuple[
     if not target.exists():
         raise RuntimeError(f"the stable run {spec.trunk_id} stopped before step {spec.decay_start}")
     if trainer.is_global_zero:
-        _remove_checkpoint(partial)
+        integrity.remove(partial)
     info["trunk_steps_trained"] = spec.decay_start - from_step
     info["tokens_trained"] = (spec.decay_start - from_step) * spec.batch_size * spec.model.seq_len
     return target, info
@@ -511,12 +511,6 @@ def _checked(ckpt: Path, load):
     except integrity.IntegrityError:
         integrity.set_aside(ckpt)
         raise
-
-
-def _remove_checkpoint(path: Path) -> None:
-    """Remove a checkpoint and its checksum (``store.finish_run`` removes a finished run's checkpoint only)."""
-    path.unlink(missing_ok=True)
-    integrity.sidecar(path).unlink(missing_ok=True)
 
 
 def L_seed(seed: int) -> None:

@@ -34,7 +34,8 @@ def prepare(path: str, cache: Path, *extra: str) -> tuple[float, float, str]:
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak (RUSAGE_CHILDREN would be the max of all)
     if status:
         sys.exit(f"{' '.join(args)} failed (status {status})")
-    return usage.ru_maxrss / 1e6, time.time() - start, out.strip().splitlines()[-1]
+    # scaling-prepare's last line names the cache folder: shown relative to this run's temporary folder
+    return usage.ru_maxrss / 1e6, time.time() - start, out.strip().splitlines()[-1].replace(str(cache.parent), "<tmp>")
 
 
 def synthetic(folder: Path, size: float) -> float:

@@ -1,7 +1,7 @@
 """GPU check (issue 24): what the training path does on one GPU, printed as figures. Never part of ``make test``.
 
     .venv/bin/python scripts/gpu_check.py [--out scripts/output/gpu_check.txt]   (at most 8 minutes on one H100)
-    .venv/bin/python scripts/gpu_check.py --dry-run --out /tmp/gpu_dry.txt       (the same code paths on the CPU)
+    .venv/bin/python scripts/gpu_check.py --dry-run --out gpu_dry.txt            (the same code paths on the CPU)
 
 Run it by hand where a GPU is lent. On the lent device machine, Hydra, wandb, datasets and torchao are installed from
 wheels first: see the device README. Without a GPU it refuses in one line (exit 2); ``--dry-run`` runs every part on

@@ -4,7 +4,7 @@
 Accounting is real: slurmdbd stores the jobs in a MariaDB whose data lives in the folder, so ``sacct`` (which
 submitit polls for job states) answers as on a production cluster. The settings that make requeues take seconds
 rather than minutes (``cred_expire=5``, ``sched_interval=2``), and those that work without systemd or cgroups
-(``proctrack/linuxproc``, ``task/none``), are from /work/shared/notes/cluster.md.
+(``proctrack/linuxproc``, ``task/none``), are from ../shared/notes/cluster.md.
 
 Two partitions share the node: ``cpu`` (the default) and ``urgent``, whose higher priority tier pre-empts ``cpu``
 jobs (``preempt/partition_prio``), which SLURM requeues.
@@ -12,8 +12,8 @@ jobs (``preempt/partition_prio``), which SLURM requeues.
 Clients (``sbatch``, ``squeue``, ``sacct``, submitit, ``scaling-train``) find the cluster through ``SLURM_CONF``
 (``Cluster.env``). By hand::
 
-    python -m tests.slurm_cluster start /tmp/slurm     # then: export SLURM_CONF=/tmp/slurm/slurm.conf
-    python -m tests.slurm_cluster stop /tmp/slurm
+    python -m tests.slurm_cluster start <dir>     # then: export SLURM_CONF=<dir>/slurm.conf
+    python -m tests.slurm_cluster stop <dir>
 
 Debian's packages are installed with apt-get when absent (root only); ``Unavailable`` says why a cluster cannot be
 had here, for the tests to skip with.

@@ -140,16 +140,6 @@ def _future(tmp: Path) -> list[str]:
     return [f"results_dir={tmp}/results", "sweep=later"]
 
 
-class Payload:
-    """Unpickling this creates ``marker``: what a planted checkpoint would do if a load ran code."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 def _planted_checkpoint(tmp: Path, code: bool) -> list[str]:
     """The run's resume checkpoint, planted in its results folder with a matching checksum: one that asks to run
     code (``code``), or a plain one with 4 KiB zeroed after its checksum was written."""
@@ -158,13 +148,14 @@ def _planted_checkpoint(tmp: Path, code: bool) -> list[str]:
     from scaling_lab.conf import compose
     from scaling_lab.fit.io import integrity, store
     from scaling_lab.pipeline.runspec import plan_run
+    from tests.test_integrity import Payload
 
     args = [*TRAIN, *_small_corpus(tmp), "data.eval_tokens=2048", "data.val_curve_tokens=512",
             f"results_dir={tmp}/results"]
     path = store.checkpoint_path(tmp / "results", "default", plan_run(compose("train", args)).run_id)
     path.parent.mkdir(parents=True)
     doc = {"global_step": 1, "state_dict": {"w": torch.arange(4096.0)}}
-    torch.save({**doc, "payload": Payload(str(tmp / "marker"))} if code else doc, path)
+    torch.save({**doc, "payload": Payload(tmp / "marker")} if code else doc, path)
     integrity.write_checksum(path)
     if not code:
         with open(path, "r+b") as f:

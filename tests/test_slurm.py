@@ -92,17 +92,21 @@ def job_logs(tmp_path) -> str:
     return "".join(p.read_text() for p in sorted((tmp_path / "private").rglob("*_log.*")))
 
 
-def running_job(proc, tmp_path, timeout: float = 120) -> str:
-    """The id of the sweep's one SLURM job, once its log shows training under way (step 20)."""
+def wait_in_logs(proc, tmp_path, needle: str, timeout: float = 150) -> str:
+    """The job's id, once a log of it shows ``needle``."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        logs = list((tmp_path / "private").rglob("*_log.out"))
-        if logs and "step 20/" in logs[0].read_text():
-            return logs[0].name.split("_")[0]
+        for log in (tmp_path / "private").rglob("*_log.out"):
+            if needle in log.read_text():
+                return log.name.split("_")[0]
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail(f"the SLURM job never logged its training steps:\n{proc.communicate()[1][-3000:]}"
-                f"\n{job_logs(tmp_path)[-3000:]}")
+    pytest.fail(f"no job log showed {needle!r}:\n{proc.communicate()[1][-3000:]}\n{job_logs(tmp_path)[-3000:]}")
+
+
+def running_job(proc, tmp_path) -> str:
+    """The id of the sweep's one SLURM job, once its log shows training under way (step 20)."""
+    return wait_in_logs(proc, tmp_path, "step 20/", timeout=120)
 
 
 def resumed_record(proc, tmp_path, stop: str) -> dict:
@@ -180,18 +184,6 @@ def test_a_job_that_can_never_start_ends_the_sweep_with_slurms_reason(slurm, tmp
     (state,) = accounted(slurm, [job])
     assert state.startswith("CANCELLED"), state
     assert not list((tmp_path / "results").rglob("smoke/*.json"))
-
-
-def wait_in_logs(proc, tmp_path, needle: str, timeout: float = 150) -> str:
-    """The job's id, once a log of it shows ``needle``."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        for log in (tmp_path / "private").rglob("*_log.out"):
-            if needle in log.read_text():
-                return log.name.split("_")[0]
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail(f"no job log showed {needle!r}:\n{proc.communicate()[1][-3000:]}\n{job_logs(tmp_path)[-3000:]}")
 
 
 @pytest.mark.slow

@@ -57,6 +57,12 @@ def replace_checked(tmp: str | Path, path: str | Path) -> Path:
     return write_checksum(path)
 
 
+def remove(path: str | Path) -> None:
+    """Remove a file and its checksum (missing ones are fine)."""
+    Path(path).unlink(missing_ok=True)
+    sidecar(path).unlink(missing_ok=True)
+
+
 def problem(path: str | Path) -> str | None:
     """Why ``path`` is damaged, or None. A file without a sidecar was written before checksums existed (by the
     previous release): it is not verified, so older results folders and token caches stay readable."""

@@ -168,15 +168,24 @@ def read_record(path: str | Path) -> dict | None:
     return record_file_state(path)[1]
 
 
-def iter_records(results_dir: str | Path, sweep: str, warn: bool = True) -> Iterable[dict]:
-    """The sweep's valid records; each file that is not one is skipped (with ``warn``, with one warning line naming
-    it and why)."""
+def scan_records(results_dir: str | Path, sweep: str) -> tuple[list[dict], dict[Path, str]]:
+    """One read of every record file of a sweep: its valid records, and the damaged files with why."""
+    records, damaged = [], {}
     for path in sorted(sweep_dir(results_dir, sweep).glob("*.json")):
         kind, record, why = _load_record(path)
         if record is not None:
-            yield record
-        elif kind == "damaged" and warn:
-            log.warning("skipped %s: %s", path, why)
+            records.append(record)
+        elif kind == "damaged":
+            damaged[path] = why
+    return records, damaged
+
+
+def iter_records(results_dir: str | Path, sweep: str) -> Iterable[dict]:
+    """The sweep's valid records; each file that is not one is skipped with one warning line naming it and why."""
+    records, damaged = scan_records(results_dir, sweep)
+    for path, why in damaged.items():
+        log.warning("skipped %s: %s", path, why)
+    return records
 
 
 def _get(record: Mapping[str, Any], path: tuple[str, ...]):
@@ -444,9 +453,7 @@ def finish_run(results_dir, record: Mapping[str, Any]) -> Path:
     path = write_record(results_dir, record)
     fault_point("checkpoint-removal")
     if record.get("status") == "ok":
-        ckpt = checkpoint_path(results_dir, record["sweep"], record["run_id"])
-        ckpt.unlink(missing_ok=True)
-        integrity.sidecar(ckpt).unlink(missing_ok=True)
+        integrity.remove(checkpoint_path(results_dir, record["sweep"], record["run_id"]))
     attempts_path(results_dir, record["sweep"], record["run_id"]).unlink(missing_ok=True)
     return path
 
@@ -459,19 +466,30 @@ TEXT_COLUMNS = {"run_id", "sweep", "status", "error", "group", "latency_device",
                 "precision"}
 
 
+def read_json(path: Path) -> Any:
+    """A small JSON file of the results folder (a record, a launch file): ``ValueError`` saying why when it is too
+    large for one, not JSON, or nested too deeply to parse (``FileNotFoundError`` when it is missing)."""
+    size = path.stat().st_size
+    if size > MAX_RECORD_BYTES:
+        raise ValueError(f"{size:,} bytes, more than a record's {MAX_RECORD_BYTES:,}")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"not JSON ({type(err).__name__})") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def _load_record(path: Path) -> tuple[str, dict | None, str]:
     """("missing" | "damaged" | "record", the record in the current schema, why it is damaged)."""
     try:
-        size = path.stat().st_size
-        if size > MAX_RECORD_BYTES:
-            return "damaged", None, f"{size:,} bytes, more than a record's {MAX_RECORD_BYTES:,}"
-        doc = json.loads(path.read_text())
+        doc = read_json(path)
     except FileNotFoundError:
         return "missing", None, ""
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        return "damaged", None, f"not JSON ({type(err).__name__})"
-    except RecursionError:
-        return "damaged", None, "JSON nested too deeply"
+    except OSError as err:
+        return "damaged", None, f"unreadable ({err.strerror or err})"
+    except ValueError as err:
+        return "damaged", None, str(err)
     if not isinstance(doc, dict) or not isinstance(doc.get("run_id"), str) or not isinstance(doc.get("status"), str):
         return "damaged", None, "not a run record (no run_id and status)"
     if doc["run_id"] != path.stem:
@@ -496,11 +514,6 @@ def record_file_state(path: str | Path) -> tuple[str, dict | None]:
     return kind, doc
 
 
-def damage(path: str | Path) -> str:
-    """Why a record file is damaged ("" when it is not)."""
-    return _load_record(Path(path))[2]
-
-
 def run_state(results_dir, sweep: str, run_id: str) -> str:
     """done | running | interrupted | failed | pending | damaged, from the store alone."""
     return run_state_and_record(results_dir, sweep, run_id)[0]
@@ -523,5 +536,4 @@ def run_state_and_record(results_dir, sweep: str, run_id: str) -> tuple[str, dic
 
 def damaged_records(results_dir, sweep: str) -> list[Path]:
     """Record files of a sweep that are empty, truncated or not records."""
-    return [p for p in sorted(sweep_dir(results_dir, sweep).glob("*.json"))
-            if record_file_state(p)[0] == "damaged"]
+    return list(scan_records(results_dir, sweep)[1])
