@@ -32,6 +32,7 @@ class IsoflopConf:
     n_bootstrap: int = 200
     reported_a: Optional[float] = None
     reported_b: Optional[float] = None
+    e_profile: int = 12            # Approach 3 refitted at this many values of E (0: no profile)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from scaling_lab.fit import tracking
-from scaling_lab.fit.fitting import choose, export, isoflop, noise, summary
+from scaling_lab.fit.fitting import approaches, choose, export, isoflop, noise, summary
 from scaling_lab.conf import command, compose
 from scaling_lab.fit.fitting.fitlaw import BootstrapSettings, compile_law, fit_law
 from scaling_lab.fit.fitting.optimize import METHODS
@@ -117,8 +117,30 @@ def run(cfg: DictConfig) -> dict:
         points["budget"] = isoflop.snap_budgets(points["budget"].to_numpy(), float(cfg.isoflop.budget_rtol))
         iso = isoflop.analyse(points, int(cfg.isoflop.min_points), int(cfg.isoflop.n_bootstrap),
                               int(cfg.bootstrap.seed))
+        if iso.get("middle"):
+            # tokens per parameter with N counted each way the data allows, and FLOPs-equivalent (6N = the
+            # FLOPs per token each point trained at, budget / D)
+            counts = {c.split("@", 1)[1]: c for c in table.fit_rows.columns if c.startswith("N@")}
+            counted = table.fit_rows[list(counts.values())].assign(
+                N=points["N"], **{"N@flops": points["budget"] / points["D"] / 6.0})
+            iso["middle"]["conventions"] = isoflop.tokens_per_param(
+                iso["middle"]["N_opt"], iso["middle"]["D_opt"], counted, {**counts, "flops_equivalent": "N@flops"})
         iso["reported"] = {"a": cfg.isoflop.reported_a, "b": cfg.isoflop.reported_b}
         print(summary.isoflop_block(iso, iso["reported"]))
+        name = next((name for name in fits if specs[name].compute_optimal), None)
+        if name is not None and iso.get("middle"):
+            # Approach 3 as the law was fitted: its protocol, and its N convention (the one protocol=auto chose)
+            law_protocol, law_table = protocol, table
+            if selection is not None:
+                law_protocol = choices[name].protocol
+                law_table = with_n_convention(table, choices[name].n_convention)
+            if law_table is table:
+                iso["frontier"] = approaches.compare(iso, fits[name], law_table, law_protocol, points,
+                                                     int(cfg.isoflop.e_profile))
+                print(summary.frontier_block(iso["frontier"]))
+            else:
+                print(f"   Approach 3 not compared: law {name} counts N as {choices[name].n_convention}, the "
+                      f"isoFLOP profiles as {table.provenance.get('n_convention')}")
 
     doc = export.document(table, fits, _plain(cfg.protocol), skipped, iso, int(cfg.bootstrap.seed), selection)
     doc["seed_spread"] = spread

@@ -1,6 +1,11 @@
 """Hoffmann et al. 2022 Approach 2: isoFLOP profiles. For each compute budget a parabola of loss in log N (and in
-log D), its minimum, then power laws N_opt = k C^a and D_opt = k' C^b through the minima; intervals by bootstrap
-over the points of each budget."""
+log D), its minimum, then power laws N_opt = k C^a and D_opt = k' C^b through the minima. Intervals by bootstrap
+over the points of each budget: each resample refits every budget's parabolas, so each budget's N_opt, D_opt, best
+loss and tokens per parameter get an interval, and so do the exponents. A budget whose minimum is not bracketed
+(a parabola that is not convex, or whose vertex lies outside the sizes trained) is named and dropped. With three
+budgets or more, the largest is also predicted from the others (its N_opt and best loss), the test of
+extrapolation a frontier must pass."""
+
 
 from __future__ import annotations
 
@@ -61,29 +66,90 @@ def power_law(budget: np.ndarray, value: np.ndarray) -> tuple[float, float]:
     return float(slope), float(np.exp(intercept))
 
 
+def _ci(values: np.ndarray) -> list[float] | None:
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return None
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def _holdout(used: pd.DataFrame) -> dict[str, Any] | None:
+    """The largest budget predicted from the others: N_opt by the power law through their minima, the best loss by
+    a power law of the best loss in C (log-log, the trend of the minima), each against the held-out parabola's."""
+    if len(used) < 3:
+        return None
+    used = used.sort_values("budget")
+    rest, last = used.iloc[:-1], used.iloc[-1]
+    a, k = power_law(rest["budget"].to_numpy(), rest["N_opt"].to_numpy())
+    g, k_loss = power_law(rest["budget"].to_numpy(), rest["loss_opt"].to_numpy())
+    n_pred, loss_pred = k * last.budget ** a, k_loss * last.budget ** g
+    return {"budget": float(last.budget), "fitted_budgets": int(len(rest)), "a": a,
+            "N_opt_predicted": float(n_pred), "N_opt": float(last.N_opt), "N_opt_ratio": float(n_pred / last.N_opt),
+            "loss_opt_predicted": float(loss_pred), "loss_opt": float(last.loss_opt),
+            "loss_opt_rel_err": float(loss_pred / last.loss_opt - 1)}
+
+
 def analyse(points: pd.DataFrame, min_points: int, n_boot: int, seed: int) -> dict[str, Any]:
-    """``points`` has N, D, loss, budget. Returns the per-budget optima and the exponents a (N) and b (D)."""
+    """``points`` has N, D, loss, budget. Returns the per-budget optima with intervals, the exponents a (N) and b
+    (D) with intervals, tokens per parameter (D_opt / N_opt, N as the points count it) at the middle budget, and
+    the held-out prediction of the largest budget."""
     table = optima(points, min_points)
     used = table[table["note"] == ""]
     a, k_n = power_law(used["budget"].to_numpy(), used["N_opt"].to_numpy())
     b, k_d = power_law(used["budget"].to_numpy(), used["D_opt"].to_numpy())
+    table["tokens_per_param"] = table["D_opt"] / table["N_opt"]
     result = {"a": a, "b": b, "N_coef": k_n, "D_coef": k_d, "budgets_used": int(len(used)),
               "budgets_dropped": {f"{r.budget:.4g}": r.note for r in table.itertuples() if r.note},
-              "optima": [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()}
-                         for r in table.to_dict("records")]}
-    if n_boot > 0 and len(used) >= 2:
+              "holdout": _holdout(used)}
+    extra: dict[float, dict] = {}  # each used budget's intervals
+    if n_boot > 0 and len(used):
         rng = np.random.default_rng(seed)
         groups = [g for _, g in points[points["budget"].isin(used["budget"])].groupby("budget")]
-        draws = []
+        per_budget, exponents = [], []
         for _ in range(n_boot):
             sample = pd.concat([g.iloc[rng.integers(0, len(g), len(g))] for g in groups])
-            t = optima(sample, min_points)
-            t = t[t["note"] == ""]
-            draws.append((power_law(t["budget"].to_numpy(), t["N_opt"].to_numpy())[0],
-                          power_law(t["budget"].to_numpy(), t["D_opt"].to_numpy())[0]))
-        draws = np.array(draws)
-        with np.errstate(all="ignore"):
-            lo, hi = np.nanpercentile(draws, 2.5, axis=0), np.nanpercentile(draws, 97.5, axis=0)
-        result.update(a_ci95=[float(lo[0]), float(hi[0])], b_ci95=[float(lo[1]), float(hi[1])],
-                      n_boot=n_boot, boot_failed=int(np.isnan(draws).any(axis=1).sum()))
+            t = optima(sample, min_points).set_index("budget").reindex(used["budget"])
+            per_budget.append(t[["N_opt", "D_opt", "loss_opt"]].to_numpy(dtype=float))
+            exponents.append((power_law(t.index.to_numpy(), t["N_opt"].to_numpy())[0],
+                              power_law(t.index.to_numpy(), t["D_opt"].to_numpy())[0]))
+        per_budget, exponents = np.array(per_budget), np.array(exponents)     # (draw, budget, quantity), (draw, 2)
+        for j, budget in enumerate(used["budget"]):
+            n_opt, d_opt, loss = per_budget[:, j, 0], per_budget[:, j, 1], per_budget[:, j, 2]
+            extra[budget] = {f"{key}_ci95": _ci(values) for key, values in (
+                ("N_opt", n_opt), ("D_opt", d_opt), ("loss_opt", loss), ("tokens_per_param", d_opt / n_opt))}
+            extra[budget]["boot_failed"] = int((~np.isfinite(n_opt) | ~np.isfinite(d_opt)).sum())
+        result.update(a_ci95=_ci(exponents[:, 0]), b_ci95=_ci(exponents[:, 1]), n_boot=n_boot,
+                      boot_failed=int(np.isnan(exponents).any(axis=1).sum()))
+    result["optima"] = [{**{k: _plain(v) for k, v in r.items()}, **extra.get(r["budget"], {})}
+                        for r in table.to_dict("records")]
+    if len(used):
+        middle = used.sort_values("budget").iloc[(len(used) - 1) // 2].budget
+        result["middle"] = next(r for r in result["optima"] if r["budget"] == middle)
     return result
+
+
+def _plain(value):
+    """A JSON value: NaN as None, numpy scalars as Python numbers."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def tokens_per_param(n_opt: float, d_opt: float, points: pd.DataFrame, conventions: dict[str, str]) -> dict:
+    """D_opt / N_opt with N counted in each convention: ``conventions`` maps a convention's name to a column of
+    ``points`` holding each row's N in it; N_opt is carried over by interpolating that column against the points'
+    own N in log-log (the sweep's shapes relate the two counts)."""
+    out = {}
+    order = np.argsort(points["N"].to_numpy())
+    x = np.log(points["N"].to_numpy()[order])
+    for name, column in conventions.items():
+        y = np.log(points[column].to_numpy(dtype=float)[order])
+        if not np.isfinite(y).all() or not np.isfinite(n_opt):
+            continue
+        slope, intercept = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (1.0, float(np.mean(y - x)))
+        inside = x[0] <= np.log(n_opt) <= x[-1]
+        n_conv = np.exp(np.interp(np.log(n_opt), x, y) if inside else intercept + slope * np.log(n_opt))
+        out[name] = {"N_opt": float(n_conv), "tokens_per_param": float(d_opt / n_conv)}
+    return out

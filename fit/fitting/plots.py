@@ -119,6 +119,10 @@ def isoflop_profiles(table: Table, iso: Mapping, path: Path) -> None:
             ax.plot(np.exp(xs), np.polyval(coef, xs), color=color, lw=1)
         if opt.get("N_opt") is not None:
             ax.plot(opt["N_opt"], opt["loss_opt"], "k*", ms=8)
+            if opt.get("N_opt_ci95"):
+                lo, hi = opt["N_opt_ci95"]
+                ax.errorbar(opt["N_opt"], opt["loss_opt"], xerr=[[opt["N_opt"] - lo], [hi - opt["N_opt"]]],
+                            fmt="none", color="k", lw=1, capsize=3)
     ax.set(xscale="log", xlabel="N (parameters)", ylabel="loss",
            title=f"isoFLOP profiles: N_opt ~ C^{iso['a']:.3f}" if iso["a"] is not None else "isoFLOP profiles")
     fig.tight_layout()

@@ -76,12 +76,50 @@ def comparison(fits: Mapping[str, LawFit]) -> str:
     return "\n".join(lines)
 
 
+def _interval(values, digits: int = 3) -> str:
+    return f" [{_num(values[0], digits)}, {_num(values[1], digits)}]" if values else ""
+
+
 def isoflop_block(iso: Mapping[str, Any], reported: Mapping[str, Any]) -> str:
-    ci = lambda k: f" [{_num(iso[k + '_ci95'][0], 3)}, {_num(iso[k + '_ci95'][1], 3)}]" if k + "_ci95" in iso else ""
     rep = lambda k: f"   (source reports {reported[k]})" if reported.get(k) is not None else ""
     lines = [f"== isoFLOP profiles (Approach 2): {iso['budgets_used']} budgets used",
-             f"   N_opt ~ C^a: a = {_num(iso['a'], 4)}{ci('a')}{rep('a')}",
-             f"   D_opt ~ C^b: b = {_num(iso['b'], 4)}{ci('b')}{rep('b')}"]
-    for budget, note in iso["budgets_dropped"].items():
-        lines.append(f"   budget {budget} dropped: {note}")
+             f"   N_opt ~ C^a: a = {_num(iso['a'], 4)}{_interval(iso.get('a_ci95'))}{rep('a')}",
+             f"   D_opt ~ C^b: b = {_num(iso['b'], 4)}{_interval(iso.get('b_ci95'))}{rep('b')}",
+             f"   {'budget':>9} {'N_opt':>9} {'95% interval':>21} {'D_opt':>9} {'best loss':>9} "
+             f"{'D/N':>8} {'95% interval':>19}"]
+    for r in iso["optima"]:
+        if r["note"]:
+            lines.append(f"   {r['budget']:>9.3g} dropped: {r['note']}")
+            continue
+        lines.append(f"   {r['budget']:>9.3g} {_num(r['N_opt'], 3):>9}{_interval(r.get('N_opt_ci95')):>22} "
+                     f"{_num(r['D_opt'], 3):>9} {_num(r['loss_opt'], 4):>9} {_num(r['tokens_per_param'], 3):>8}"
+                     f"{_interval(r.get('tokens_per_param_ci95')):>20}")
+    hold = iso.get("holdout")
+    if hold:
+        lines.append(f"   the largest budget ({hold['budget']:.3g}) from the other {hold['fitted_budgets']}: N_opt "
+                     f"{_num(hold['N_opt_predicted'], 3)} predicted, {_num(hold['N_opt'], 3)} found "
+                     f"(x{hold['N_opt_ratio']:.2f}); best loss {_num(hold['loss_opt_predicted'], 4)} predicted, "
+                     f"{_num(hold['loss_opt'], 4)} found ({100 * hold['loss_opt_rel_err']:+.2f}%)")
+    for name, conv in (iso.get("middle") or {}).get("conventions", {}).items():
+        lines.append(f"   tokens per parameter at the middle budget, N counted as {name}: "
+                     f"{_num(conv['tokens_per_param'], 3)}")
+    return "\n".join(lines)
+
+
+def frontier_block(frontier: Mapping[str, Any]) -> str:
+    a2, a3, ok = frontier["approach2"], frontier["approach3"], frontier["agreement"]
+    lines = [f"== the frontier: Approach 2 beside Approach 3 (at the middle budget {a2['middle']['budget']:.3g})",
+             f"   Approach 2: a = {_num(a2['a'], 3)}{_interval(a2.get('a_ci95'))}, tokens per parameter "
+             f"{_num(a2['middle']['tokens_per_param'], 3)}{_interval(a2['middle'].get('tokens_per_param_ci95'))}",
+             f"   Approach 3: a = {_num(a3['a'], 3)}{_interval(a3.get('a_ci95'))}, tokens per parameter "
+             f"{_num(a3['tokens_per_param'], 3)}, E = {_num(a3['E'], 4)} (bounded to [0, {_num(a3['E_bounds'][1], 4)}])"]
+    if a3.get("profile_E"):
+        lines.append(f"   along E's profile (E in {_interval(a3['profile_E'], 3).strip()} fits as well): a in "
+                     f"{_interval(a3['profile_a']).strip()}, tokens per parameter in "
+                     f"{_interval(a3['profile_tokens_per_param']).strip()}")
+    lines.append(f"   agreement: |a2 - a3| = {ok['a_diff']:.3f} ({'<' if ok['a_agree'] else '>='} 0.1), tokens per "
+                 f"parameter x{ok['ratio']:.2f} ({'within' if ok['ratio_agree'] else 'outside'} 0.7-1.4)"
+                 + (f", intervals of a {'overlap' if ok['intervals_overlap'] else 'do not overlap'}"
+                    if "intervals_overlap" in ok else ""))
+    lines.append(f"   the frontier to use: {frontier['use'].replace('approach', 'Approach ')} ({frontier['why']})")
     return "\n".join(lines)

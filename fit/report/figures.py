@@ -284,7 +284,11 @@ def isoflop(study, path: Path) -> Path | None:
                 ax.plot(np.exp(xs), np.polyval(coef, xs), color=color, lw=1.2)
             if o.get("N_opt"):
                 ax.plot(o["N_opt"], o["loss_opt"], "*", color="k", ms=10)
-        ax.plot([], [], "*", color="k", ms=10, label="minimum (N_opt)")
+            if o.get("N_opt") and o.get("N_opt_ci95"):
+                lo, hi = o["N_opt_ci95"]
+                ax.errorbar(o["N_opt"], o["loss_opt"], xerr=[[o["N_opt"] - lo], [hi - o["N_opt"]]], fmt="none",
+                            color="k", lw=1, capsize=3)
+        ax.plot([], [], "*", color="k", ms=10, label="minimum (N_opt, 95% bootstrap interval)")
         ax.set(xlabel="N, non-embedding parameters", ylabel="held-out loss (nats/token)",
                title="isoFLOP profiles")
         log_axis(ax, "x")

@@ -1,0 +1,81 @@
+"""The compute-optimal frontier from isoFLOP profiles (Approach 2) beside the fitted law (Approach 3), on a
+synthetic loss surface whose frontier is known: the minima, the exponent, the tokens per parameter, a budget with
+no interior minimum dropped with its reason, the agreement check and the fallback to Approach 2."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scaling_lab.conf import compose
+from scaling_lab.fit.fitting import approaches
+from scaling_lab.fit.fitting.cli import run
+
+TRUE = {"E": 1.0, "A": 30.0, "B": 300.0, "alpha": 0.4, "beta": 0.4}
+BUDGETS = [1.25e11, 2.5e11, 5e11, 1e12, 2e12]
+
+
+def flops_per_token(n):
+    return 6 * n * (1 + 3000 / n) ** 0.5   # attention and head: more than 6N at small N, as the model counts
+
+
+def true_loss(n, d):
+    return TRUE["E"] + TRUE["A"] / n ** TRUE["alpha"] + TRUE["B"] / d ** TRUE["beta"]
+
+
+def surface(path, noise=0.01, extra_budget=None):
+    """A grid like the demo's (N 1.5e3-2e5, five budgets 2x apart, 3-1e4 tokens per parameter), 1% noise; with
+    ``extra_budget``, a budget whose sizes all lie on one side of its optimum."""
+    rng, rows = np.random.default_rng(0), []
+    for c in BUDGETS:
+        for n in np.geomspace(1.5e3, 2e5, 9):
+            d = c / flops_per_token(n)
+            if 3 <= d / n <= 1e4:
+                rows.append({"N": n, "D": d, "budget": c, "loss": true_loss(n, d) * np.exp(rng.normal(0, noise))})
+    if extra_budget:
+        for n in np.geomspace(1e5, 4e5, 4):
+            d = extra_budget / flops_per_token(n)
+            rows.append({"N": n, "D": d, "budget": extra_budget, "loss": true_loss(n, d)})
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def fit(path, out, *overrides):
+    return run(compose("fit", ["source=csv", f"source.path={path}", "source.columns.N=N", "source.columns.D=D",
+                               "source.columns.budget=budget", "law=chinchilla", "bootstrap.n=40",
+                               "isoflop.n_bootstrap=100", "isoflop.e_profile=6", "protocol.max_starts=500",
+                               "plots=false", "logger=none", f"out={out}", *overrides]))
+
+
+def test_frontier_recovered_and_approaches_agree(tmp_path):
+    doc = fit(surface(tmp_path / "iso.csv", extra_budget=1.6e10), tmp_path)
+    iso = doc["isoflop"]
+    # the true frontier at the sweep's own budgets, in its own FLOPs convention
+    truth = [approaches.law_optimum(true_loss, c, flops_per_token, (1.5e3, 2e5)) for c in BUDGETS]
+    a_true = np.polyfit(np.log(BUDGETS), np.log([t[0] for t in truth]), 1)[0]
+    assert iso["budgets_used"] == 5
+    assert iso["a"] == pytest.approx(a_true, abs=0.1) and iso["a_ci95"][0] < a_true < iso["a_ci95"][1]
+    assert iso["a_ci95"][1] - iso["a_ci95"][0] < 0.3
+    middle = iso["middle"]
+    assert middle["budget"] == 5e11
+    assert middle["tokens_per_param"] == pytest.approx(truth[2][1] / truth[2][0], rel=0.2)
+    lo, hi = middle["tokens_per_param_ci95"]
+    assert hi / lo < 10                                    # the ratio's interval spans less than a decade
+    assert "flops_equivalent" in middle["conventions"]
+    # the budget whose sizes all lie past its optimum is dropped, and says why
+    assert iso["budgets_dropped"] == {"1.6e+10": "minimum outside the sampled range"}
+    hold = iso["holdout"]
+    assert hold["budget"] == 2e12 and 0.5 < hold["N_opt_ratio"] < 2 and abs(hold["loss_opt_rel_err"]) < 0.03
+    frontier = iso["frontier"]
+    assert frontier["agreement"]["a_agree"] and frontier["agreement"]["ratio_agree"]
+    assert frontier["use"] == "approach3"
+    assert all("sse_log" in p for p in frontier["approach3"]["profile"])
+
+
+def test_flagged_approach3_falls_back_to_approach2(tmp_path, capsys):
+    """E held above the lowest observed loss (a bound a user set): Approach 3 is flagged, and Approach 2's frontier
+    is the one to use, with the reason printed."""
+    doc = fit(surface(tmp_path / "iso.csv"), tmp_path, "isoflop.e_profile=0", "+law.chinchilla.bounds.E=[2.5,100]")
+    frontier = doc["isoflop"]["frontier"]
+    assert frontier["use"] == "approach2"
+    assert "not below the lowest observed loss" in frontier["why"]
+    assert "the frontier to use: Approach 2" in capsys.readouterr().out
