@@ -95,10 +95,10 @@ def renamed_keys(argv: Iterable[str]) -> list[tuple[str, str]]:
     return found
 
 
-# Where ``+key=value`` may add a key: Hydra's own settings (``+hydra.job.env_set.X=...``) and the open law table
-# (``+law.<name>.formula=...``). Anywhere else a ``+`` would slip a typo past the unknown-key check (and into the
+# Where ``+key=value`` may add a key: Hydra's own settings (``+hydra.job.env_set.X=...``) and the open tables of laws
+# (``+law.<name>.formula=...``) and of scaling-plan's GPUs (``+presets.gpus.<gpu>.<dtype>=...``). Anywhere else a ``+`` would slip a typo past the unknown-key check (and into the
 # run id), so it is refused like any unknown key.
-OPEN_PREFIXES = ("hydra.", "law.")
+OPEN_PREFIXES = ("hydra.", "law.", "presets.gpus.")
 
 
 def added_keys(argv: Iterable[str], config_dirs: Iterable[Path] = ()) -> list[str]:

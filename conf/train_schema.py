@@ -44,7 +44,7 @@ FlopsConvention = Choice("FlopsConvention", {"model": "model", "6N": "6N"}, modu
 @dataclass
 class ModelConf:
     # Shape: exactly two of n_layers, d_model, aspect_ratio (= d_model / n_layers) and params (target
-    # non-embedding parameters); models.gpt.resolve_shape turns them into a shape.
+    # non-embedding parameters); models.shapes.resolve_shape turns them into a shape.
     n_layers: Optional[int] = 4
     d_model: Optional[int] = 128
     aspect_ratio: Optional[float] = None
@@ -127,7 +127,7 @@ class TrainConf:
     log_every: int = 10
     ckpt_every: int = 200  # steps between checkpoints (also on SIGTERM); 0: only on SIGTERM
     diverge_loss: float = 12.0  # a training loss above this (or NaN) fails the run as diverged
-    compile: bool = False  # torch.compile the model (slow to start; pays off on large models only)
+    compile: bool = False  # torch.compile the forward (on in train=gpu; tens of seconds to start on a CPU)
     progress_bar: bool = True  # on a terminal only; otherwise one progress line every progress_every_s
     progress_every_s: float = 30.0
     # Keep the finished run's weights beside its record (<results_dir>/<sweep>/weights/<run_id>.pt, a plain

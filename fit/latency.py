@@ -15,10 +15,12 @@ steps; prefill: the prompt), through ``L`` layers of width ``d`` with vocabulary
        + quant_flops * 2 b t (quantized block weights)                    its multiply-adds,
        + quant_acts * b t (their input widths)                           and the activations it (de)quantizes
 
-The blocks hold ``12 L d^2`` weights (attention 4 d^2, MLP 8 d^2 at ffn_ratio 4). In mode ``none`` all of them are
-full precision; ``int8`` quantizes every block matrix; ``int4`` skips a matrix whose input width is not a multiple
-of the group size or whose output width is not a multiple of 16, which stays fp32 (the same rule as
-``pipeline/serving.py``); embedding and head stay fp32.
+The blocks hold ``12 L d^2`` weights (attention 4 d^2, MLP 8 d^2 at ffn_ratio 4). Which of them a mode quantizes,
+and the bytes a quantized weight reads, come from the serving modes' table (``conf/serving_mode/<mode>.yaml``, the
+entry of the law's device kind; the rule ``pipeline/serving.py`` quantizes by): mode ``none`` quantizes nothing;
+``int8`` every block matrix; ``int4`` on the CPU skips a matrix whose input width is not a multiple of the group size
+or whose output width is not a multiple of 16, which stays fp32. Embedding and head stay fp32. Any mode of the table
+is fitted the same way.
 
 One law over the modes, fitted jointly: the first five terms are the same kernels in every mode (an fp32 matrix
 costs what it costs whether or not its neighbours are quantized), so they are shared; the ``quant_*`` terms are
@@ -64,7 +66,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import nnls
 
-from scaling_lab.conf import UserError
+from scaling_lab.conf import UserError, serving_modes
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
 
@@ -78,40 +80,46 @@ FORM = ("call + layer*L + weight_bytes*4 (fp32 block weights + V d) + matmul_flo
         " + kv*b t L c d + quant_matrices*(quantized block matrices) + quant_bytes*(their bytes)"
         " + quant_flops*2 b t (quantized block weights) + quant_acts*b t (their input widths)")
 QUANTITIES = ("decode_ms_per_token", "prefill_ms")
-MODES = ("none", "int8", "int4")
-BYTES_PER_WEIGHT = {"none": 4.0, "int8": 1.0, "int4": 0.5}
 
 
-def _block_matrices(n_layers, d_model, mode: str, group_size: int, packed: str = "measured"):
+def kernel(mode: str, kind: str = "cpu") -> serving_modes.Kernel:
+    """The serving modes' table entry that serves ``mode`` on a device of ``kind``."""
+    return serving_modes.get(mode).on(kind)
+
+
+def _block_matrices(n_layers, d_model, mode: str, group_size: int | None = None, packed: str = "measured",
+                    kind: str = "cpu"):
     """Per block matrix (qkv d x 3d, proj d x d, MLP d x 4d and 4d x d): its weights and its input widths over all
-    layers, and whether ``mode`` quantizes it. ``packed="measured"``: as the kernels do (INT4 keeps a matrix in fp32
-    when its input width is not a multiple of ``group_size`` or its output width not a multiple of 16: torchao's CPU
-    packing); ``packed="all"``: every block matrix, as for a planned shape, whose width is chosen for its mode."""
-    if mode not in BYTES_PER_WEIGHT:
-        raise ValueError(f"unknown serving mode {mode!r}: the latency law knows {list(BYTES_PER_WEIGHT)}")
+    layers, and whether ``mode`` quantizes it. ``packed="measured"``: as the kernel of ``kind`` does (its table
+    entry's packing rule, at ``group_size`` or the mode's own; INT4 on the CPU keeps a matrix in fp32 when its input
+    width is not a multiple of the group size or its output width not a multiple of 16); ``packed="all"``: every
+    block matrix, as for a planned shape, whose width is chosen for its mode."""
     if packed not in ("measured", "all"):
         raise ValueError(f"packed must be 'measured' or 'all', got {packed!r}")
+    entry = kernel(mode, kind)
     L, d = np.asarray(n_layers, dtype=float), np.asarray(d_model, dtype=float)
     for fan_in, fan_out in ((1, 3), (1, 1), (1, 4), (4, 1)):
-        if mode == "int4" and packed == "measured":
-            quantized = (np.mod(fan_in * d, group_size) == 0) & (np.mod(fan_out * d, 16) == 0)
-        else:
-            quantized = np.full(np.shape(d), mode != "none")
+        quantized = np.full(np.shape(d), entry.quantizes)
+        if entry.quantizes and packed == "measured":
+            quantized = np.asarray(entry.packs(fan_in * d, fan_out * d, group_size))
         yield L * fan_in * fan_out * d * d, L * fan_in * d, quantized
 
 
-def block_weights(n_layers, d_model, mode: str = "none", group_size: int = 32, packed: str = "measured"):
+def block_weights(n_layers, d_model, mode: str = "none", group_size: int | None = None, packed: str = "measured",
+                  kind: str = "cpu"):
     """What the blocks hold in full-precision matrices and in quantized ones: ``(fp32 weights, quantized weights,
     quantized matrices, their input widths)``, each summed over the layers."""
-    parts = list(_block_matrices(n_layers, d_model, mode, group_size, packed))
+    parts = list(_block_matrices(n_layers, d_model, mode, group_size, packed, kind))
     L = np.asarray(n_layers, dtype=float)
     return (sum(np.where(q, 0.0, w) for w, _, q in parts), sum(np.where(q, w, 0.0) for w, _, q in parts),
             sum(np.where(q, L, 0.0) for *_, q in parts), sum(np.where(q, x, 0.0) for _, x, q in parts))
 
 
 def features(n_layers, d_model, vocab_size, batch, quantity: str, mode: str, prompt_len: int,
-             decode_tokens: int, group_size: int = 32, context=None, packed: str = "measured") -> np.ndarray:
-    """The law's terms (one row per shape), in the order of ``TERMS`` (``packed``: see ``_block_matrices``)."""
+             decode_tokens: int, group_size: int | None = None, context=None, packed: str = "measured",
+             kind: str = "cpu") -> np.ndarray:
+    """The law's terms (one row per shape), in the order of ``TERMS`` (``packed``, ``group_size``, ``kind``: see
+    ``_block_matrices``)."""
     if quantity not in QUANTITIES:
         raise ValueError(f"latency quantity must be one of {QUANTITIES}, got {quantity!r}")
     L, d = np.atleast_1d(np.asarray(n_layers, dtype=float)), np.atleast_1d(np.asarray(d_model, dtype=float))
@@ -121,10 +129,10 @@ def features(n_layers, d_model, vocab_size, batch, quantity: str, mode: str, pro
     t = 1.0 if decode else float(prompt_len)
     c = context if context is not None else (prompt_len + (decode_tokens - 1) / 2 if decode else prompt_len)
     c = np.broadcast_to(np.asarray(c, dtype=float), L.shape)
-    full, quantized, matrices, inputs = block_weights(L, d, mode, group_size, packed)
+    full, quantized, matrices, inputs = block_weights(L, d, mode, group_size, packed, kind)
     full = full + V * d  # the output head (tied or not) stays fp32
-    return np.column_stack([np.ones_like(L), L, 4 * full, 2 * b * t * full, b * t * L * c * d,
-                            matrices, BYTES_PER_WEIGHT[mode] * quantized, 2 * b * t * quantized, b * t * inputs])
+    return np.column_stack([np.ones_like(L), L, 4 * full, 2 * b * t * full, b * t * L * c * d, matrices,
+                            kernel(mode, kind).bytes_per_weight * quantized, 2 * b * t * quantized, b * t * inputs])
 
 
 def _fit_terms(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -160,6 +168,11 @@ class LatencyModel:
         return str(self.meta.get("device", "unknown"))
 
     @property
+    def kind(self) -> str:
+        """The device kind whose table entries price the modes (``cuda`` for a CUDA device, else ``cpu``)."""
+        return serving_modes.kind_of(self.device)
+
+    @property
     def batch_size(self) -> int:
         return int(self.meta.get("batch_size") or 1)
 
@@ -179,7 +192,7 @@ class LatencyModel:
         coef = self.coefficients(quantity, mode)
         X = features(n_layers, d_model, vocab_size if vocab_size is not None else self.meta.get("vocab_size", 257),
                      self.batch_size if batch is None else batch, quantity, mode, int(self.meta["prompt_len"]),
-                     int(self.meta["decode_tokens"]), int(self.meta.get("group_size") or 32), context, packed)
+                     int(self.meta["decode_tokens"]), _group_size(self.meta), context, packed, self.kind)
         ms = X @ np.array([coef[k] for k in TERMS])
         return float(ms[0]) if np.ndim(n_layers) == 0 and np.ndim(d_model) == 0 else ms
 
@@ -198,16 +211,21 @@ class LatencyModel:
         return cls(modes=modes, heldout=dict(spec.get("heldout") or {}), meta=meta)
 
 
+def _group_size(meta: Mapping[str, Any]) -> int | None:
+    """The group size the measurements quantized at (None: each mode's own)."""
+    return None if meta.get("group_size") is None else int(meta["group_size"])
+
+
 def _features_of(rows: pd.DataFrame, quantity: str, mode: str, meta: Mapping[str, Any]) -> np.ndarray:
     return features(rows.n_layers.to_numpy(), rows.d_model.to_numpy(), rows.vocab_size.to_numpy(),
                     rows.batch.to_numpy(), quantity, mode, int(meta["prompt_len"]), int(meta["decode_tokens"]),
-                    int(meta.get("group_size") or 32))
+                    _group_size(meta), kind=serving_modes.kind_of(meta.get("device", "cpu")))
 
 
 def _joint_design(rows: pd.DataFrame, quantity: str, meta: Mapping[str, Any]) -> tuple[np.ndarray, list[str]]:
     """One design over every serving mode: the shared terms in common, each quantized mode's ``QUANT`` terms in
     columns of its own (zero in other modes' rows). Returns the matrix and the modes, in column order."""
-    modes = [m for m in MODES if m in set(rows["mode"])]
+    modes = [m for m in serving_modes.names() if m in set(rows["mode"])]
     X = np.zeros((len(rows), len(SHARED) + len(QUANT) * len(modes)))
     for i, mode in enumerate(modes):
         mask = (rows["mode"] == mode).to_numpy()
@@ -298,9 +316,9 @@ def fit_latency(table: pd.DataFrame, meta: Mapping[str, Any], extrapolate_frac: 
     if missing or not quantities:
         raise ValueError(f"latency measurements need columns n_layers, d_model, batch and one of {QUANTITIES}; "
                          f"missing {missing or list(QUANTITIES)}")
-    unknown = sorted(set(map(str, table["mode"])) - set(MODES))
+    unknown = sorted(set(map(str, table["mode"])) - set(serving_modes.names()))
     if unknown:
-        raise ValueError(f"unknown serving mode {unknown[0]!r}: the latency law knows {list(MODES)}")
+        serving_modes.get(unknown[0])  # a one-line error naming the modes there are
     meta = {**meta, "aggregate": aggregate}
     rows = reduce_rounds(table, aggregate)
     modes: dict[str, dict] = {}

@@ -5,7 +5,7 @@ loss-latency Pareto front, and select.
   (``count(n_layers, d_model)``, supplied by the caller so it is the one the law was fitted with) falls in
   ``[params_min, params_max]``; optionally only aspect ratios R = d_model / n_layers in a range.
 * Predict: loss with the inference-efficient law ``L(N, D, R)`` of a fit.json (``LawConstants.predict``), latency
-  with the latency model (``fit/latency_model.py``) or with measurements the caller made.
+  with the latency law (``fit/latency.py``) or with measurements the caller made.
 * Pareto front: the shapes no other shape beats on both predicted loss and latency (ties on both keep one).
 * Select, one rule: the lowest predicted loss within a latency budget, or the fastest shape whose predicted loss is
   within a relative tolerance of the best shape's.

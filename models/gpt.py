@@ -2,6 +2,10 @@
 
 The model knows nothing of training, Hydra, W&B or fitting: the modules and a forward pass that can prefill and
 then decode one token at a time with a KV cache. Its config, shape and counts live in ``models/shapes.py``.
+
+Two caches: ``KVCache`` grows with a Python position (prefill, decoding, speculative verification); a
+``StaticKVCache`` is filled the same way, then ``GPT.decode_step`` decodes one token at a time with no Python-side
+state (the position a device tensor, every shape fixed), so that the step can be captured as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -32,12 +36,49 @@ class KVCache:
         self.kv[layer, 1, :, :, start:end] = v
         return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
 
+    def advance(self, tokens: int) -> None:
+        """``tokens`` more are filled (every layer has been updated)."""
+        self.length += tokens
+
     def rollback(self, length: int) -> None:
         """Forget every token after the first ``length`` (speculative decoding rejects a draft's tail); the
         stale keys and values past ``length`` are overwritten by the next update."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot roll a KV cache of {self.length} tokens back to {length}")
         self.length = length
+
+
+class StaticKVCache(KVCache):
+    """A ``KVCache`` that ``GPT.decode_step`` can also decode into without Python-side state: the next position is
+    ``pos``, a device tensor; one token's key and value are written there with ``index_copy_``, and attention runs
+    over the whole preallocated cache with a mask of the filled positions. The ordinary forward (a prefill) fills it
+    as a ``KVCache`` and sets ``pos``; ``decode_step`` advances ``pos`` alone, so ``length`` then counts only what
+    the ordinary forward filled."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        if max_len > config.seq_len:
+            raise ValueError(f"a static KV cache of {max_len} tokens exceeds model.seq_len={config.seq_len}")
+        super().__init__(config, batch_size, max_len, device, dtype)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.slots = torch.arange(max_len, device=device)
+
+    def advance(self, tokens: int) -> None:
+        super().advance(tokens)
+        self.pos.fill_(self.length)
+
+    def rollback(self, length: int) -> None:
+        super().rollback(length)
+        self.pos.fill_(self.length)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """One token's key and value (B, heads, 1, head_dim) at ``pos``; the whole cache of the layer."""
+        self.kv[layer, 0].index_copy_(2, self.pos, k)
+        self.kv[layer, 1].index_copy_(2, self.pos, v)
+        return self.kv[layer, 0], self.kv[layer, 1]
+
+    def filled(self) -> torch.Tensor:
+        """The attention mask of a token at ``pos``: every position up to it (1, 1, 1, max_len)."""
+        return (self.slots <= self.pos).view(1, 1, 1, -1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -47,12 +88,15 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, filled: torch.Tensor | None = None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         mask = None
-        if cache is not None:
+        if filled is not None:  # one token at a static cache's position (GPT.decode_step): the filled ones attended
+            k, v = cache.write(layer, k, v)
+            mask = filled
+        elif cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)
             if T > 1 and past > 0:  # several new tokens after a cached prefix (speculative verification)
@@ -71,8 +115,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(config.d_model, config.ffn_hidden, bias=False), nn.GELU(),
                                  nn.Linear(config.ffn_hidden, config.d_model, bias=False))
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln1(x), cache, layer)
+    def forward(self, x, cache=None, layer=0, filled=None):
+        x = x + self.attn(self.ln1(x), cache, layer, filled)
         return x + self.mlp(self.ln2(x))
 
 
@@ -107,15 +151,28 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         logits = self.head(self.ln_f(x))
         if targets is None:
             return logits
         return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def decode_step(self, idx, cache: StaticKVCache):
+        """Logits (B, 1, vocab) of one new token per sequence (``idx`` (B, 1)) at the static cache's position, which
+        it then advances; nothing here reads a value back to Python, so the step can be captured as a CUDA graph
+        (the caller keeps the position within the cache)."""
+        x = self.wte(idx) + self.wpe(cache.pos)
+        filled = cache.filled()
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i, filled)
+        cache.pos.add_(1)
+        return self.head(self.ln_f(x))
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
+        """A cache in the model's device and dtype; ``static``: one ``decode_step`` can decode into."""
         p = next(self.parameters())
-        return KVCache(self.config, batch_size, max_len or self.config.seq_len, p.device, p.dtype)
+        kind = StaticKVCache if static else KVCache
+        return kind(self.config, batch_size, max_len or self.config.seq_len, p.device, p.dtype)
 
     @torch.inference_mode()
     def generate(self, prompt, new_tokens: int):

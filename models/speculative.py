@@ -10,6 +10,9 @@ where the output equals the target's greedy decoding.
 
 ``verify`` is the acceptance rule alone, vectorized over a batch of independent (p, q, draft) triples, so its
 output distribution can be tested on many samples; ``speculative_generate`` drives two models with it (batch 1).
+The models run on their own device (the tokens they are fed are created there); their logits come back to the CPU,
+where warping, the acceptance rule and sampling run with a CPU ``torch.Generator`` (a seed draws the same on every
+device; each step reads its tokens back to Python anyway).
 """
 
 from __future__ import annotations
@@ -43,10 +46,10 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, generator: t
     B, k = drafted.shape
     p_x = p[:, :k].gather(-1, drafted[..., None])[..., 0]
     q_x = q.gather(-1, drafted[..., None])[..., 0]
-    u = torch.rand(B, k, generator=generator, dtype=torch.float64)
-    ok = torch.ones(B, k, dtype=torch.bool) if accept_all else u * q_x < p_x  # u < p/q, without dividing by 0
+    u = torch.rand(B, k, generator=generator, dtype=torch.float64, device=p.device)
+    ok = torch.ones(B, k, dtype=torch.bool, device=p.device) if accept_all else u * q_x < p_x  # u < p/q, no 0 division
     accepted = ok.long().cumprod(dim=1).sum(dim=1)  # accepted tokens before the first rejection
-    rows = torch.arange(B)
+    rows = torch.arange(B, device=p.device)
     stop = accepted.clamp(max=k - 1)
     residual = (p[rows, stop] - q[rows, stop]).clamp(min=0)
     norm = residual.sum(-1, keepdim=True)
@@ -93,9 +96,10 @@ def speculative_generate(target, draft, prompt: torch.Tensor, new_tokens: int, k
     if max_len > min(target.config.seq_len, draft.config.seq_len):
         raise ValueError(f"prompt + new tokens + k = {max_len} exceeds the models' seq_len")
     tokens = prompt[0].tolist()
+    t_dev, d_dev = _device(target), _device(draft)
     t_cache, d_cache = target.new_cache(1, max_len), draft.new_cache(1, max_len)
-    target(prompt[:, :-1], cache=t_cache)
-    draft(prompt[:, :-1], cache=d_cache)
+    target(prompt[:, :-1].to(t_dev), cache=t_cache)
+    draft(prompt[:, :-1].to(d_dev), cache=d_cache)
     stats = SpeculativeStats()
     goal = len(tokens) + new_tokens
     while len(tokens) < goal:
@@ -103,7 +107,7 @@ def speculative_generate(target, draft, prompt: torch.Tensor, new_tokens: int, k
         proposal, qs = [], []
         feed = tokens[d_cache.length:]
         for i in range(k):
-            logits = draft(torch.tensor([feed]), cache=d_cache)[:, -1]
+            logits = draft(torch.tensor([feed], device=d_dev), cache=d_cache)[:, -1].cpu()
             q = warp(logits, temperature, top_k)
             x = int(sample(q, generator)) if temperature else int(q.argmax(-1))
             proposal.append(x)
@@ -111,7 +115,7 @@ def speculative_generate(target, draft, prompt: torch.Tensor, new_tokens: int, k
             feed = [x]
         # the target scores [unseen..., x1..xk] in one pass: the last k+1 positions give p_1..p_{k+1}
         t_feed = tokens[t_cache.length:] + proposal
-        p = warp(target(torch.tensor([t_feed]), cache=t_cache)[:, -(k + 1):], temperature, top_k)
+        p = warp(target(torch.tensor([t_feed], device=t_dev), cache=t_cache)[:, -(k + 1):].cpu(), temperature, top_k)
         accepted, nxt = verify(p, torch.stack(qs, dim=1), torch.tensor([proposal]), generator, accept_all)
         j = int(accepted[0])
         new = proposal[:j] + [int(nxt[0])]
@@ -134,13 +138,18 @@ def target_generate(target, prompt: torch.Tensor, new_tokens: int, temperature: 
                     top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Target-only decoding with the same warping and cache layout (the baseline speculative decoding is timed
     and checked against)."""
+    device = _device(target)
     cache = target.new_cache(1, prompt.size(1) + new_tokens)
-    logits = target(prompt, cache=cache)[:, -1]
+    logits = target(prompt.to(device), cache=cache)[:, -1].cpu()
     tokens = prompt[0].tolist()
     for i in range(new_tokens):
         p = warp(logits, temperature, top_k)
         x = int(sample(p, generator)) if temperature else int(p.argmax(-1))
         tokens.append(x)
         if i + 1 < new_tokens:
-            logits = target(torch.tensor([[x]]), cache=cache)[:, -1]
+            logits = target(torch.tensor([[x]], device=device), cache=cache)[:, -1].cpu()
     return torch.tensor([tokens])
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device

@@ -17,6 +17,7 @@ its own, disjoint windows.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import glob
 import hashlib
@@ -118,34 +119,46 @@ def _files_hash(files: list[Path], root: Path | None) -> str:
 
 def check_text(files: list[Path], builder: str, encoding: bool = True) -> None:
     """A corpus is text: a file with a NUL byte or mostly undecodable bytes (a binary, random bytes) is refused,
-    and so is a JSONL line that is not a JSON object; the message names the file and the line."""
+    and so is a JSONL line that is not a JSON object; the message names the file and the line. Each file is read
+    line by line in bounded memory, whatever its size."""
     if builder == "parquet":
         return
     for f in files:
         try:
-            data = f.read_bytes()
+            _check_text_file(f, encoding)
         except OSError as err:
             raise DataError(f"{f}: cannot read the corpus file ({err.strerror or err})") from None
-        nul = data.find(b"\0")
-        if nul >= 0:
-            line = data.count(b"\n", 0, nul) + 1
-            raise DataError(f"{f}:{line}: not a text file (a NUL byte); a corpus must be text")
-        text = data.decode("utf-8", errors="replace")
-        bad = text.count("\ufffd")
-        if encoding and data and bad > 0.05 * len(data):
-            first = text.index("\ufffd")
-            raise DataError(f"{f}:{text.count(chr(10), 0, first) + 1}: not a text file ({bad:,} bytes are not UTF-8); "
-                            "a corpus must be text")
-        if f.suffix == ".jsonl":
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
+
+
+def _check_text_file(f: Path, encoding: bool, block: int = 1 << 20) -> None:
+    size = bad = 0
+    first_bad = None  # the line of the first undecodable byte
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character cut by a block is not bad
+    jsonl = f.suffix == ".jsonl"
+    line_no = 1
+    with open(f, "rb") as stream:
+        # a JSON line is read whole (its document is held whole anyway); text in blocks of at most `block` bytes
+        for piece in iter(lambda: stream.readline(-1 if jsonl else block), b""):
+            if b"\0" in piece:
+                raise DataError(f"{f}:{line_no}: not a text file (a NUL byte); a corpus must be text")
+            text = decoder.decode(piece)
+            size += len(piece)
+            if "\ufffd" in text:
+                bad += text.count("\ufffd")
+                first_bad = first_bad or line_no
+            if jsonl and text.strip():
                 try:
-                    row = json.loads(line)
+                    row = json.loads(text)
                 except ValueError as err:
-                    raise DataError(f"{f}:{n}: not a JSON line ({err.args[0] if err.args else err})") from None
+                    raise DataError(f"{f}:{line_no}: not a JSON line ({err.args[0] if err.args else err})") from None
                 if not isinstance(row, dict):
-                    raise DataError(f"{f}:{n}: a JSONL corpus line must be a JSON object, not {type(row).__name__}")
+                    raise DataError(f"{f}:{line_no}: a JSONL corpus line must be a JSON object, not "
+                                    f"{type(row).__name__}")
+            line_no += piece.endswith(b"\n")
+    bad += decoder.decode(b"", final=True).count("\ufffd")
+    if encoding and size and bad > 0.05 * size:
+        raise DataError(f"{f}:{first_bad or line_no}: not a text file ({bad:,} bytes are not UTF-8); a corpus must "
+                        "be text")
 
 
 def _file_documents(files: list[Path], cfg) -> Iterator[str]:
@@ -156,11 +169,12 @@ def _file_documents(files: list[Path], cfg) -> Iterator[str]:
     builder = TEXT_SUFFIXES.get(files[0].suffix, "text")
     kwargs = {"sample_by": cfg.sample_by, "encoding_errors": "replace"} if builder == "text" else {}
     ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True, **kwargs)
+    field = str(cfg.text_field)
     for i, row in enumerate(ds):
-        if i == 0 and cfg.text_field not in row:
-            raise DataError(f"{files[0]}: no column {cfg.text_field!r} (columns: {list(row)}); set data.text_field")
-        if row.get(cfg.text_field):
-            yield row[cfg.text_field]
+        if i == 0 and field not in row:
+            raise DataError(f"{files[0]}: no column {field!r} (columns: {list(row)}); set data.text_field")
+        if row.get(field):
+            yield row[field]
 
 
 def check_files(info: dict) -> None:
@@ -196,12 +210,12 @@ def _hub_documents(cfg) -> Iterator[str]:
     _check_hub(cfg)
     ds = datasets.load_dataset(cfg.name, cfg.subset, split=cfg.split, streaming=cfg.streaming,
                                cache_dir=str(Path(cfg.cache_dir) / "hf"))
-    size = 0
+    size, field, cap = 0, str(cfg.text_field), cfg.max_bytes
     for row in ds:
-        text = row.get(cfg.text_field) or ""
+        text = row.get(field) or ""
         yield text
         size += len(text)
-        if cfg.max_bytes and size >= cfg.max_bytes:
+        if cap and size >= cap:
             return
 
 
@@ -240,11 +254,13 @@ def documents(cfg, info: dict) -> Iterator[tuple[str, str]]:
     held-out files' documents, or else a hash split of all documents by ``val_fraction``. With ``max_bytes`` the
     training documents stop after that many bytes (a hub stream stops there); the held-out split stays the same."""
     docs = _hub_documents(cfg) if cfg.source == "hub" else _file_documents(info["files"], cfg)
-    size = 0
+    # the settings read once: a config's attribute access costs more than hashing a document
+    size, hash_split, fraction = 0, not info["val_files"], float(cfg.val_fraction)
+    cap = cfg.max_bytes if cfg.source != "hub" else None
     for text in docs:
-        split = "val" if not info["val_files"] and _doc_is_heldout(text, cfg.val_fraction) else "train"
-        if split == "train" and cfg.max_bytes and cfg.source != "hub":
-            if size >= cfg.max_bytes:
+        split = "val" if hash_split and _doc_is_heldout(text, fraction) else "train"
+        if split == "train" and cap:
+            if size >= cap:
                 continue
             size += len(text.encode("utf-8", "replace"))
         yield split, text
@@ -654,7 +670,7 @@ class TokenDataModule(L.LightningDataModule):
         sampler = GlobalBatches(len(self.train_windows), self.batch_size, start, rank, world,
                                 on_batch=lambda b: self.fed.append(self.train_windows[b]), accumulate=self.accumulate)
         ds = Windows(self.corpus.tokens("train"), self.seq_len, self.train_windows)
-        return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers)
+        return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers, pin_memory=self._pin())
 
     def val_dataloader(self):
         return self._heldout(self.val_curve_windows)
@@ -664,7 +680,12 @@ class TokenDataModule(L.LightningDataModule):
 
     def _heldout(self, windows):
         ds = Windows(self.corpus.tokens("val"), self.seq_len, windows)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          pin_memory=self._pin())
+
+    def _pin(self) -> bool:
+        """Page-locked batches (a faster, asynchronous copy to the device) when the trainer trains on CUDA."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
 
 def bits_per_byte(nats_total: float, n_bytes: int) -> float:

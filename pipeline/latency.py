@@ -3,17 +3,22 @@
 The protocol is the same for trained models (after each training run) and for randomly initialised shapes
 (``scaling-latency``, since latency does not depend on the weights' values): for each batch size, ``warmup``
 untimed passes, then ``repeats`` timed ones; we report the median and the spread (min, max, and the interquartile
-range relative to the median). On CUDA every timing is bracketed by ``torch.cuda.synchronize``.
+range relative to the median). Every timing is bracketed by ``pipeline.device.synchronize``.
+
+A model is measured as it is served (``pipeline.device.serving_copy``: bf16 on CUDA, fp32 on the CPU, KV cache in
+the same dtype), never under autocast. Decode runs eagerly (a ``KVCache``, one forward per token), or, with
+``graph`` (by default on CUDA), by replaying a CUDA graph of ``GPT.decode_step`` over a ``StaticKVCache``, captured
+once per batch size before the timed passes; prefill is the same eager forward in both. Every result carries
+``device``, ``dtype``, ``threads`` and ``graph``.
 
 ``scaling-latency`` (``main``, configuration ``conf/latency_cli.yaml``) measures any list of shapes this way, writes
 ``<out>/latency.csv``, fits the latency law per serving mode (``fit/latency.py``) and writes its section to
-``<out>/latency.json`` and, with ``constants=<fit.json>``, into that file.
+``<out>/latency.json`` and, with ``constants=<fit.json>``, into that file. A fit never mixes devices, dtypes or
+graph modes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from scaling_lab.conf import command
+from scaling_lab.conf import UserError, command
 from scaling_lab.fit import tracking
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
@@ -30,20 +35,14 @@ from scaling_lab.models.gpt import GPT
 from scaling_lab.models.shapes import GPTConfig, resolve_shape
 from scaling_lab.conf.train_schema import LatencyConf
 from scaling_lab.fit.io.store import iter_records, load_table
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+from scaling_lab.pipeline import device as devices
 
 
 def _timed(fn, device) -> float:
-    _sync(device)
+    devices.synchronize(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    devices.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -56,8 +55,10 @@ def _summary(samples_ms: list[float]) -> dict:
 
 @torch.inference_mode()
 def measure(model: GPT, prompt_len: int, decode_tokens: int, batch_sizes: list[int], warmup: int = 2,
-            repeats: int = 5, dtype: torch.dtype | None = None) -> dict:
-    """Measure prefill and per-token decode latency of ``model`` on its own device."""
+            repeats: int = 5, graph: str | bool | None = None) -> dict:
+    """Measure prefill and per-token decode latency of ``model`` as it is: on its own device, in its own dtype (pass
+    a ``pipeline.device.serving_copy``). ``graph``: decode by replaying a captured CUDA graph (``auto``/None: on
+    CUDA; ``pipeline.device.use_graph``)."""
     cfg = model.config
     if prompt_len + decode_tokens > cfg.seq_len:
         raise ValueError(f"latency.prompt_len + latency.decode_tokens = {prompt_len + decode_tokens} exceeds "
@@ -66,32 +67,46 @@ def measure(model: GPT, prompt_len: int, decode_tokens: int, batch_sizes: list[i
         raise ValueError("latency needs repeats >= 1, warmup >= 0 and at least one batch size")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype not in (None, torch.float32) else contextlib.nullcontext()
+    first = next(model.parameters())
+    device, graphed = first.device, devices.use_graph(graph, first.device)
     gen = torch.Generator().manual_seed(0)
     by_batch = {}
-    with autocast:
-        for bs in batch_sizes:
-            prompt = torch.randint(0, cfg.vocab_size, (bs, prompt_len), generator=gen).to(device)
-            step = torch.randint(0, cfg.vocab_size, (bs, 1), generator=gen).to(device)
-            prefill, decode = [], []
-            for i in range(warmup + repeats):
+    for bs in batch_sizes:
+        prompt = torch.randint(0, cfg.vocab_size, (bs, prompt_len), generator=gen).to(device)
+        step = torch.randint(0, cfg.vocab_size, (bs, 1), generator=gen).to(device)
+        if graphed:  # one static cache per batch size: the graph replays on its memory (warmed up at positions 0-2)
+            cache = model.new_cache(bs, max(3, prompt_len + decode_tokens), static=True)
+            try:
+                replay = devices.capture(lambda: model.decode_step(step, cache))
+            except RuntimeError as err:
+                raise RuntimeError(f"decode of this model could not be captured as a CUDA graph "
+                                   f"({' '.join(str(err).split())[:300]}); measure it with graph=false") from err
+        prefill, decode = [], []
+        for i in range(warmup + repeats):
+            if graphed:
+                cache.rollback(0)
+
+                def run_decode():
+                    for _ in range(decode_tokens):
+                        replay()
+            else:
                 cache = model.new_cache(bs, prompt_len + decode_tokens)
-                t_prefill = _timed(lambda: model(prompt, cache=cache), device)
 
                 def run_decode():
                     for _ in range(decode_tokens):
                         model(step, cache=cache)
 
-                t_decode = _timed(run_decode, device)
-                if i >= warmup:
-                    prefill.append(t_prefill * 1e3)
-                    decode.append(t_decode * 1e3 / decode_tokens)
-            by_batch[bs] = {"prefill_ms": _summary(prefill), "decode_ms_per_token": _summary(decode)}
+            t_prefill = _timed(lambda: model(prompt, cache=cache), device)
+            t_decode = _timed(run_decode, device)
+            if i >= warmup:
+                prefill.append(t_prefill * 1e3)
+                decode.append(t_decode * 1e3 / decode_tokens)
+        by_batch[bs] = {"prefill_ms": _summary(prefill), "decode_ms_per_token": _summary(decode)}
+        if graphed:
+            del replay, cache
     model.train(was_training)
     return {
-        "device": _device_name(device), "threads": torch.get_num_threads(),
-        "dtype": str(dtype or next(model.parameters()).dtype).replace("torch.", ""),
+        **devices.conditions(device, graphed, first.dtype),
         "prompt_len": prompt_len, "decode_tokens": decode_tokens, "warmup": warmup, "repeats": repeats,
         "batch_sizes": list(batch_sizes), "by_batch": {str(k): v for k, v in by_batch.items()},
         # headline figures: batch 1, and the largest batch measured
@@ -100,12 +115,6 @@ def measure(model: GPT, prompt_len: int, decode_tokens: int, batch_sizes: list[i
         "batch_large": batch_sizes[-1],
         "decode_ms_per_token_batch": by_batch[batch_sizes[-1]]["decode_ms_per_token"]["median"],
     }
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{platform.processor() or platform.machine()}"
 
 
 # ----- scaling-latency: measure shapes without training them, fit the latency model ---------------------------
@@ -158,14 +167,16 @@ def shapes_to_measure(cfg) -> list[GPTConfig]:
     return unique
 
 
-def measure_shapes(configs: list[GPTConfig], protocol: dict, device: str = "cpu", rounds: int = 1,
-                   log=print, modes: tuple[str, ...] = ("none",), group_size: int = 32) -> list[dict]:
-    """Measure each shape with ``measure`` on randomly initialised weights, in each serving mode (quantized by
-    ``pipeline/serving.py``: latency does not depend on the weights' values), in ``rounds`` interleaved rounds (every
-    shape once a round, so the machine's drift is spread over all of them); one row per shape, mode, batch size and
-    round (``fit_latency`` aggregates the rounds)."""
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if device == "auto" else device))
+def measure_shapes(configs: list[GPTConfig], protocol: dict, device: str = devices.DEFAULT, rounds: int = 1,
+                   log=print, modes: tuple[str, ...] = ("none",), group_size: int | None = None,
+                   graph: str | bool | None = "auto") -> list[dict]:
+    """Measure each shape with ``measure`` on randomly initialised weights in its serving copy on ``device``
+    (``pipeline.device``), in each serving mode (quantized by ``pipeline/serving.py``: latency does not depend on the
+    weights' values), in ``rounds`` interleaved rounds (every shape once a round, so the machine's drift is spread
+    over all of them); one row per shape, mode, batch size and round (``fit_latency`` aggregates the rounds), each
+    with its device, dtype, threads and graph mode."""
+    device = devices.resolve(device)
+    devices.use_graph(graph, device)  # a bad graph option is refused before anything is measured
     if protocol["prompt_len"] + protocol["decode_tokens"] > min(c.seq_len for c in configs):
         raise ValueError(f"measure.prompt_len + measure.decode_tokens = "
                          f"{protocol['prompt_len'] + protocol['decode_tokens']} exceeds the shortest seq_len "
@@ -175,14 +186,16 @@ def measure_shapes(configs: list[GPTConfig], protocol: dict, device: str = "cpu"
     total, rows = len(configs) * len(modes) * rounds, []
     carried = {k: {**protocol, "group_size": group_size}[k] for k in MEASUREMENT_PROTOCOL}
     if any(m != "none" for m in modes):
-        from scaling_lab.pipeline.serving import quantize
+        from scaling_lab.pipeline.serving import check_modes, quantize
+
+        check_modes([m for m in modes if m != "none"], device, group_size)  # each served here, before measuring
     for r in range(rounds):
         for c in configs:
-            base, counts = GPT(c).to(device).eval(), c.param_counts()
+            base, counts = devices.serving_copy(GPT(c), device), c.param_counts()
             for mode in modes:
                 model = base if mode == "none" else quantize(base, mode, group_size)[0]
                 result = measure(model, protocol["prompt_len"], protocol["decode_tokens"], protocol["batch_sizes"],
-                                 protocol["warmup"], protocol["repeats"])
+                                 protocol["warmup"], protocol["repeats"], graph)
                 log(f"  [{len(rows) // len(result['batch_sizes']) + 1}/{total}] n_layers={c.n_layers} "
                     f"d_model={c.d_model} {mode}: decode {result['decode_ms_per_token']:.3f} ms/token, prefill "
                     f"{result['prefill_ms']:.3f} ms (batch {result['batch_sizes'][0]})")
@@ -196,7 +209,7 @@ def measure_shapes(configs: list[GPTConfig], protocol: dict, device: str = "cpu"
                         "prefill_ms": per["prefill_ms"]["median"],
                         "decode_iqr_rel": per["decode_ms_per_token"]["iqr_rel"],
                         "prefill_iqr_rel": per["prefill_ms"]["iqr_rel"],
-                        "device": result["device"], "threads": result["threads"], "dtype": result["dtype"],
+                        **{k: result[k] for k in ("device", "threads", "dtype", "graph")},
                         **carried,
                     })
             del base, model
@@ -215,13 +228,15 @@ def run_latency(cfg) -> dict:
         source = Path(cfg.measurements)
     else:
         table = pd.DataFrame(measure_from_config(cfg))
+        check_one_kind(table, "the measurements")
         out.mkdir(parents=True, exist_ok=True)
         write_csv_atomic(out / "latency.csv", table)
         source = out / "latency.csv"
     first = table.iloc[0]
-    meta = {"device": str(first.device), "threads": int(first.threads), "dtype": str(first.dtype),
-            **{k: int(first[k]) for k in MEASUREMENT_PROTOCOL}, "rounds": int(table["round"].max()) + 1,
-            "source": str(source.resolve())}
+    meta = {"device": str(first["device"]), "threads": int(first["threads"]), "dtype": str(first["dtype"]),
+            "graph": str(first["graph"]), **{k: None if pd.isna(first[k]) else int(first[k])
+                                             for k in MEASUREMENT_PROTOCOL},
+            "rounds": int(table["round"].max()) + 1, "source": str(source.resolve())}
     if cfg.latency_model.batch_size is not None:
         meta["batch_size"] = int(cfg.latency_model.batch_size)
     model = fit_latency(table, meta, cfg.latency_model.extrapolate_frac, cfg.latency_model.aggregate)
@@ -238,23 +253,42 @@ def run_latency(cfg) -> dict:
 
 
 def measure_from_config(cfg) -> list[dict]:
-    """Resolve the shapes and the protocol of a ``scaling-latency`` config and measure them."""
+    """Resolve the device, the shapes and the protocol of a ``scaling-latency`` config and measure them."""
+    device = devices.resolve(cfg.measure.device)
+    graph = devices.graph_name(devices.use_graph(cfg.measure.graph, device))
     configs = shapes_to_measure(cfg)
     protocol = protocol_defaults(cfg.results_dir, cfg.sweep)
     protocol.update({k: v for k, v in cfg.measure.items() if v is not None and k in PROTOCOL})
     protocol["batch_sizes"] = [int(b) for b in protocol["batch_sizes"]]
     if protocol.get("threads"):
         torch.set_num_threads(int(protocol["threads"]))
-    print(f"measuring {len(configs)} shapes: prompt {protocol['prompt_len']}, {protocol['decode_tokens']} decode "
-          f"tokens, batches {protocol['batch_sizes']}, warmup {protocol['warmup']}, repeats {protocol['repeats']}, "
-          f"{torch.get_num_threads()} threads, {cfg.measure.rounds} rounds")
-    return measure_shapes(configs, protocol, cfg.measure.device, cfg.measure.rounds,
-                          modes=tuple(str(m) for m in cfg.measure.modes), group_size=int(cfg.measure.group_size))
+    print(f"measuring {len(configs)} shapes on {devices.device_name(device)} "
+          f"({str(devices.serving_dtype(device)).replace('torch.', '')}, decode {graph}): prompt "
+          f"{protocol['prompt_len']}, {protocol['decode_tokens']} decode tokens, batches {protocol['batch_sizes']}, "
+          f"warmup {protocol['warmup']}, repeats {protocol['repeats']}, {torch.get_num_threads()} threads, "
+          f"{cfg.measure.rounds} rounds")
+    return measure_shapes(configs, protocol, device, cfg.measure.rounds,
+                          modes=tuple(str(m) for m in cfg.measure.modes),
+                          group_size=None if cfg.measure.group_size is None else int(cfg.measure.group_size),
+                          graph=cfg.measure.graph)
 
+
+def check_one_kind(table: pd.DataFrame, what) -> pd.DataFrame:
+    """``table``'s measurements all of one device, dtype and graph mode (a one-line error naming two values that
+    differ); a table without a ``graph`` column (written by older releases) was measured eagerly."""
+    if "graph" not in table.columns:
+        table["graph"] = devices.EAGER
+    for key in devices.COMPARED:
+        values = list(dict.fromkeys(table[key].astype(str)))
+        if len(values) > 1:
+            raise UserError(f"{what} holds measurements of {key} {values[0]!r} and of {key} {values[1]!r}: one "
+                            f"latency law is fitted to measurements of one device, dtype and graph mode")
+    return table
 
 
 def read_measurements(path) -> pd.DataFrame:
-    """A latency.csv written by ``scaling-latency``, checked: one protocol, the columns the law needs."""
+    """A latency.csv written by ``scaling-latency``, checked: the columns the law needs, one device, dtype and graph
+    mode (``check_one_kind``), one protocol."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no latency measurements at {path}: measurements= takes a latency.csv written by "
@@ -265,7 +299,8 @@ def read_measurements(path) -> pd.DataFrame:
     missing = sorted(need - set(table.columns))
     if missing or table.empty:
         raise ValueError(f"{path} is not a latency.csv of scaling-latency: missing columns {missing or 'rows'}")
-    mixed = [k for k in ("device", "threads", "dtype", *MEASUREMENT_PROTOCOL) if table[k].nunique() > 1]
+    check_one_kind(table, path)
+    mixed = [k for k in ("threads", *MEASUREMENT_PROTOCOL) if table[k].nunique() > 1]
     if mixed:
         raise ValueError(f"{path} mixes measurements taken with different {mixed}: fit one device and protocol at "
                          f"a time")
@@ -278,7 +313,8 @@ def format_latency(table, section: dict) -> str:
     model = LatencyModel.from_dict(section)
     spread = round_spread(table)
     table = reduce_rounds(table, section["aggregate"], by=("params_non_embedding",))
-    lines = [f"== latency law on {section['device']} ({section['threads']} threads, {section['dtype']}; context: "
+    lines = [f"== latency law on {section['device']} ({section['threads']} threads, {section['dtype']}, decode "
+             f"{section.get('graph', devices.EAGER)}; context: "
              f"prompt {section['prompt_len']}, {section['decode_tokens']} decoded; the {section['aggregate']} of "
              f"{section['rounds']} rounds): ms = {section['form']}",
              f"   {'mode':>4} {'n_layers':>8} {'d_model':>7} {'N (non-emb)':>11} {'batch':>5} {'decode ms/tok':>13} "

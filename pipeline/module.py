@@ -55,7 +55,9 @@ class LitGPT(L.LightningModule):
         # may be shorter, and its micro-batches' losses are weighted so that the step's gradient is its batch's mean
         self.accumulate, self.batch_size, self.sequences = accumulate, batch_size, sequences
         self.model = GPT(model_config)
-        self.forward_model = torch.compile(self.model) if compile else self.model
+        # training and validation steps call forward_model: the model's forward, compiled with train.compile. A
+        # function, not a submodule, so the state dict holds model.* alone and a checkpoint resumes either way
+        self.forward_model = torch.compile(self.model.forward) if compile else self.model.forward
         self.lr, self.total_steps, self.warmup_steps, self.min_lr_ratio = lr, total_steps, warmup_steps, min_lr_ratio
         self.decay_start = decay_start  # None: warmup + cosine; else warmup-stable-decay
         self.weight_decay, self.betas = weight_decay, betas
@@ -141,11 +143,17 @@ class LitGPT(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         per_window = []
-        for x, y in loader:
-            x, y = x.to(self.device), y.to(self.device)
-            logits = self.model(x)
-            nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
-            per_window.append(nll.double().mean(dim=1).cpu())
+        # the loss the fits read is computed in full fp32 (training may run fp32 matmuls on TF32 tensor cores)
+        matmul_precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            for x, y in loader:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                logits = self.model(x)
+                nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
+                per_window.append(nll.double().mean(dim=1).cpu())
+        finally:
+            torch.set_float32_matmul_precision(matmul_precision)
         self.model.train(was_training)
         w = torch.cat(per_window)
         n_tokens = int(w.numel() * loader.dataset.seq_len)
@@ -156,10 +164,24 @@ class LitGPT(L.LightningModule):
     def configure_optimizers(self):
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        # On CUDA the fused AdamW kernel (one launch for every parameter), unless a GradScaler (16-mixed) scales
+        # the gradients: Lightning unscales them only for an optimizer that does not do it itself
+        fused = (all(p.is_cuda for p in decay + no_decay)
+                 and getattr(self.trainer.precision_plugin, "scaler", None) is None)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas,
+                                **({"fused": True} if fused else {}))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_multiplier(step))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's mixed-precision plugin refuses to clip a fused optimizer's gradients, lest a GradScaler's
+        # scaled ones be clipped; a fused AdamW runs without one (configure_optimizers), so its gradients are
+        # clipped as they are, by norm (the Trainer's algorithm; train.grad_clip)
+        if not optimizer.defaults.get("fused"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_val:
+            self.trainer.precision_plugin.clip_grad_by_norm(optimizer, gradient_clip_val)
 
     def on_train_start(self):
         # A resumed run takes its optimizer's learning rate from the checkpoint, where the schedule that saved it set
@@ -189,10 +211,22 @@ class LitGPT(L.LightningModule):
         checkpoint["train_curve"] = self.train_curve
 
     def on_load_checkpoint(self, checkpoint):
+        drop_compiled_copies(checkpoint["state_dict"])
         self.tokens_resumed = checkpoint.get("tokens_seen", 0)
         self.val_curve = [tuple(p) for p in checkpoint.get("val_curve", [])]
         self.windows_hash = checkpoint.get("windows_hash", "")
         self.train_curve = [tuple(p) for p in checkpoint.get("train_curve", [])]
+
+
+def drop_compiled_copies(state: dict) -> None:
+    """Drop the second copy of every tensor from a checkpoint's state dict in the older layout, which held the
+    forward as a submodule beside the model: ``forward_model.*`` (``forward_model._orig_mod.*`` when compiled), each
+    checked to equal its ``model.*`` original. Such a checkpoint then resumes with train.compile on or off."""
+    for key in [k for k in state if k.startswith("forward_model.")]:
+        original = "model." + key.removeprefix("forward_model.").removeprefix("_orig_mod.")
+        copy = state.pop(key)
+        if original not in state or not torch.equal(copy, state[original]):
+            raise RuntimeError(f"the checkpoint's {key} is not a copy of {original}: it cannot be resumed")
 
 
 class Progress(Callback):

@@ -1,13 +1,14 @@
-"""``scaling-quantize``: what INT8 and INT4 post-training quantization cost a sweep's trained models in loss, and
-what they save in weight bytes and decode time; then the penalty law ``delta = k D^a / N^b`` fitted per mode.
+"""``scaling-quantize``: what post-training quantization (INT8, INT4, or any mode of the serving modes' table,
+``conf/serving_mode/``) costs a sweep's trained models in loss, and what it saves in weight bytes and decode time;
+then the penalty law ``delta = k D^a / N^b`` fitted per mode.
 
-For every chosen ``ok`` run with saved weights (``train.save_model=true``) and every mode of ``cfg.modes``
-(``pipeline/serving.py``): weight bytes, the held-out loss on the run's fixed evaluation slice, and prefill and
-decode latency with the training runs' protocol (``pipeline.latency.measure``), each beside the full-precision
-model's, measured in the same process right before. Writes ``<out>/quantization.csv`` (one row per run and mode)
-and ``<out>/quantization.json`` (the rows, every run's skipped layers, the protocol, the penalty fits). The penalty
-law is fitted by the fit stage (``scaling-fit`` on that CSV, ``law=quant_penalty``) into ``<out>/penalty_<mode>/``
-and printed beside the published exponents.
+For every chosen ``ok`` run with saved weights (``train.save_model=true``), served on ``cfg.device`` in its serving
+dtype (``pipeline/device.py``), and every mode of ``cfg.modes`` (``pipeline/serving.py``): weight bytes, the
+held-out loss on the run's fixed evaluation slice, and prefill and decode latency with the training runs' protocol
+(``pipeline.latency.measure``), each beside the full-precision model's, measured in the same process right before.
+Writes ``<out>/quantization.csv`` (one row per run and mode) and ``<out>/quantization.json`` (the rows, every run's
+skipped layers, the protocol, the penalty fits). The penalty law is fitted by the fit stage (``scaling-fit`` on that
+CSV, ``law=quant_penalty``) into ``<out>/penalty_<mode>/`` and printed beside the published exponents.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from omegaconf import DictConfig
 from scaling_lab.conf import command, compose
 from scaling_lab.fit import tracking
 from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
+from scaling_lab.pipeline import device as devices
 from scaling_lab.pipeline import serving
 from scaling_lab.pipeline.latency import PROTOCOL, measure, protocol_defaults
 
@@ -32,9 +34,15 @@ PUBLISHED = {"Kumar et al. 2024 (arXiv 2411.04330)": (0.5068, 0.3439),
 
 def run(cfg: DictConfig) -> dict:
     modes = [str(m) for m in cfg.modes]
-    bad = [m for m in modes if m not in serving.MODES]
+    known = serving.modes()
+    bad = [m for m in modes if m not in known]
     if bad or not modes:
-        raise serving.ServingInputError(f"modes must be some of {list(serving.MODES)}, got {modes}")
+        raise serving.ServingInputError(f"modes must be some of {known} (conf/serving_mode/; your own: "
+                                        f"hydra.searchpath=[file://<dir>] with <dir>/serving_mode/<name>.yaml), got "
+                                        f"{modes}")
+    device = devices.resolve(cfg.device)
+    group_size = None if cfg.group_size is None else int(cfg.group_size)
+    serving.check_modes(modes, device, group_size)
     records = serving.pick_records(serving.ok_records(cfg.results_dir, cfg.sweep), list(cfg.runs), cfg.results_dir,
                                    cfg.sweep, rows=cfg.rows)
     protocol = protocol_defaults(cfg.results_dir, cfg.sweep)
@@ -42,21 +50,22 @@ def run(cfg: DictConfig) -> dict:
     threads = cfg.threads or protocol.get("threads")
     if threads:
         torch.set_num_threads(int(threads))
-    print(f"quantizing {len(records)} runs of {cfg.sweep} to {modes} (int4 group size {cfg.group_size}); latency: "
+    print(f"quantizing {len(records)} runs of {cfg.sweep} to {modes} on {devices.device_name(device)}"
+          + (f" (group size {group_size})" if group_size else "") + "; latency: "
           f"prompt {protocol['prompt_len']}, {protocol['decode_tokens']} decode tokens, batch "
           f"{protocol['batch_sizes'][0]}, {torch.get_num_threads()} threads")
 
     rows, reports = [], {}
     started = time.time()
     for i, record in enumerate(sorted(records, key=lambda r: r["params"]["non_embedding"])):
-        model = serving.load_model(record, cfg.results_dir)
+        model = devices.serving_copy(serving.load_model(record, cfg.results_dir), device)
         _, windows = serving.eval_windows(record)
         loss_full = serving.heldout_loss(model, windows)
         bytes_full = serving.weight_bytes(model)
         lat_full = _latency(model, protocol)
         reports[record["run_id"]] = {}
         for mode in modes:
-            qmodel, report = serving.quantize(model, mode, int(cfg.group_size))
+            qmodel, report = serving.quantize(model, mode, group_size)
             loss_q = serving.heldout_loss(qmodel, windows)
             lat_q = _latency(qmodel, protocol)
             reports[record["run_id"]][mode] = report
@@ -84,12 +93,12 @@ def run(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(out / "quantization.csv", table)
     penalties = fit_penalties(cfg, out / "quantization.csv", table, modes) if cfg.penalty.fit else {}
-    doc = {"schema_version": 1, "sweep": cfg.sweep, "modes": modes, "group_size": int(cfg.group_size),
+    doc = {"schema_version": 1, "sweep": cfg.sweep, "modes": modes, "group_size": group_size,
            "device": lat_full["device"], "threads": torch.get_num_threads(),
            "protocol": {k: protocol[k] for k in ("prompt_len", "decode_tokens", "warmup", "repeats")},
            "batch": int(protocol["batch_sizes"][0]),
-           "quantized": "every nn.Linear of the blocks; embedding, positions, layer norms and the (tied) output "
-                        "head stay fp32",
+           "quantized": "every nn.Linear of the blocks the mode packs; embedding, positions, layer norms and the "
+                        "(tied) output head stay in full precision",
            "rows": table.to_dict(orient="records"), "layers": reports, "penalty": penalties,
            "wall_s": time.time() - started}
     write_json_atomic(out / "quantization.json", doc)

@@ -1,10 +1,11 @@
 """``scaling-select``: which shape to train at a parameter and token budget, given a fitted inference-efficient law
-and decode latency (modelled, or measured here with ``select.measure=true``).
+and decode latency (modelled, or measured here with ``select.measure=true`` on ``select.device``, each shape as
+served there; a latency law beside such a measurement must come from the same device, dtype and graph mode).
 
 Enumerates the shapes of ``conf/arch/<family>`` within the budget (or takes ``shapes.pairs``), counts their N with
 the convention the law was fitted with (``models.gpt``'s own counts), predicts loss and latency, prints the ranked
 table, the Pareto front and the choice, and writes ``<out>/selection.json`` and ``<out>/candidates.csv``. The
-ranking, front and rules are ``fit/select.py``; ``run(cfg)`` is the whole job. Configuration: ``conf/select.yaml``.
+ranking, front and rules are ``fit/selection.py``; ``run(cfg)`` is the whole job. Configuration: ``conf/select.yaml``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from scaling_lab.conf import command
 from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
 from scaling_lab.fit.latency import FORM, LatencyModel, MissingLatency, load_latency
 from scaling_lab.models.shapes import GPTConfig, non_embedding_params
+from scaling_lab.pipeline import device as devices
 from scaling_lab.pipeline.latency import measure_shapes, protocol_defaults
 
 SELECTION_SCHEMA_VERSION = 1
@@ -86,15 +88,17 @@ def candidate_shapes(cfg: DictConfig, count: Callable[[int, int], float],
     return selection.enumerate_shapes(count, lo, hi, tuple(arch.n_layers), arch.head_dim, aspect_ratio)
 
 
-def measure_candidates(shapes: pd.DataFrame, arch, protocol: dict, batch: int,
-                       device: str = "cpu") -> tuple[np.ndarray, str]:
-    """Decode ms/token of every shape, measured here on randomly initialised weights (``pipeline.latency``), and
-    the device's name."""
+def measure_candidates(shapes: pd.DataFrame, arch, protocol: dict, batch: int, device: str = devices.DEFAULT,
+                       graph: str | bool | None = "auto") -> tuple[np.ndarray, dict]:
+    """Decode ms/token of every shape, measured here on randomly initialised weights in their serving copies on
+    ``device`` (``pipeline.latency``), and how: device, dtype, threads and graph mode."""
     if protocol.get("threads"):
         torch.set_num_threads(int(protocol["threads"]))
     configs = [gpt_config(arch, r.n_layers, r.d_model) for r in shapes.itertuples()]
-    rows = measure_shapes(configs, {**protocol, "batch_sizes": [int(batch)]}, device, log=lambda _: None)
-    return np.array([r["decode_ms_per_token"] for r in rows]), rows[0]["device"]
+    rows = measure_shapes(configs, {**protocol, "batch_sizes": [int(batch)]}, device, log=lambda _: None,
+                          graph=graph)
+    return (np.array([r["decode_ms_per_token"] for r in rows]),
+            {k: rows[0][k] for k in ("device", "dtype", "threads", "graph")})
 
 
 def latency_source(cfg: DictConfig, fit_path: Path) -> LatencyModel | None:
@@ -113,6 +117,12 @@ def predicted_latency(cfg: DictConfig, shapes: pd.DataFrame, model: LatencyModel
     """Decode ms/token per shape (measured or modelled) and a record of where it came from."""
     batch = cfg.select.batch if cfg.select.batch is not None else (model.batch_size if model else 1)
     if cfg.select.measure:
+        device = devices.resolve(cfg.select.device)
+        here = devices.conditions(device, devices.use_graph(cfg.select.graph, device))
+        if model is not None:  # its protocol is the measurement's: it must describe the same device
+            devices.check_comparable(model.meta, here, f"the latency law of {cfg.latency or cfg.constants}",
+                                     f"select.measure=true here (select.device={cfg.select.device}, "
+                                     f"select.graph={cfg.select.graph})")
         protocol = protocol_defaults()
         if model is not None:
             protocol.update({k: model.meta[k] for k in ("prompt_len", "decode_tokens", "warmup", "repeats", "threads")
@@ -120,15 +130,16 @@ def predicted_latency(cfg: DictConfig, shapes: pd.DataFrame, model: LatencyModel
         protocol.update({k: v for k, v in cfg.select.protocol.items() if v is not None})
         if cfg.select.threads is not None:
             protocol["threads"] = cfg.select.threads
-        ms, device = measure_candidates(shapes, cfg.arch, protocol, batch)
-        return ms, {"source": "measured", "device": device, "batch": int(batch), "protocol": protocol}
+        ms, measured_under = measure_candidates(shapes, cfg.arch, protocol, batch, device, cfg.select.graph)
+        return ms, {"source": "measured", **measured_under, "batch": int(batch), "protocol": protocol}
     ms = model.predict(shapes.n_layers.to_numpy(), shapes.d_model.to_numpy(), "decode_ms_per_token", batch,
                        vocab_size=int(cfg.arch.vocab_size))
     measured = model.meta.get("shapes") or {}
     size = shapes.n_layers * shapes.d_model ** 2
     extrapolated = bool(measured) and bool((size > measured["n_layers"][1] * measured["d_model"][1] ** 2).any()
                                            or (shapes.n_layers > measured["n_layers"][1]).any())
-    return np.asarray(ms), {"source": "model", "device": model.device, "batch": int(batch), "form": FORM,
+    return np.asarray(ms), {"source": "model", **devices.measured_under(model.meta),
+                            "threads": model.meta.get("threads"), "batch": int(batch), "form": FORM,
                             "coefficients": model.coefficients("decode_ms_per_token", "none"),
                             "heldout": model.heldout.get("none", {}).get("decode_ms_per_token"),
                             "measured_shapes": measured, "extrapolated": extrapolated}
@@ -209,8 +220,9 @@ def r_edge(result: dict, table: pd.DataFrame, ratios: tuple[float | None, float 
 
 def format_report(result: dict, table: pd.DataFrame, top: int) -> str:
     lat = result["latency"]
-    how = (f"measured here ({lat['device']}, batch {lat['batch']})" if lat["source"] == "measured" else
-           f"latency model of {lat['device']} (batch {lat['batch']}, ms = {lat['form']}"
+    where = f"{lat['device']}, {lat.get('dtype') or 'dtype not recorded'}, decode {lat['graph']}"
+    how = (f"measured here ({where}, batch {lat['batch']})" if lat["source"] == "measured" else
+           f"latency model of {where} (batch {lat['batch']}, ms = {lat['form']}"
            + (f", leave-one-shape-out MAPE {100 * lat['heldout']['loso_mape']:.1f}%"
               if (lat.get("heldout") or {}).get("loso_mape") is not None else "") + ")")
     n = result["budget"]

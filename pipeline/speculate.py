@@ -4,8 +4,11 @@ For every (draft, target, k) and mode (greedy; sampled with the configured tempe
 to both models): the acceptance rate (accepted / proposed draft tokens), tokens per target step, the wall-clock
 speedup over target-only decoding with the same warping (both timed here, ``repeats`` times, median), the speedup
 Leviathan et al.'s formula predicts from the measured acceptance and cost ratio, and in greedy mode whether the
-output equals target-only greedy decoding token for token. Writes ``<out>/speculative.csv`` and
-``<out>/speculative.json`` (with the best k per pair and mode). Algorithm: ``models/speculative.py``.
+output equals target-only greedy decoding token for token. Every model is measured as served on ``device``
+(``pipeline.device.serving_copy``: bf16 on CUDA, fp32 on the CPU), decoding eagerly (the draft-verify loop changes
+shape every step: no CUDA graph), each timing bracketed by ``pipeline.device.synchronize``. Writes
+``<out>/speculative.csv`` and ``<out>/speculative.json`` (with the best k per pair and mode, and the device, dtype,
+threads and graph mode). Algorithm: ``models/speculative.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from scaling_lab.conf import command
 from scaling_lab.fit import tracking
 from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
 from scaling_lab.models.speculative import speculative_generate, target_generate
+from scaling_lab.pipeline import device as devices
 from scaling_lab.pipeline import serving
 
 MODES = ("greedy", "sampled")
@@ -59,11 +63,13 @@ def choose_pairs(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
     return targets, drafts
 
 
-def _timed(fn, repeats: int):
+def _timed(fn, repeats: int, device):
     times, out = [], None
     for _ in range(repeats):
+        devices.synchronize(device)
         start = time.perf_counter()
         out = fn()
+        devices.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
 
@@ -77,6 +83,7 @@ def run(cfg: DictConfig) -> dict:
         raise serving.ServingInputError(f"ks must be positive integers, got {ks}")
     if cfg.prompt_len < 2 or cfg.new_tokens < 1:
         raise serving.ServingInputError("prompt_len must be >= 2 and new_tokens >= 1")
+    device = devices.resolve(cfg.device)
     targets, drafts = choose_pairs(cfg)
     need = int(cfg.prompt_len) + int(cfg.new_tokens) + max(ks) + 1
     for r in targets + drafts:
@@ -86,11 +93,13 @@ def run(cfg: DictConfig) -> dict:
     torch.set_num_threads(int(cfg.threads))
     _, windows = serving.eval_windows(targets[0])
     prompts = [windows[i][0][None, :int(cfg.prompt_len)] for i in range(min(int(cfg.prompts), len(windows)))]
-    models = {r["run_id"]: serving.load_model(r, cfg.results_dir) for r in targets + drafts}
+    models = {r["run_id"]: devices.serving_copy(serving.load_model(r, cfg.results_dir), device)
+              for r in targets + drafts}
+    measured_under = devices.conditions(device, graphed=False)
     reps, n = int(cfg.repeats), int(cfg.new_tokens)
     print(f"speculative decoding on {cfg.sweep}: {len(targets)} target(s) x {len(drafts)} draft(s) x k {ks} x "
           f"{modes}; {len(prompts)} held-out prompts of {cfg.prompt_len} tokens, {n} new tokens, {reps} repeats, "
-          f"{torch.get_num_threads()} thread(s)")
+          f"on {measured_under['device']} in {measured_under['dtype']}, {measured_under['threads']} thread(s)")
 
     def settings(mode, seed):
         temperature = 0.0 if mode == "greedy" else float(cfg.temperature)
@@ -102,18 +111,18 @@ def run(cfg: DictConfig) -> dict:
         target = models[t["run_id"]]
         for mode in modes:
             base_s, base_out = _timed(lambda: [target_generate(target, p, n, **settings(mode, int(cfg.seed) + i))
-                                               for i, p in enumerate(prompts)], reps)
+                                               for i, p in enumerate(prompts)], reps, device)
             for d in drafts:
                 if d["run_id"] == t["run_id"]:
                     continue
                 draft = models[d["run_id"]]
                 draft_s, _ = _timed(lambda: [target_generate(draft, p, n, **settings(mode, int(cfg.seed) + i))
-                                             for i, p in enumerate(prompts)], reps)
+                                             for i, p in enumerate(prompts)], reps, device)
                 cost_ratio = draft_s / base_s
                 for k in ks:
                     spec_s, results = _timed(lambda: [
                         speculative_generate(target, draft, p, n, k, **settings(mode, int(cfg.seed) + i))
-                        for i, p in enumerate(prompts)], reps)
+                        for i, p in enumerate(prompts)], reps, device)
                     drafted = sum(s.drafted for _, s in results)
                     accepted = sum(s.accepted for _, s in results)
                     steps = sum(s.target_steps for _, s in results)
@@ -134,6 +143,7 @@ def run(cfg: DictConfig) -> dict:
                         "cost_ratio": cost_ratio, "target_ms_per_token": 1e3 * base_s / (n * len(prompts)),
                         "speculative_ms_per_token": 1e3 * spec_s / (n * len(prompts)),
                         "speedup_measured": base_s / spec_s, "speedup_predicted": predicted, "greedy_exact": exact,
+                        **measured_under,
                     })
                     r = rows[-1]
                     print(f"  target {t['run_id']} draft {d['run_id']} {mode} k={k}: acceptance {alpha:.3f}, "
@@ -146,7 +156,7 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(out / "speculative.csv", table)
-    doc = {"schema_version": 1, "sweep": cfg.sweep, "threads": torch.get_num_threads(),
+    doc = {"schema_version": 1, "sweep": cfg.sweep, **measured_under,
            "prompts": len(prompts), "prompt_len": int(cfg.prompt_len), "new_tokens": n, "repeats": reps,
            "rows": table.to_dict(orient="records"),
            "best": best[["draft_run_id", "target_run_id", "mode", "k", "acceptance_rate", "speedup_measured",

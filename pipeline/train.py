@@ -242,6 +242,7 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> 
     import lightning as L
 
     from scaling_lab.pipeline.data import bits_per_byte, slice_info
+    from scaling_lab.pipeline.device import serving_copy
     from scaling_lab.pipeline.latency import measure
     from scaling_lab.pipeline.module import Checkpointing, Progress
     from scaling_lab.pipeline.throughput import StepTimes
@@ -323,9 +324,12 @@ def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> 
             guard.phase = "latency"
             lat = cfg.latency
             log.info("held-out loss %.4f; measuring inference latency", loss)
-            dtype = torch.bfloat16 if "bf16" in t.precision and module.device.type == "cuda" else None
-            out["latency"] = measure(module.model, lat.prompt_len, lat.decode_tokens, list(lat.batch_sizes),
-                                     lat.warmup, lat.repeats, dtype=dtype)
+            # as served on the training device: a copy in its serving dtype (bf16 on CUDA, fp32 on the CPU),
+            # decode graphed on CUDA
+            served = serving_copy(module.model, module.device)
+            out["latency"] = measure(served, lat.prompt_len, lat.decode_tokens, list(lat.batch_sizes),
+                                     lat.warmup, lat.repeats)
+            del served
         if t.save_model:
             out["weights"] = save_weights(module.model, store.weights_path(cfg.results_dir, spec.sweep, spec.run_id))
         guard.phase = "finishing"
@@ -531,7 +535,7 @@ def build_module(t, spec: RunSpec):
 
 def build_trainer(t, spec: RunSpec, logger=None, callbacks=(), root_dir=None, validate: bool = True):
     """The Lightning Trainer of a run (also used by scripts/bench_train_loop.py, so the benchmark times the same
-    loop): exactly ``total_steps`` optimizer steps, our own checkpointing, validation-curve points."""
+    loop): exactly ``total_steps`` optimizer steps, our own checkpointing, validation-curve points; on CUDA, TF32."""
     import lightning as L
 
     # Lightning's INFO lines (accelerator found, tips, checkpoint loading) drown a sweep's output; warnings still
@@ -542,7 +546,7 @@ def build_trainer(t, spec: RunSpec, logger=None, callbacks=(), root_dir=None, va
     # Under SLURM (and submitit) pre-emption is ours (pipeline.signals: checkpoint at the signal, then submitit's
     # own requeue): Lightning's auto-requeue would also catch the signal and call scontrol requeue.
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
-    return L.Trainer(
+    trainer = L.Trainer(
         plugins=plugins, max_steps=spec.total_steps, max_epochs=-1, precision=t.precision, accelerator=t.accelerator,
         devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, gradient_clip_val=t.grad_clip,
         logger=logger or False, callbacks=list(callbacks), enable_checkpointing=False,
@@ -552,6 +556,11 @@ def build_trainer(t, spec: RunSpec, logger=None, callbacks=(), root_dir=None, va
         limit_val_batches=None if validate else 0, num_sanity_val_steps=0, use_distributed_sampler=False,
         log_every_n_steps=t.log_every, enable_progress_bar=_show_bar(t), enable_model_summary=False,
         default_root_dir=str(root_dir) if root_dir else None)
+    # Training on CUDA (the device the Trainer chose from train.accelerator and train.devices): fp32 matmuls on
+    # TF32 tensor cores, for this process (cuDNN's convolutions use TF32 by default)
+    if trainer.strategy.root_device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    return trainer
 
 
 def _show_bar(t) -> bool:

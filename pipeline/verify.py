@@ -7,9 +7,15 @@ At N = ``params_factor`` x the sweep's largest model (counted as the fit counts 
 shape is the candidate of that size whose aspect ratio is nearest the sweep's median. Both are trained for real by
 ``scaling-train`` (two processes in parallel, ``threads`` each, the sweep's training protocol from
 ``conf/launch/sweep/<train_preset>``, records in ``<results_dir>/<name>/``) on the same D. Their latencies are then
-re-measured back to back (interleaved rounds, so both see the same machine load), and predicted vs measured loss and
-latency are written to ``<out>/verification.json`` and printed, with whether the Morph claim (faster at nearly equal
-loss: measured loss within the tolerance of the conventional shape's) held. Configuration: ``conf/verify.yaml``.
+re-measured back to back on ``device`` (interleaved rounds, so both see the same machine load), and predicted vs
+measured loss and latency are written to ``<out>/verification.json`` and printed, with whether the Morph claim
+(faster at nearly equal loss: measured loss within the tolerance of the conventional shape's) held. Configuration:
+``conf/verify.yaml``.
+
+The three latencies compared (the latency law's prediction, the records' measurement after training and the
+re-measurement) must come from one device, dtype and graph mode: a law of another device, or runs that would train
+(and measure their records' latency) on another device kind than ``device``, is refused in one line before
+anything is trained.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from scaling_lab.conf import command, compose
 from scaling_lab.fit import tracking
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.fit.io import store
+from scaling_lab.fit.latency import MissingLatency, load_latency
+from scaling_lab.pipeline import device as devices
 from scaling_lab.pipeline import select as select_cli
 from scaling_lab.pipeline.latency import measure_shapes, protocol_defaults
 from scaling_lab.fit.io.store import load_table
@@ -85,22 +94,60 @@ def train_both(cfg: DictConfig, shapes: dict[str, dict], tokens: int, out: Path)
     return rows
 
 
-def remeasure(cfg: DictConfig, shapes: dict[str, dict]) -> dict[str, float]:
-    """Decode ms/token (batch 1) of both shapes, measured back to back in interleaved rounds, same protocol; the
-    fastest round of each, as the latency law reduces rounds."""
+def record_conditions(cfg: DictConfig, shape: dict, tokens: int) -> dict | None:
+    """How the trained runs' records will measure latency (device kind, serving dtype, graph mode), read from the
+    training config before training: ``train.accelerator`` (``auto``: a GPU when one is visible); None when
+    ``latency.enabled`` is false."""
+    train_cfg = compose("train", train_overrides(cfg, shape, tokens))
+    if not train_cfg.latency.enabled:
+        return None
+    accelerator = str(train_cfg.train.accelerator)
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    kind = "cuda" if gpu else "cpu"
+    graph = devices.graph_name(kind == "cuda")  # the records measure with graph=auto
+    return {"device": kind, "dtype": str(devices.serving_dtype(kind)).replace("torch.", ""), "graph": graph,
+            "accelerator": accelerator}
+
+
+def check_training_device(cfg: DictConfig, shape: dict, tokens: int, here: dict) -> None:
+    """Refuse, before training, runs whose records would measure latency on another device kind, dtype or graph mode
+    than the re-measurement here."""
+    planned = record_conditions(cfg, shape, tokens)
+    if planned is None:
+        return
+    devices.check_comparable(planned, {**here, "device": here["device"].split(":")[0]},  # device kinds compared
+                             f"the runs' records (trained with train.accelerator={planned['accelerator']})",
+                             f"the re-measurement here (device={cfg.device}, graph={cfg.graph})")
+
+
+def remeasure(cfg: DictConfig, shapes: dict[str, dict], device) -> tuple[dict[str, float], dict]:
+    """Decode ms/token (batch 1) of both shapes on ``device``, measured back to back in interleaved rounds, same
+    protocol; the fastest round of each, as the latency law reduces rounds; and how they were measured (device,
+    dtype, threads, graph)."""
     protocol = protocol_defaults(cfg.results_dir, cfg.sweep)
     torch.set_num_threads(int(cfg.threads))
     configs = [select_cli.gpt_config(cfg.arch, s["n_layers"], s["d_model"]) for s in shapes.values()]
-    rows = pd.DataFrame(measure_shapes(configs, {**protocol, "batch_sizes": [1]}, rounds=cfg.remeasure_rounds,
-                                       log=lambda _: None))
-    fastest = rows.groupby(["n_layers", "d_model"]).decode_ms_per_token.min()
-    return {label: float(fastest[c.n_layers, c.d_model]) for label, c in zip(shapes, configs)}
+    rows = measure_shapes(configs, {**protocol, "batch_sizes": [1]}, device, rounds=cfg.remeasure_rounds,
+                          log=lambda _: None, graph=cfg.graph)
+    fastest = pd.DataFrame(rows).groupby(["n_layers", "d_model"]).decode_ms_per_token.min()
+    how = {k: rows[0][k] for k in ("device", "dtype", "threads", "graph")}
+    return {label: float(fastest[c.n_layers, c.d_model]) for label, c in zip(shapes, configs)}, how
 
 
 def run(cfg: DictConfig) -> dict:
     """Select at the verification size, train both shapes, re-measure, compare; returns verification.json."""
     fit_path = Path(str(cfg.constants))
     convention = read_fit_json(fit_path).get("provenance", {}).get("n_convention")
+    device = devices.resolve(cfg.device)
+    here = devices.conditions(device, devices.use_graph(cfg.graph, device))
+    if not cfg.measure:  # the selection's latency is the law's: it must describe the device re-measured here
+        try:
+            law = load_latency(fit_path)
+        except MissingLatency:
+            law = None  # the selection says what to do
+        if law is not None:
+            devices.check_comparable(law.meta, here, f"the latency law of {fit_path}",
+                                     f"the re-measurement here (device={cfg.device}, graph={cfg.graph})")
     ref = sweep_reference(cfg, convention)
     target_n = cfg.params_factor * ref["largest_N"]
     tokens = int(round(cfg.tokens_per_param * target_n))
@@ -111,7 +158,8 @@ def run(cfg: DictConfig) -> dict:
     select_cfg = compose("select", [
         f"constants={fit_path}", f"budget.params={target_n}",
         f"budget.band={cfg.band}", f"budget.tokens={tokens}", f"select.loss_tolerance={cfg.loss_tolerance}",
-        f"select.measure={str(cfg.measure).lower()}", f"out={out / 'selection'}"])
+        f"select.measure={str(cfg.measure).lower()}", f"select.device={cfg.device}", f"select.graph={cfg.graph}",
+        f"out={out / 'selection'}"])
     select_cfg.arch = cfg.arch  # the family chosen for the verification (arch=...), not select.yaml's default
     select_cfg.logger = cfg.logger  # its W&B run as the verification's (logger=none: none)
     selection = select_cli.run(select_cfg)
@@ -119,13 +167,20 @@ def run(cfg: DictConfig) -> dict:
     shapes = {"morph": selection["chosen"], "conventional": conventional(candidates, ref["median_R"], target_n)}
     same = (shapes["morph"]["n_layers"], shapes["morph"]["d_model"]) == (shapes["conventional"]["n_layers"],
                                                                        shapes["conventional"]["d_model"])
+    check_training_device(cfg, shapes["morph"], tokens, here)
     trained = train_both(cfg, {"morph": shapes["morph"]} if same else shapes, tokens, out)
     if same:
         trained["conventional"] = trained["morph"]
-    latency = remeasure(cfg, shapes)
+    records = {r["run_id"]: r for r in store.iter_records(cfg.results_dir, cfg.name)}
+    for label, row in trained.items():
+        measured = (records.get(row["run_id"]) or {}).get("latency")
+        if measured:
+            devices.check_comparable(measured, here, f"the {label} run's record ({row['run_id']})",
+                                     f"the re-measurement here (device={cfg.device}, graph={cfg.graph})")
+    latency, how = remeasure(cfg, shapes, device)
     result = {"sweep": cfg.sweep, "fit_json": str(fit_path.resolve()), "n_convention": convention,
               "reference": ref, "target_N": target_n, "tokens": tokens, "loss_tolerance": cfg.loss_tolerance,
-              "latency_source": selection["latency"]["source"], "models": {}}
+              "latency_source": selection["latency"]["source"], **how, "models": {}}
     for label, shape in shapes.items():
         row = trained[label]
         result["models"][label] = {
@@ -133,7 +188,8 @@ def run(cfg: DictConfig) -> dict:
             "N": float(shape["N"]), "run_id": row["run_id"],
             "loss_predicted": float(shape["loss"]), "loss_measured": float(row["loss"]),
             "latency_predicted_ms": float(shape["latency_ms"]),
-            "latency_record_ms": float(row["decode_ms_per_token"]),
+            "latency_record_ms": (float(row["decode_ms_per_token"]) if pd.notna(row.get("decode_ms_per_token"))
+                                  else None),
             "latency_remeasured_ms": float(latency[label]),
             "train_s": float(row["train_s"]) if row.get("train_s") is not None else None}
     m, c = result["models"]["morph"], result["models"]["conventional"]
@@ -154,13 +210,14 @@ def run(cfg: DictConfig) -> dict:
 
 
 def format_verification(result: dict) -> str:
-    lines = ["== selection verified on trained models (loss: held-out nats/token; latency: decode ms/token, batch 1)",
+    lines = ["== selection verified on trained models (loss: held-out nats/token; latency: decode ms/token, batch 1, "
+             f"on {result['device']} in {result['dtype']}, decode {result['graph']}, {result['threads']} thread(s))",
              f"   {'shape':<13} {'n_layers':>8} {'d_model':>7} {'R':>6} {'N':>9} {'loss pred':>9} {'measured':>9} "
              f"{'lat pred':>8} {'record':>7} {'re-meas':>7}"]
     for label, m in result["models"].items():
         lines.append(f"   {label:<13} {m['n_layers']:>8} {m['d_model']:>7} {m['R']:>6.3g} {m['N']:>9.4g} "
                      f"{m['loss_predicted']:>9.4f} {m['loss_measured']:>9.4f} {m['latency_predicted_ms']:>8.3g} "
-                     f"{m['latency_record_ms']:>7.3g} {m['latency_remeasured_ms']:>7.3g}")
+                     f"{_ms(m['latency_record_ms']):>7} {m['latency_remeasured_ms']:>7.3g}")
     c = result["claim"]
     if c["same_shape"]:
         lines.append("   the selection is the conventional shape: no Morph claim to check at this size")
@@ -171,6 +228,10 @@ def format_verification(result: dict) -> str:
         lines.append(f"   Morph claim (faster at nearly equal loss): {'HELD' if c['held'] else 'NOT HELD'}"
                      + ("" if c["held"] else f" (faster: {c['faster']}, nearly equal loss: {c['nearly_equal_loss']})"))
     return "\n".join(lines)
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.3g}"
 
 
 main = command("scaling-verify", "verify", run, errors=(FileNotFoundError,))

@@ -5,8 +5,8 @@
 
 Run it by hand where a GPU is lent. On the lent device machine, Hydra, wandb, datasets and torchao are installed from
 wheels first: see the device README. Without a GPU it refuses in one line (exit 2); ``--dry-run`` runs every part on
-the CPU at tiny sizes (2 layers x 64 wide, 20 steps, fp32, a few hundred tokens of latency) so the script itself can be
-checked on any machine.
+the CPU at tiny sizes (2 layers x 64 wide, 20 steps, fp32, a few hundred tokens of latency, serving at 1-4 layers x
+32-128 wide) so the script itself can be checked on any machine.
 
 It prints, each part as soon as it is done (a part that fails prints its one-line error and the next part runs):
 
@@ -20,8 +20,17 @@ It prints, each part as soon as it is done (a part that fails prints its one-lin
 3. one WSD branch (4 x 256, train.schedule=wsd, 10 warmup steps, decay_frac 0.25) run by ``scaling-train`` as a
    subprocess, stopped by SIGTERM during its decay and relaunched: the record must be ok, with every token of its
    budget seen, in two attempts;
-4. inference latency as the records measure it today (the record's ``latency`` section of the WSD run): prefill and
-   per-token decode at batch 1 and the larger batch;
+4. inference latency as the records measure it (the record's ``latency`` section of the WSD run: its serving copy
+   on the training device, bf16 with CUDA-graph decode on a GPU): prefill and per-token decode at batch 1 and the
+   larger batch, with the device, dtype, threads and graph mode it names;
+5. serving, measured on the device as served (``pipeline/device.py``): latency of the two shapes of part 2 (with
+   paper_small's 16k vocabulary and latency protocol, randomly initialised) in fp32 and bf16, decode eager and
+   replayed as a CUDA graph; the latency law (``scaling-latency``) fitted on 8 paper_small-like shapes in bf16, once
+   eager and once graphed, its per-call and per-layer terms side by side; INT8 and INT4 (``pipeline.serving.quantize``)
+   against bf16: held-out loss delta on the WSD run's trained model, weight bytes, decode ms/token there and on the
+   3 x 1472 shape (a mode that fails prints its one-line reason and the next runs); one speculative pair
+   (``scaling-speculate``: the WSD run as target, a 2 x 128 draft trained here for 100 steps). The dry run measures
+   eagerly only (a CUDA graph needs CUDA) and quantizes with the CPU kernels;
 
 under a header (device, versions, date), with the total wall time at the end. Everything printed also goes to --out.
 Exit status: 0 when every part passed, 1 otherwise, 2 without a GPU.
@@ -75,6 +84,18 @@ class Settings:
     wsd_batch_size: int = 16
     latency: list[str] = field(default_factory=list)
     child_timeout_s: float = 300.0
+    # serving (part 5): randomly initialised shapes of paper_small's family, its latency protocol
+    serving_shapes: list[tuple[int, int]] = field(default_factory=lambda: [(22, 576), (3, 1472)])
+    law_shapes: list[tuple[int, int]] = field(default_factory=lambda: [
+        (3, 1472), (22, 576), (5, 1152), (8, 896), (13, 704), (3, 768), (8, 512), (22, 320)])
+    head_dim: int = 64
+    vocab_size: int = 16384
+    serving_seq_len: int = 1024
+    protocol: dict = field(default_factory=lambda: {"prompt_len": 256, "decode_tokens": 128, "batch_sizes": [1, 16],
+                                                    "warmup": 2, "repeats": 5})
+    draft_shape: tuple[int, int] = (2, 128)
+    draft_steps: int = 100
+    new_tokens: int = 64
 
     @classmethod
     def gpu(cls, batch_size: int) -> "Settings":
@@ -90,7 +111,12 @@ class Settings:
                    wsd_shape=(2, 64), wsd_steps=40, wsd_batch_size=4,
                    latency=["latency.prompt_len=64", "latency.decode_tokens=32", "latency.batch_sizes=[1,4]",
                             "latency.warmup=1", "latency.repeats=2"],
-                   child_timeout_s=240.0)
+                   child_timeout_s=240.0,
+                   serving_shapes=[(2, 64), (1, 128)],
+                   law_shapes=[(1, 64), (2, 64), (1, 128), (2, 128), (3, 96), (4, 32)], head_dim=32, vocab_size=257,
+                   serving_seq_len=128,
+                   protocol={"prompt_len": 16, "decode_tokens": 8, "batch_sizes": [1, 4], "warmup": 1, "repeats": 2},
+                   draft_shape=(1, 64), draft_steps=20, new_tokens=16)
 
 
 class Report:
@@ -285,6 +311,7 @@ def part_wsd_resume(s: Settings, work: Path, report: Report, ctx: dict) -> None:
     results = work / "results" / "wsd"
     args = [*train_script(), *overrides(s, work, "wsd", n_layers, d_model, s.wsd_steps, s.wsd_batch_size,
                                         "train.schedule=wsd", "train.warmup_steps=10", "train.decay_frac=0.25",
+                                        "train.save_model=true",
                                         "train.progress_every_s=0", *s.latency)]
     decay_start = s.wsd_steps - round(0.25 * s.wsd_steps)
     stop_at = decay_start + max(1, (s.wsd_steps - decay_start) // 5)
@@ -354,18 +381,177 @@ def part_latency(s: Settings, work: Path, report: Report, ctx: dict) -> None:
     if not lat:
         raise RuntimeError(f"{source} has no latency section")
     shape = record["shape"]
-    report(f"inference latency -- serving as measured today (issue 25 changes how): {source}, "
-           f"{shape['n_layers']} x {shape['d_model']}, on {lat['device']} in {lat['dtype']}, prompt "
-           f"{lat['prompt_len']} tokens, {lat['decode_tokens']} decoded, median of {lat['repeats']} after "
-           f"{lat['warmup']} warm-up")
+    report(f"inference latency of the record (its serving copy on the training device): {source}, "
+           f"{shape['n_layers']} x {shape['d_model']}, on {lat['device']} in {lat['dtype']}, decode "
+           f"{lat.get('graph', 'eager (not recorded)')}, {lat['threads']} thread(s), prompt {lat['prompt_len']} "
+           f"tokens, {lat['decode_tokens']} decoded, median of {lat['repeats']} after {lat['warmup']} warm-up")
     for b in lat["batch_sizes"]:
         per = lat["by_batch"][str(b)]
         report(f"  batch {b:>3}: prefill {per['prefill_ms']['median']:.3f} ms, decode "
                f"{per['decode_ms_per_token']['median']:.3f} ms/token")
 
 
+def _serving_config(s: Settings, n_layers: int, d_model: int):
+    from scaling_lab.models.shapes import GPTConfig
+
+    return GPTConfig(n_layers=n_layers, d_model=d_model, n_heads=d_model // s.head_dim, vocab_size=s.vocab_size,
+                     seq_len=s.serving_seq_len)
+
+
+def _latency_line(result: dict) -> str:
+    return ", ".join(f"batch {b}: decode {result['by_batch'][str(b)]['decode_ms_per_token']['median']:.3f} ms/token, "
+                     f"prefill {result['by_batch'][str(b)]['prefill_ms']['median']:.2f} ms" for b in result["batch_sizes"])
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _trained_pair(s: Settings, work: Path, report: Report, ctx: dict) -> tuple[Path, dict, dict]:
+    """The results folder, the target (the WSD run, with its weights; a short run of its shape if that part failed)
+    and a small draft trained beside it, both with saved weights."""
+    from scaling_lab.pipeline.train import run
+
+    n_layers, d_model = s.wsd_shape
+    target, label = ctx.get("wsd_record"), "wsd"
+    if target is None or not target.get("weights"):
+        label = "serving"
+        target = run(compose("train", overrides(s, work, label, n_layers, d_model, max(20, s.steps // 4),
+                                                s.wsd_batch_size, "train.save_model=true", *s.latency)))
+        check_record(target)
+        report(f"  target: a {n_layers} x {d_model} run trained here (the WSD part left no weights)")
+    L, d = s.draft_shape
+    draft = run(compose("train", overrides(s, work, label, L, d, s.draft_steps, s.wsd_batch_size,
+                                           "train.save_model=true", "latency.enabled=false")))
+    check_record(draft)
+    return work / "results" / label, target, draft
+
+
+def part_serving(s: Settings, work: Path, report: Report, ctx: dict) -> None:
+    """Latency in fp32 and bf16, eager and graphed; the latency law eager and graphed; INT8/INT4 against bf16; one
+    speculative pair: every figure on the device as served, naming its device, dtype, threads and graph mode."""
+    import copy
+
+    from scaling_lab.models.gpt import GPT
+    from scaling_lab.pipeline import device as devices
+    from scaling_lab.pipeline import serving, speculate
+    from scaling_lab.pipeline.latency import measure, run_latency
+
+    device = devices.resolve("auto")
+    gpu = device.type == "cuda"
+    p = s.protocol
+    args = (p["prompt_len"], p["decode_tokens"], p["batch_sizes"], p["warmup"], p["repeats"])
+    failures = []
+    report(f"serving on {devices.device_name(device)}, {torch.get_num_threads()} thread(s): prompt {p['prompt_len']}, "
+           f"{p['decode_tokens']} decoded, batches {p['batch_sizes']}, median of {p['repeats']} after {p['warmup']} "
+           f"warm-up; vocab {s.vocab_size}, random weights; fp32 matmul precision "
+           f"{torch.get_float32_matmul_precision()}" + ("" if gpu else "; a CUDA graph needs CUDA: eager only"))
+
+    # 1. fp32 and bf16 (the serving dtype on CUDA), decode eager and replayed as a CUDA graph
+    for n_layers, d_model in s.serving_shapes:
+        torch.manual_seed(0)
+        base = GPT(_serving_config(s, n_layers, d_model))
+        for dtype in (torch.float32, torch.bfloat16):
+            model = copy.deepcopy(base).to(device=device, dtype=dtype).eval()
+            eager = None
+            for graph in ((False, True) if gpu else (False,)):
+                label = f"{n_layers:>2} x {d_model:<4} {str(dtype).replace('torch.', ''):<8} " \
+                        f"{devices.graph_name(graph):<10}"
+                try:
+                    result = measure(model, *args, graph=graph)
+                    eager = eager or result
+                    gain = (f"  ({eager['decode_ms_per_token'] / result['decode_ms_per_token']:.2f}x eager's batch-1 "
+                            f"decode)" if graph else "")
+                    report(f"  {label}: {_latency_line(result)}{gain}")
+                except Exception as err:  # noqa: BLE001 - one failed measurement is reported, the next one runs
+                    failures.append(" ".join(label.split()))
+                    report(f"  {label}: FAILED {one_line(err)}")
+            del model
+            _free(device)
+
+    # 2. the latency law on paper_small-like shapes in the serving dtype, eager and graphed
+    pairs = "[" + ",".join(f"[{L},{d}]" for L, d in s.law_shapes) + "]"
+    for graph in (("false", "true") if gpu else ("false",)):
+        try:
+            section = run_latency(compose("latency_cli", [
+                f"out={work / 'latency' / graph}", "logger=none", "shapes.n_layers=[]", f"shapes.pairs={pairs}",
+                f"arch.head_dim={s.head_dim}", f"arch.vocab_size={s.vocab_size}", f"arch.seq_len={s.serving_seq_len}",
+                f"measure.prompt_len={p['prompt_len']}", f"measure.decode_tokens={p['decode_tokens']}",
+                f"measure.batch_sizes=[{','.join(map(str, p['batch_sizes']))}]", f"measure.warmup={p['warmup']}",
+                f"measure.repeats={p['repeats']}", "measure.rounds=1", "measure.device=auto", f"measure.graph={graph}"]))
+            c = section["modes"]["none"]["decode_ms_per_token"]
+            err = section["heldout"]["none"]["decode_ms_per_token"]
+            mape = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+            report(f"  latency law, {section['shapes']['count']} shapes, {section['device']} {section['dtype']} "
+                   f"{section['graph']}: decode ms/token = {c['call']:.4g} + {c['layer']:.4g} L + "
+                   f"{c['weight_bytes']:.3g} bytes + {c['matmul_flops']:.3g} FLOPs + {c['kv']:.3g} kv; "
+                   f"leave-one-shape-out MAPE {mape(err['loso_mape'])}, largest shapes {mape(err['largest_mape'])}")
+        except Exception as err:  # noqa: BLE001
+            failures.append(f"latency law graph={graph}")
+            report(f"  latency law (graph={graph}): FAILED {one_line(err)}")
+        _free(device)
+
+    # 3. INT8 and INT4 against the serving dtype, on the trained target and on the widest shape
+    results, target, draft = _trained_pair(s, work, report, ctx)
+    served = devices.serving_copy(serving.load_model(target, results), device)
+    _, windows = serving.eval_windows(target)
+    wide = max(s.serving_shapes, key=lambda shape: shape[1])
+    torch.manual_seed(0)
+    big = devices.serving_copy(GPT(_serving_config(s, *wide)), device)
+    batch1 = (p["prompt_len"], p["decode_tokens"], [1], p["warmup"], p["repeats"])
+    loss_ref, bytes_ref = serving.heldout_loss(served, windows), serving.weight_bytes(served)
+    ref = {"small": measure(served, *batch1), "big": measure(big, *batch1)}
+    dtype = ref["small"]["dtype"]
+    report(f"  quantization against {dtype} ({ref['small']['graph']} decode, batch 1): target "
+           f"{target['shape']['n_layers']} x {target['shape']['d_model']} (trained: held-out loss {loss_ref:.4f}, "
+           f"{bytes_ref / 1e6:.2f} MB, {ref['small']['decode_ms_per_token']:.3f} ms/token); {wide[0]} x {wide[1]} "
+           f"({serving.weight_bytes(big) / 1e6:.1f} MB, {ref['big']['decode_ms_per_token']:.3f} ms/token)")
+    for mode in ("int8", "int4"):
+        try:
+            q, rep = serving.quantize(served, mode)
+            qbig, rep_big = serving.quantize(big, mode)
+            lat, lat_big = measure(q, *batch1), measure(qbig, *batch1)
+            report(f"    {mode}: loss {serving.heldout_loss(q, windows) - loss_ref:+.5f} nats, bytes "
+                   f"{serving.weight_bytes(q) / bytes_ref:.2f}x, decode {lat['decode_ms_per_token']:.3f} ms/token "
+                   f"({ref['small']['decode_ms_per_token'] / lat['decode_ms_per_token']:.2f}x); {wide[0]} x {wide[1]}: "
+                   f"bytes {serving.weight_bytes(qbig) / serving.weight_bytes(big):.2f}x, decode "
+                   f"{lat_big['decode_ms_per_token']:.3f} ms/token "
+                   f"({ref['big']['decode_ms_per_token'] / lat_big['decode_ms_per_token']:.2f}x); "
+                   f"{len(rep['quantized'])} + {len(rep_big['quantized'])} Linears packed "
+                   f"({rep.get('config', mode)}), decode {lat['graph']}")
+            del q, qbig
+        except Exception as err:  # noqa: BLE001 - a mode that fails is reported in one line, the next one runs
+            failures.append(mode)
+            report(f"    {mode}: FAILED {one_line(err)}")
+        _free(device)
+    del served, big
+
+    # 4. one speculative pair, through scaling-speculate
+    try:
+        doc = speculate.run(compose("speculate", [
+            f"results_dir={results}", f"sweep={SWEEP}", f"targets=[{target['run_id']}]",
+            f"drafts=[{draft['run_id']}]", "ks=[2,4]", "modes=[greedy,sampled]", "prompts=2", "prompt_len=16",
+            f"new_tokens={s.new_tokens}", "repeats=2", "device=auto", "logger=none", f"out={work / 'speculate'}"]))
+        report(f"  speculative decoding on {doc['device']} in {doc['dtype']} ({doc['graph']}): target "
+               f"{target['shape']['n_layers']} x {target['shape']['d_model']}, draft {s.draft_shape[0]} x "
+               f"{s.draft_shape[1]} ({s.draft_steps} steps)")
+        for r in doc["rows"]:
+            report(f"    {r['mode']:<7} k={r['k']}: acceptance {r['acceptance_rate']:.3f}, "
+                   f"{r['tokens_per_target_step']:.2f} tokens/step, cost ratio {r['cost_ratio']:.2f}, speedup "
+                   f"{r['speedup_measured']:.2f}x (formula {r['speedup_predicted']:.2f}x)"
+                   + ("" if r["greedy_exact"] is None else f", greedy exact {r['greedy_exact']}"))
+    except Exception as err:  # noqa: BLE001
+        failures.append("speculative decoding")
+        report(f"  speculative decoding: FAILED {one_line(err)}")
+    if failures:
+        raise RuntimeError(f"{len(failures)} serving measurement(s) failed: "
+                           + "; ".join(failures))
+
+
 PARTS = [("corpus", part_corpus), ("training speed", part_throughput), ("WSD resume", part_wsd_resume),
-         ("latency", part_latency)]
+         ("latency", part_latency), ("serving", part_serving)]
 
 
 # ----- main ----------------------------------------------------------------------------------------------------

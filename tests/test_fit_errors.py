@@ -68,7 +68,7 @@ def test_unknown_law_or_protocol():
 
 
 def test_cli_prints_one_line(tmp_path):
-    """Through the installed console script when there is one (it runs fit.cli as a module, not a file)."""
+    """Through the installed console script when there is one (it runs fit.fitting.cli as a module, not a file)."""
     path = _csv(tmp_path, _runs().assign(loss=3.0))
     script = Path(sys.executable).parent / "scaling-fit"
     command = [str(script)]

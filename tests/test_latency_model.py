@@ -191,12 +191,14 @@ def test_scaling_latency_measures_writes_csv_and_merges_section(tmp_path, capsys
     table = pd.read_csv(tmp_path / "lat" / "latency.csv")
     assert len(table) == 4 * 2 and set(table.batch) == {1, 2}
     assert (table.d_model % 8 == 0).all() and (table.decode_ms_per_token > 0).all() and (table.prefill_ms > 0).all()
-    assert {"params_non_embedding", "params_total", "aspect_ratio", "device", "threads"} <= set(table.columns)
-    assert (table.threads == 1).all()
+    assert {"params_non_embedding", "params_total", "aspect_ratio", "device", "threads", "dtype", "graph"} <= set(
+        table.columns)
+    assert (table.threads == 1).all() and (table.dtype == "float32").all() and (table.graph == "eager").all()
     doc = read_fit_json(fit_json)
     assert doc["laws"]["x"]["params"] == {"E": 1.0}
     assert doc["latency"] == section == json.loads((tmp_path / "lat" / "latency.json").read_text())
     assert section["model"] == "roofline" and section["device"].startswith("cpu") and section["threads"] == 1
+    assert section["dtype"] == "float32" and section["graph"] == "eager"  # the CPU serves fp32, decoded eagerly
     assert section["prompt_len"] == 8 and section["shapes"]["count"] == 4
     assert section["heldout"]["none"]["decode_ms_per_token"]["loso_mape"] is not None
     assert "leave-one-shape-out" in capsys.readouterr().out
@@ -231,7 +233,8 @@ def test_rounds_are_rows_and_a_saved_table_is_refitted_without_measuring(tmp_pat
     csv = tmp_path / "lat" / "latency.csv"
     table = pd.read_csv(csv)
     assert len(table) == 3 * 2 * 2 and sorted(table["round"].unique()) == [0, 1]  # shapes x batches x rounds
-    assert (table.prompt_len == 8).all() and (table.decode_tokens == 4).all() and (table.group_size == 32).all()
+    assert (table.prompt_len == 8).all() and (table.decode_tokens == 4).all()
+    assert table.group_size.isna().all() and section["group_size"] is None  # no override: each mode's own
     assert section["rounds"] == 2 and section["aggregate"] == "min"
     printed = capsys.readouterr().out
     assert "the min of 2 rounds" in printed and printed.count(" none ") >= 3 * 2  # one printed row a measurement

@@ -1,4 +1,4 @@
-"""The planner's math (fit/plan.py): Sardana et al. 2024's test vectors and properties of the optimum.
+"""The planner's math (fit/plan/planner.py): Sardana et al. 2024's test vectors and properties of the optimum.
 
 Test vectors: ../shared/reference/sardana2024.md (from the README of nikhilsardana/beyond-chinchilla, with the
 paper's constants E=1.69, A=406.4, B=410.7, alpha=0.336, beta=0.283); copied here so the test stands alone.

@@ -1,4 +1,4 @@
-"""scaling-plan end to end (fit/plan_cli.py): config composition, plan.json, bad input, the console script."""
+"""scaling-plan end to end (fit/plan/cli.py): config composition, plan.json, bad input, the console script."""
 
 import json
 import subprocess
@@ -137,3 +137,17 @@ def test_console_script_writes_only_out(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("scaling-plan: error:")
     assert "Traceback" not in bad.stderr and not (tmp_path / "q").exists()
+
+
+def test_a_gpu_added_from_the_command_line(tmp_path):
+    """The documented way to price another GPU (conf/plan_presets/default.yaml): ``+presets.gpus.<gpu>.<dtype>=``
+    adds to the open GPU table, past the guard that refuses other added keys."""
+    script = Path(sys.executable).parent / "scaling-plan"
+    done = subprocess.run([str(script), "+presets.gpus.L40S.fp8=7.33e14", "hardware.inference.gpu=L40S",
+                           "hardware.inference.dtype=fp8", "target.loss=2.2", "demand.tokens=1e12", "out=p"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "p" / "plan.json").read_text())["hardware"]["inference"]["peak_flops"] == 7.33e14
+    typo = subprocess.run([str(script), "+presets.gpu.L40S.fp8=7.33e14", "target.loss=2.2", "demand.tokens=1e12"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert typo.returncode == 2 and "unknown key 'presets.gpu.L40S.fp8'" in typo.stderr

@@ -1,4 +1,4 @@
-"""Size, tokens and shape planned together (fit.plan.shape_plan; `shape.enabled=true` in scaling-plan).
+"""Size, tokens and shape planned together (fit.plan.planner.shape_plan; `shape.enabled=true` in scaling-plan).
 
 Toy constants: Sardana et al.'s Chinchilla constants with an inference-efficient factor (1 + 0.005 R^0.5), and a
 decode latency of 1 ms + 0.5 ms a layer + 1.2e-8 ms per layer weight (d_model^2).

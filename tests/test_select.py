@@ -1,4 +1,4 @@
-"""Shape selection: fit/select.py (enumerate, predict, rank, Pareto front, rules), scaling-select
+"""Shape selection: fit/selection.py (enumerate, predict, rank, Pareto front, rules), scaling-select
 (pipeline/select.py), the Bian et al. 2025 selection, and a shrunken verification (pipeline/verify.py)."""
 
 import itertools
@@ -20,6 +20,7 @@ from scaling_lab.fit.latency import merge_into_fit_json
 from scaling_lab.models.shapes import non_embedding_params
 from scaling_lab.fit.io import store
 from scaling_lab.pipeline import verify
+from scaling_lab.pipeline.device import device_name
 from scaling_lab.pipeline import select as select_cli
 from tests.helpers import latency_section, shared_path
 from scaling_lab.fit.latency import LatencyModel
@@ -309,7 +310,8 @@ def test_verification_trains_both_and_compares(tmp_path, token_cache):
             "params": {"non_embedding": non_embedding_params(L, d, 4.0), "total": 0},
             "latency": {"prompt_len": 8, "decode_tokens": 4, "batch_sizes": [1], "warmup": 1, "repeats": 2,
                         "threads": 1}})
-    fit_json = write_fit_json(tmp_path / "fit.json")
+    # the law the selection predicts latency with describes the device the shapes are re-measured on (the CPU)
+    fit_json = write_fit_json(tmp_path / "fit.json", latency={**LATENCY, "device": device_name("cpu")})
     tiny = ["data.eval_tokens=2048", "data.val_curve_tokens=512", f"data.cache_dir={token_cache}", "logger=none",
             "latency.prompt_len=8", "latency.decode_tokens=4", "latency.batch_sizes=[1]", "latency.repeats=2",
             "latency.warmup=1", "train.log_every=4", "model.min_d_model=null", "model.min_heads=null",
@@ -327,6 +329,12 @@ def test_verification_trains_both_and_compares(tmp_path, token_cache):
     assert (trained.status == "ok").all() and len(trained) == (1 if result["claim"]["same_shape"] else 2)
     assert {"held", "faster", "nearly_equal_loss", "speedup_measured"} <= set(result["claim"])
     assert (results / "verify" / "toy" / "verification.json").is_file()
+    # the records' latency and the re-measurement: one device, dtype and graph mode, recorded
+    assert {k: result[k] for k in ("device", "dtype", "graph")} == {"device": device_name("cpu"),
+                                                                    "dtype": "float32", "graph": "eager"}
+    for record in store.iter_records(results, "toy_verify"):
+        assert {k: record["latency"][k] for k in ("device", "dtype", "graph")} == {
+            "device": device_name("cpu"), "dtype": "float32", "graph": "eager"}
 
 
 def test_console_script_writes_only_out(tmp_path):

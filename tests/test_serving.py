@@ -16,6 +16,7 @@ from scaling_lab.conf import UserError, compose
 from scaling_lab.fit.io import store
 from scaling_lab.models.speculative import speculative_generate, target_generate, verify
 from scaling_lab.pipeline import quantize, serving, speculate
+from scaling_lab.pipeline.device import device_name
 from scaling_lab.pipeline.train import run as train
 from tests.helpers import TINY
 
@@ -59,7 +60,7 @@ def test_quantized_weight_types_bytes_and_skipped_layers(trained):
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "head"]
     linear_weights = sum(m.weight.numel() for n, m in model.named_modules() if n in linears)
     rows = sum(m.weight.shape[0] for n, m in model.named_modules() if n in linears)
-    for mode, weight_type in serving.WEIGHT_TYPES.items():
+    for mode, weight_type in {"int8": "Int8Tensor", "int4": "Int4OpaqueTensor"}.items():  # today's CPU configs
         q, report = serving.quantize(model, mode, 32)
         types = {n: type(m.weight).__name__ for n, m in q.named_modules() if isinstance(m, torch.nn.Linear)}
         assert {types[n] for n in linears} == {weight_type} and report["quantized"] == linears
@@ -107,6 +108,26 @@ def test_greedy_speculative_decoding_equals_target_greedy(trained):
         assert torch.equal(out, expected) and st.emitted == 20
         out, st = speculative_generate(target, target, prompt, 20, k)  # the target as its own draft: all accepted
         assert torch.equal(out, expected) and st.acceptance_rate == 1.0
+
+
+def test_speculative_decoding_is_measured_as_served_and_says_how(trained, tmp_path):
+    """scaling-speculate runs both models as served on its device (here the CPU: fp32, eager decode) and every row
+    and the document say so; the training records' latency says the same of itself."""
+    results, runs = trained
+    ids = [f"targets=[{runs['target']['run_id']}]", f"drafts=[{runs['draft']['run_id']}]"]
+    common = [f"results_dir={results}", f"sweep={SWEEP}", f"out={tmp_path / 'spec'}", "logger=none", "ks=[2]",
+              "modes=[greedy]", "prompts=1", "prompt_len=4", "new_tokens=6", "repeats=1", *ids]
+    doc = speculate.run(compose("speculate", common))
+    how = {"device": device_name("cpu"), "dtype": "float32", "threads": 1, "graph": "eager"}
+    assert {k: doc[k] for k in how} == how
+    assert doc["rows"] and all({k: r[k] for k in how} == how and r["greedy_exact"] for r in doc["rows"])
+    for record in runs.values():
+        assert {k: record["latency"][k] for k in ("device", "dtype", "graph")} == {
+            "device": device_name("cpu"), "dtype": "float32", "graph": "eager"}
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device is visible here") as err:
+            speculate.run(compose("speculate", [*common, "device=cuda", f"out={tmp_path / 'gpu'}"]))
+        assert "\n" not in str(err.value) and not (tmp_path / "gpu").exists()
 
 
 def _sample_size(p: np.ndarray, effect: float, alpha: float, power: float) -> int:

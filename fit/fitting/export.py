@@ -5,7 +5,7 @@ parameter names) and ``not_identified_why`` (name -> reason), ``ties``,
 ``fit`` (protocol, objective, starts screened, refined and reaching the best, converged, seconds of fitting,
 N convention), ``bootstrap`` (resamples, what was resampled, seconds), ``metrics`` and, for laws with a closed-form frontier,
 ``compute_optimal``; with ``protocol=auto``, ``protocol_selection`` (rule, candidates and their
-validation scores, chosen per law). Planners read it with ``fit.constants.load_constants(path, law)``.
+validation scores, chosen per law). Planners read it with ``fit.io.fitfile.load_constants(path, law)``.
 """
 
 from __future__ import annotations

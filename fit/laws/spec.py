@@ -1,6 +1,6 @@
 """Laws as configured in ``conf/law/*.yaml``, exponent ties, and the law compiled for fitting.
 
-A law's config gives its formula (evaluated by ``fit.constants.Law``), which parameters are positive (fitted as
+A law's config gives its formula (evaluated by ``fit.laws.law.Law``), which parameters are positive (fitted as
 logarithms: with positive inputs this turns ``E + A/N^alpha + B/D^beta`` into the log-sum-exp form of Hoffmann
 et al.), optional bounds, and optional initial-grid entries. ``CompiledLaw`` differentiates the same formula with
 sympy, so a law added in configuration gets exact gradients without touching the fitter.

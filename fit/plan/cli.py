@@ -5,15 +5,22 @@
         demand.tokens=<T> | demand.requests=<R> demand.input_tokens=<i> demand.output_tokens=<o> \\
         [hardware.train.{gpu,dtype,peak_flops,price_per_hour,mfu}=...] \\
         [hardware.inference.{gpu,dtype,peak_flops,price_per_hour,mfu_prefill,mfu_decode}=...] \\
-        [serving.quantization=none|int8|int4 serving.loss_penalty=<delta> serving.speculative.enabled=true ...]
+        [serving.quantization=<mode> serving.loss_penalty=<delta> serving.speculative.enabled=true ...] \\
+        [serving.mode=auto|<mode>|speculative serving.measurements=<results_dir>/serving/<sweep>]
 
 Writes ``<out>/plan.json`` and ``<out>/plan.png`` and prints a table. Configuration: ``conf/plan.yaml``; presets:
-``conf/plan_presets/default.yaml``. The math is in ``fit/plan.py``; ``run(cfg)`` is the whole job.
+``conf/plan_presets/default.yaml``; serving modes: the table ``conf/serving_mode/`` (``conf/serving_modes.py``), whose
+mode gives the GPU peak FLOP/s key inference is priced at (``serving.quantization``, unless
+``hardware.inference.dtype`` is given) and whose measured loss penalty (``serving.measurements``) or given one
+(``serving.loss_penalty``) the served model pays. The math is in ``fit/plan/planner.py`` and ``fit/plan/serving.py``;
+``run(cfg)`` is the whole job.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -24,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scaling_lab.fit import tracking
 from scaling_lab.fit.plan import planner
-from scaling_lab.conf import command
+from scaling_lab.conf import command, fail, serving_modes as mode_table
 from scaling_lab.fit.laws.law import LawConstants
 from scaling_lab.fit.io.fitfile import load_law, read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
@@ -35,6 +42,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 PLAN_SCHEMA_VERSION = 1
+# Keys that are gone, and where what they held lives now.
+REMOVED = {"presets.quantization": "the serving modes' table conf/serving_mode/<mode>.yaml (cuda.peak_flops_dtype) "
+                                   "and serving.loss_penalty=<delta> (or the measured one, serving.measurements)"}
 
 
 def load_chinchilla(cfg: DictConfig) -> tuple[LawConstants, dict]:
@@ -117,24 +127,42 @@ def split_demand(cfg: DictConfig, tokens: float | None = None) -> planner.Infere
     return planner.Inference(tokens * i / (i + o), tokens * o / (i + o), flops, time)
 
 
-def _peak_flops(side: DictConfig, gpus: DictConfig, name: str) -> float:
+def _peak_flops(side: DictConfig, dtype: str | None, gpus: DictConfig, name: str, why: str = "") -> float:
     if side.peak_flops is not None:
         return float(side.peak_flops)
     if side.gpu not in gpus:
         raise ValueError(f"unknown gpu hardware.{name}.gpu={side.gpu!r}: known {list(gpus)}; "
                          f"or give hardware.{name}.peak_flops")
-    if side.dtype not in gpus[side.gpu]:
-        raise ValueError(f"unknown dtype hardware.{name}.dtype={side.dtype!r} for {side.gpu}: known "
+    if dtype not in gpus[side.gpu]:
+        raise ValueError(f"unknown dtype hardware.{name}.dtype={dtype!r}{why} for {side.gpu}: known "
                          f"{list(gpus[side.gpu])}; or give hardware.{name}.peak_flops")
-    return float(gpus[side.gpu][side.dtype])
+    return float(gpus[side.gpu][dtype])
+
+
+def inference_dtype(cfg: DictConfig) -> tuple[str | None, str]:
+    """The key of ``presets.gpus`` inference is priced at: ``hardware.inference.dtype``, or the GPU entry of the
+    serving mode ``serving.quantization`` (its ``peak_flops_dtype``); and where it came from."""
+    if cfg.hardware.inference.dtype is not None:
+        return str(cfg.hardware.inference.dtype), ""
+    mode = mode_table.get(cfg.serving.quantization)
+    cuda = mode.kernels.get("cuda")
+    if cuda is None or cuda.peak_flops_dtype is None:
+        if cfg.hardware.inference.peak_flops is not None:
+            return None, ""
+        raise ValueError(f"serving.quantization={mode.name} names no GPU peak FLOP/s (no cuda.peak_flops_dtype in "
+                         f"{mode.source}): give hardware.inference.dtype=<key of presets.gpus> or "
+                         f"hardware.inference.peak_flops")
+    return cuda.peak_flops_dtype, f" (serving.quantization={mode.name}'s peak_flops_dtype)"
 
 
 def resolve_hardware(cfg: DictConfig) -> tuple[planner.Prices, dict]:
     """Dollars per FLOP for training, prefill and decode, and the resolved hardware for the record."""
     train, inference, gpus = cfg.hardware.train, cfg.hardware.inference, cfg.presets.gpus
-    record = {"train": {**OmegaConf.to_container(train, resolve=True), "peak_flops": _peak_flops(train, gpus, "train")},
-              "inference": {**OmegaConf.to_container(inference, resolve=True),
-                            "peak_flops": _peak_flops(inference, gpus, "inference")}}
+    dtype, why = inference_dtype(cfg)
+    record = {"train": {**OmegaConf.to_container(train, resolve=True),
+                        "peak_flops": _peak_flops(train, train.dtype, gpus, "train")},
+              "inference": {**OmegaConf.to_container(inference, resolve=True), "dtype": dtype,
+                            "peak_flops": _peak_flops(inference, dtype, gpus, "inference", why)}}
     tr, inf = record["train"], record["inference"]
     prices = planner.Prices(
         train=planner.dollars_per_flop(float(tr["price_per_hour"]), tr["peak_flops"], float(tr["mfu"])),
@@ -144,32 +172,59 @@ def resolve_hardware(cfg: DictConfig) -> tuple[planner.Prices, dict]:
     return prices, record
 
 
+def measurements(cfg: DictConfig) -> dict[str, dict | None]:
+    """``quantization.json`` and ``speculative.json`` of ``serving.measurements`` (None where absent)."""
+    folder = Path(str(cfg.serving.measurements)) if cfg.serving.measurements else None
+    if folder is not None and not folder.is_dir():
+        raise FileNotFoundError(f"serving.measurements={folder} is not a folder: give <results_dir>/serving/<sweep> "
+                                f"(scaling-quantize and scaling-speculate write it)")
+    docs = {}
+    for name in ("quantization", "speculative"):
+        path = folder / f"{name}.json" if folder else None
+        docs[name] = json.loads(path.read_text()) if path and path.is_file() else None
+    return docs
+
+
+def quantization_penalty(cfg: DictConfig) -> tuple[float, str]:
+    """The loss the classic plan's serving mode (``serving.quantization``) gives up, and where it came from: the
+    given ``serving.loss_penalty`` (unless it is that of another ``serving.mode``), else its mean measured delta
+    (``serving.measurements``), else 0 (Sardana et al.: quantization lowers the cost per FLOP and nothing else)."""
+    mode = str(cfg.serving.quantization)
+    if cfg.serving.loss_penalty is not None and cfg.serving.mode in (None, mode):
+        penalty = float(cfg.serving.loss_penalty)
+        if penalty < 0:
+            raise ValueError(f"serving.loss_penalty must be >= 0, got {penalty}")
+        return penalty, "serving.loss_penalty (given)"
+    measured = serving_modes.measured_penalty(measurements(cfg)["quantization"], mode) if mode != "none" else None
+    if measured is None:
+        return 0.0, ("full precision" if mode == "none" else
+                     f"not measured (no {mode} rows in serving.measurements): 0, as Sardana et al. assume")
+    return measured[0], f"mean measured delta over {measured[1]} fully quantized runs ({cfg.serving.measurements})"
+
+
 def target_loss(cfg: DictConfig, constants: LawConstants) -> dict:
     """The loss the served model must reach and the (lower) loss training must reach under quantization."""
     kind, value = _exactly_one(cfg.target, "loss", "chinchilla_params", "target")
     if kind == "chinchilla_params" and value <= 0:
         raise ValueError(f"target.chinchilla_params must be > 0, got {value:g}")
     served = value if kind == "loss" else planner.chinchilla_loss(constants, value)
-    penalty = cfg.serving.loss_penalty
-    if penalty is None:
-        penalty = cfg.presets.quantization[cfg.serving.quantization].loss_penalty
-    penalty = float(penalty)
-    if penalty < 0:
-        raise ValueError(f"serving.loss_penalty must be >= 0, got {penalty}")
+    penalty, source = quantization_penalty(cfg)
     trained = served - penalty
     if not trained > constants["E"]:
         raise ValueError(f"target loss {served:g}" + (f" minus the quantization penalty {penalty:g}" if penalty else "")
                          + f" is not above the irreducible loss E = {constants['E']:g}: no finite model reaches it")
-    return {kind: value, "served_loss": served, "loss_penalty": penalty, "trained_loss": trained}
+    return {kind: value, "served_loss": served, "loss_penalty": penalty, "loss_penalty_source": source,
+            "trained_loss": trained}
 
 
 def run(cfg: DictConfig) -> dict:
     """Validate ``cfg``, plan, write ``<out>/plan.json`` and ``<out>/plan.png``, print the table; return the plan."""
     if cfg.objective not in planner.OBJECTIVES:
         raise ValueError(f"objective must be one of {planner.OBJECTIVES}, got {cfg.objective!r}")
-    if cfg.serving.quantization not in cfg.presets.quantization:
-        raise ValueError(f"unknown serving.quantization={cfg.serving.quantization!r}: known "
-                         f"{list(cfg.presets.quantization)}")
+    known = mode_table.names()
+    if cfg.serving.quantization not in known:
+        raise ValueError(f"unknown serving.quantization={cfg.serving.quantization!r}: known {known} (the serving "
+                         f"modes' table conf/serving_mode/; your own: hydra.searchpath=[file://<dir>])")
     constants, source = load_chinchilla(cfg)
     target = target_loss(cfg, constants)
     inference = split_demand(cfg)
@@ -223,25 +278,30 @@ def shape_plan(cfg: DictConfig, shape_inputs: tuple, loss: float, inference: pla
 
 def load_serving_inputs(cfg: DictConfig) -> tuple[dict, list[str], LatencyModel, dict]:
     """The serving modes our measurements support, the ones asked for, and the latency law (every check here)."""
-    import json
-
     mode = str(cfg.serving.mode)
-    if mode not in (*serving_modes.MODES, "auto"):
-        raise ValueError(f"serving.mode must be auto or one of {list(serving_modes.MODES)}, got {mode!r}")
+    known = serving_modes.planned_modes()
+    if mode not in (*known, "auto"):
+        raise ValueError(f"serving.mode must be auto or one of {known}, got {mode!r} (the serving modes' table "
+                         f"conf/serving_mode/; your own: hydra.searchpath=[file://<dir>])")
     if cfg.objective != "cost":
         raise ValueError("serving.mode prices decode by the measured latency law: it needs objective=cost")
+    given = cfg.serving.loss_penalty
+    if given is not None and float(given) < 0:
+        raise ValueError(f"serving.loss_penalty must be >= 0, got {given}")
+    if given is not None and mode in ("auto", "none", serving_modes.SPECULATIVE):
+        raise ValueError(f"serving.loss_penalty replaces the measured penalty of one quantized serving.mode; "
+                         f"serving.mode={mode} " + ("names several" if mode == "auto" else "is exact"))
     latency, record = load_latency_law(cfg, f"serving.mode={mode}")
     folder = Path(str(cfg.serving.measurements)) if cfg.serving.measurements else None
-    if mode not in ("none",) and (folder is None or not folder.is_dir()):
+    if mode != "none" and given is None and (folder is None or not folder.is_dir()):
         raise FileNotFoundError(f"serving.mode={mode} needs serving.measurements=<results_dir>/serving/<sweep> "
-                                f"(scaling-quantize and scaling-speculate write it); got {folder}")
-    docs = {}
-    for name in ("quantization", "speculative"):
-        path = folder / f"{name}.json" if folder else None
-        docs[name] = json.loads(path.read_text()) if path and path.is_file() else None
-    modes = serving_modes.modes_from_measurements(docs["quantization"], docs["speculative"])
+                                f"(scaling-quantize and scaling-speculate write it) or, for a quantized mode, "
+                                f"serving.loss_penalty=<delta>; got {folder}")
+    docs = measurements(cfg)
+    penalties = {mode: float(given)} if given is not None else None
+    modes = serving_modes.modes_from_measurements(docs["quantization"], docs["speculative"], penalties)
     modes = {m: v for m, v in modes.items() if v.latency_mode in latency.modes}
-    wanted = [m for m in serving_modes.MODES if m in modes] if mode == "auto" else [mode]
+    wanted = [m for m in known if m in modes] if mode == "auto" else [mode]
     if mode != "auto" and mode not in modes:
         raise ValueError(f"serving.mode={mode}: no measurement for it (in {folder} and the latency law's modes "
                          f"{sorted(latency.modes)}); measured: {sorted(modes)}")
@@ -370,7 +430,17 @@ def _plan(cfg: DictConfig) -> None:
     run(cfg)
 
 
-main = command("scaling-plan", "plan", _plan, errors=(FileNotFoundError,))
+_main = command("scaling-plan", "plan", _plan, errors=(FileNotFoundError,))
+
+
+def main() -> None:
+    """``scaling-plan``: see ``scaling-plan --help``. A key that is gone is refused with where it went."""
+    for arg in sys.argv[1:]:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        gone = next((old for old in REMOVED if key == old or key.startswith(old + ".")), None)
+        if gone:
+            fail("scaling-plan", f"{gone} is gone: it is now {REMOVED[gone]}")
+    _main()
 
 
 if __name__ == "__main__":

@@ -5,12 +5,17 @@ A serving mode changes two things (both measured on our own models, never assume
 * the loss the served model gives up, ``penalty(N, D)``: the penalty law ``k D^a / N^b`` that ``scaling-quantize``
   fitted per quantization mode (``<serving>/quantization.json``, ``penalty``); a mode whose law could not be fitted,
   or was fitted without identifying its constants, uses its mean measured delta over the runs it quantized entirely
-  (at least 0), and says so: extrapolating an unidentified power law far outside the sweep means nothing. Speculative decoding is exact: no penalty.
+  (at least 0), and says so: extrapolating an unidentified power law far outside the sweep means nothing. An
+  explicit ``serving.loss_penalty`` replaces the measurement of the one mode asked for. Speculative decoding is
+  exact: no penalty.
 * the decode time of a token: the latency law of the fit.json, fitted over the serving modes (``scaling-latency
   measure.modes=[none,int8,int4]``), at the shape's (n_layers, d_model), every block matrix priced as quantized (a
   planned model is given a width its mode packs whole, e.g. a multiple of INT4's group size); speculative decoding
   divides the target's time by the best measured wall-clock speedup (``<serving>/speculative.json``) and multiplies
   its FLOPs by the measured ``(k + 1 + k c) / tokens per target step``.
+
+The quantized modes are the serving modes' table (``conf/serving_mode/``, ``conf/serving_modes.py``): a mode added
+there as one file, measured by ``scaling-quantize`` and ``scaling-latency``, is priced here with no code change.
 
 For each mode the trained model must reach ``target + penalty(N, D)``: for every D (and R), N solves
 ``L(N, D[, R]) + penalty(N, D) = target`` (the smallest such N: a log grid, then a bracketed root); total dollars = training + prefill (2N FLOPs a
@@ -27,10 +32,16 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
+from scaling_lab.conf import serving_modes
 from scaling_lab.fit.plan.planner import Inference, Prices
 from scaling_lab.models.shapes import continuous_shape
 
-MODES = ("none", "int8", "int4", "speculative")
+SPECULATIVE = "speculative"
+
+
+def planned_modes() -> list[str]:
+    """Every mode the plan can price: the serving modes' table, then speculative decoding."""
+    return [*serving_modes.names(), SPECULATIVE]
 
 
 @dataclass(frozen=True)
@@ -38,7 +49,7 @@ class ServingMode:
     """What one mode does to loss and decode, and where each number came from."""
 
     name: str
-    latency_mode: str                                  # the latency law's mode: none | int8 | int4
+    latency_mode: str                                  # the latency law's mode (a mode of the table)
     penalty: tuple[float, float, float] | None = None  # (k, a, b) of k D^a / N^b
     constant_penalty: float = 0.0                      # when no law was fitted
     decode_time_factor: float = 1.0                    # speculative: 1 / measured speedup
@@ -52,16 +63,29 @@ class ServingMode:
         return k * tokens ** a / n_params ** b
 
 
-def modes_from_measurements(quantization: dict | None, speculative: dict | None) -> dict[str, ServingMode]:
-    """The serving modes our measurements support (``none`` always)."""
+def measured_penalty(quantization: dict | None, mode: str) -> tuple[float, int] | None:
+    """The mean measured loss delta of ``mode`` over the runs it quantized entirely (all of its runs if none was),
+    at least 0, and how many runs that is; None when ``quantization.json`` has no row of the mode."""
+    rows = [r for r in (quantization or {}).get("rows", []) if r["mode"] == mode]
+    if not rows:
+        return None
+    full = [r for r in rows if not r.get("layers_skipped")] or rows
+    return max(0.0, float(np.mean([r["loss_delta"] for r in full]))), len(full)
+
+
+def modes_from_measurements(quantization: dict | None, speculative: dict | None,
+                            penalties: dict[str, float] | None = None) -> dict[str, ServingMode]:
+    """The serving modes our measurements support (``none`` always); ``penalties`` (mode -> delta) replace a
+    mode's measured penalty, measured or not."""
     modes = {"none": ServingMode("none", "none", source="full precision")}
-    for mode in ("int8", "int4"):
-        if not quantization or mode not in quantization.get("modes", []):
+    measured = [m for m in (quantization or {}).get("modes", []) if m != "none"]
+    for mode in dict.fromkeys([*measured, *(penalties or {})]):
+        if mode in (penalties or {}):
+            modes[mode] = ServingMode(mode, mode, constant_penalty=float(penalties[mode]),
+                                      source=f"serving.loss_penalty={penalties[mode]:g} (given)")
             continue
         fit = (quantization.get("penalty") or {}).get(mode) or {}
-        rows = [r for r in quantization["rows"] if r["mode"] == mode]
-        full = [r for r in rows if not r.get("layers_skipped")] or rows  # runs the mode quantized entirely
-        mean = max(0.0, float(np.mean([r["loss_delta"] for r in full]))) if full else 0.0
+        mean, runs = measured_penalty(quantization, mode) or (0.0, 0)
         if fit.get("fitted") and not fit.get("not_identified"):
             p = fit["params"]
             modes[mode] = ServingMode(mode, mode, penalty=(p["k"], p["a"], p["b"]),
@@ -70,7 +94,7 @@ def modes_from_measurements(quantization: dict | None, speculative: dict | None)
             why = (f"its penalty law did not identify {fit['not_identified']}" if fit.get("fitted")
                    else f"no penalty law: {fit.get('why', 'not fitted')}")
             modes[mode] = ServingMode(mode, mode, constant_penalty=mean,
-                                      source=f"mean measured delta {mean:.3g} over {len(full)} fully quantized runs "
+                                      source=f"mean measured delta {mean:.3g} over {runs} fully quantized runs "
                                              f"({why})")
     if speculative and speculative.get("best"):
         best = max(speculative["best"], key=lambda r: r["speedup_measured"])
@@ -79,8 +103,8 @@ def modes_from_measurements(quantization: dict | None, speculative: dict | None)
         row = rows[0] if rows else best
         k, c = int(best["k"]), float(best["cost_ratio"])
         tokens = float(row.get("tokens_per_target_step") or 1.0)
-        modes["speculative"] = ServingMode(
-            "speculative", "none", decode_time_factor=1.0 / float(best["speedup_measured"]),
+        modes[SPECULATIVE] = ServingMode(
+            SPECULATIVE, "none", decode_time_factor=1.0 / float(best["speedup_measured"]),
             decode_flops_factor=(k + 1 + k * c) / tokens,
             source=f"best measured: draft {best['draft_run_id']} -> target {best['target_run_id']}, {best['mode']}, "
                    f"k={k}, speedup {best['speedup_measured']:.3g}x (applied as a constant factor)")
