@@ -2,20 +2,24 @@
 
 ``CONF_DIR`` is the folder every command composes from, in a checkout and in an installed wheel alike. ``compose``
 is the one composer for tests and scripts; ``command`` turns a plain ``run(cfg)`` into a ``scaling-<name>`` entry
-point with the same conventions everywhere:
+point (all of them are listed in ``conf/commands.py``) with the same conventions everywhere:
 
-* ``--help`` is the command's own short page (``conf/hydra/help/<name>.yaml``);
+* ``--help`` is the command's own short page (``conf/hydra/help/<name>.yaml``), printed without Hydra;
+* the module that runs a command (torch, pandas, ...) is imported once its config is composed, so that ``--help``
+  and a mistyped key answer at once;
 * bad input (an unknown key, a value of the wrong type, a renamed key, any ``UserError`` the run raises before
   spending compute) is one line ``scaling-<name>: error: ...`` on stderr and exit code 2, with no traceback;
 * anything else is a bug and keeps its traceback.
 
 One vocabulary of keys across all commands: ``results_dir`` (the results folder), ``sweep`` (the sweep's name;
 for ``scaling-train`` the preset ``conf/launch/sweep/<name>.yaml``), ``constants`` (a fit.json, or a preset's name where
-the command has presets). The old spellings in ``RENAMED`` are refused with the new name.
+the command has presets). The old spellings in ``RENAMED`` are refused with the new name, and the keys in ``REMOVED``
+with where their contents went.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -32,6 +36,12 @@ RENAMED = {
     "sweep_name": "sweep",
     "fit": "constants",
     "fit_dir": "constants",
+}
+
+# A key that is gone -> where its contents went.
+REMOVED = {
+    "presets.quantization": "the serving modes' table conf/serving_mode/<mode>.yaml (cuda.peak_flops_dtype) and "
+                            "serving.loss_penalty=<delta> (or the measured one, serving.measurements)",
 }
 
 
@@ -95,6 +105,15 @@ def renamed_keys(argv: Iterable[str]) -> list[tuple[str, str]]:
     return found
 
 
+def removed_keys(argv: Iterable[str]) -> list[str]:
+    """Every key of ``REMOVED`` (or a key under it) that ``argv`` sets."""
+    found = []
+    for arg in argv:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        found += [old for old in REMOVED if key == old or key.startswith(old + ".")]
+    return found
+
+
 # Where ``+key=value`` may add a key: Hydra's own settings (``+hydra.job.env_set.X=...``) and the open tables of laws
 # (``+law.<name>.formula=...``) and of scaling-plan's GPUs (``+presets.gpus.<gpu>.<dtype>=...``). Anywhere else a ``+`` would slip a typo past the unknown-key check (and into the
 # run id), so it is refused like any unknown key.
@@ -137,32 +156,48 @@ def _hydra_message(err: BaseException) -> str:
     return " ".join(lines)
 
 
-def print_help(config_name: str) -> None:
-    """The command's own help page (``hydra/help/<prog>``): its template, printed as Hydra would. Hydra's ``--help``
-    first lists every config group, which would not be shown (our templates leave them out) and takes seconds."""
+def print_help(name: str) -> None:
+    """The command's own help page (``conf/hydra/help/<name>.yaml``): its template, printed as Hydra would, read
+    without composing (Hydra's ``--help`` first lists every config group and takes seconds)."""
     import string
 
-    help_cfg = compose(config_name, return_hydra_config=True).hydra.help
-    print(string.Template(help_cfg.template).safe_substitute(FLAGS_HELP="", HYDRA_CONFIG_GROUPS="",
-                                                             APP_CONFIG_GROUPS="", APP_CONFIG=""))
+    import yaml
+
+    template = yaml.safe_load((CONF_DIR / "hydra" / "help" / f"{name}.yaml").read_text())["template"]
+    print(string.Template(template).safe_substitute(FLAGS_HELP="", HYDRA_CONFIG_GROUPS="", APP_CONFIG_GROUPS="",
+                                                    APP_CONFIG=""))
 
 
-def command(prog: str, config_name: str, run: Callable[[Any], Any],
-            errors: tuple[type[BaseException], ...] = ()) -> Callable[[], None]:
+def _job_error(prog: str, err: BaseException) -> None:
+    """A submitit job that was pre-empted, timed out or cancelled: one line with its state, not a traceback."""
+    lines = str(err).strip().splitlines() or [""]
+    # submitit puts the job's state (CANCELLED, TIMEOUT, ...) on its second line: keep it
+    first = " ".join(lines[:2]) if len(lines) > 1 and "(state: " in lines[1] else lines[0]
+    print(f"{prog}: a job did not complete ({type(err).__name__}: {first}); an interrupted run keeps its checkpoint "
+          "and resumes when the sweep is relaunched (or requeued)", file=sys.stderr)
+    sys.exit(1)
+
+
+def _resolve(target: str) -> Callable[[Any], Any]:
+    """``module:function`` imported."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def command(prog: str, config_name: str, run: str | Callable[[Any], Any],
+            errors: tuple[type[BaseException], ...] = (), help: str | None = None,
+            schema: str | None = None) -> Callable[[], None]:
     """The entry point ``prog`` (e.g. ``scaling-fit``): Hydra composes ``config_name`` and calls ``run(cfg)``.
 
-    ``errors`` are exception types besides ``UserError`` and ``ValueError`` that ``run`` raises for bad input (e.g.
-    a missing file)."""
-    import hydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
+    ``run`` is a function or ``"module:function"``, imported once the config is composed; ``schema``, a module to
+    import first (one that registers a structured config the composition needs); ``help``, the help page's name
+    (default ``config_name``). ``errors`` are exception types besides ``UserError`` and ``ValueError`` that ``run``
+    raises for bad input (e.g. a missing file)."""
     expected = (UserError, ValueError, *errors)
 
-    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
-    def _hydra_main(cfg) -> None:
+    def _run(cfg) -> None:
         try:
-            run(cfg)
+            (_resolve(run) if isinstance(run, str) else run)(cfg)
         except expected as err:
             fail(prog, err)
         except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as command-line tools do
@@ -171,15 +206,24 @@ def command(prog: str, config_name: str, run: Callable[[Any], Any],
 
     def main() -> None:
         if {"--help", "-h"} & set(sys.argv[1:]):
-            print_help(config_name)
+            print_help(help or config_name)
             return
         old = renamed_keys(sys.argv[1:])
         if old:
             fail(prog, "; ".join(f"{a} is now {b} (write {b}=...)" for a, b in old))
+        gone = removed_keys(sys.argv[1:])
+        if gone:
+            fail(prog, "; ".join(f"{key} is gone: it is now {REMOVED[key]}" for key in gone))
         added = added_keys(sys.argv[1:], _config_dirs(sys.argv[1:]))
         if added:
             fail(prog, "; ".join(f"unknown key {k!r}: +{k}=... adds a key this command does not have (a typo?); "
                                  f"set existing keys without the +, see {prog} --help" for k in added))
+        import hydra
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        if schema:
+            importlib.import_module(schema)
         # Hydra then raises composition errors instead of printing them over several lines with a hint; we print one.
         os.environ["HYDRA_FULL_ERROR"] = "1"
         if not any(a.startswith("hydra.job.name=") for a in sys.argv[1:]):
@@ -188,17 +232,17 @@ def command(prog: str, config_name: str, run: Callable[[Any], Any],
             at = next((i for i, a in enumerate(sys.argv) if i and "=" in a and not a.startswith("-")), len(sys.argv))
             sys.argv.insert(at, f"hydra.job.name={prog}")
         try:
-            _hydra_main()
+            hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(_run)()
         except (HydraException, OmegaConfBaseException) as err:
             fail(prog, _hydra_message(err))
         except OSError as err:
             if err.errno not in STORAGE_ERRNOS:
                 raise
             fail(prog, storage_message(err, _hydra_dir_hint(err)))
+        except Exception as err:  # noqa: BLE001 - only submitit's job errors are turned into a report
+            if not type(err).__module__.startswith("submitit"):
+                raise
+            _job_error(prog, err)
 
     main.__doc__ = f"{prog}: see `{prog} --help`."
     return main
-
-
-# The typed schemas of the commands' configs register themselves with Hydra's ConfigStore on import.
-from scaling_lab.conf import fit_schema, train_schema  # noqa: E402, F401

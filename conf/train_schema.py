@@ -186,6 +186,17 @@ class TrainAppConf:
 ConfigStore.instance().store(name="train_schema", node=TrainAppConf)
 
 
+@dataclass
+class PrepareConf:
+    """``scaling-prepare``'s config (``conf/prepare.yaml``): the runs' own data schema, so one cache key for both."""
+
+    data: DataConf = field(default_factory=DataConf)
+    progress_every_s: float = 30.0  # seconds between progress lines on stderr
+
+
+ConfigStore.instance().store(name="prepare_schema", node=PrepareConf)
+
+
 # ----- run identity: the keys that change a run's result ------------------------------------------------------
 #
 # A run's id (``pipeline.runspec.plan_run``) hashes the resolved shape, its token budget and batch, and the keys

@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from scaling_lab.conf import UserError, command
+from scaling_lab.conf import UserError
 from scaling_lab.fit import tracking
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
@@ -352,10 +352,3 @@ def round_spread(table: pd.DataFrame) -> pd.DataFrame | None:
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
-
-
-main = command("scaling-latency", "latency_cli", run_latency, errors=(FileNotFoundError,))
-
-
-if __name__ == "__main__":
-    main()

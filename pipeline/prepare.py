@@ -10,27 +10,14 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from scaling_lab.conf import command
-from scaling_lab.conf.train_schema import DataConf
+from scaling_lab.pipeline.data import prepare_cache
 
 
-@dataclass
-class PrepareConf:
-    data: DataConf = field(default_factory=DataConf)  # the runs' own data schema: one cache key for both
-    progress_every_s: float = 30.0  # seconds between progress lines on stderr
-
-
-ConfigStore.instance().store(name="prepare_schema", node=PrepareConf)
-
-
-def _prepare_command(cfg: DictConfig) -> None:
-    from scaling_lab.pipeline.data import prepare_cache
-
+def prepare_command(cfg: DictConfig) -> None:
+    """The whole ``scaling-prepare`` job (its config: ``conf/prepare.yaml``, schema ``PrepareConf``)."""
     start = last = time.time()
 
     def report(progress: dict) -> None:
@@ -46,6 +33,3 @@ def _prepare_command(cfg: DictConfig) -> None:
     meta = corpus.meta
     print(f"{corpus.dir}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} held-out tokens "
           f"({meta['tokenizer']}, {meta['train_documents']:,} + {meta['val_documents']:,} documents)")
-
-
-main = command("scaling-prepare", "prepare", _prepare_command)

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from scaling_lab.conf import command, compose
+from scaling_lab.conf import compose
 from scaling_lab.fit import tracking
 from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
 from scaling_lab.pipeline import device as devices
@@ -186,10 +186,3 @@ def format_penalty(mode: str, p: dict) -> str:
     lines.append(f"   models trained longer suffer more (a > 0)? {longer}"
                  + (f"; not identified: {p['not_identified']}" if p["not_identified"] else ""))
     return "\n".join(lines)
-
-
-main = command("scaling-quantize", "quantize", run, errors=(FileNotFoundError,))
-
-
-if __name__ == "__main__":
-    main()

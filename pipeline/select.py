@@ -19,7 +19,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from scaling_lab.fit import selection, tracking
-from scaling_lab.conf import command
 from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
 from scaling_lab.fit.latency import FORM, LatencyModel, MissingLatency, load_latency
 from scaling_lab.models.shapes import GPTConfig, non_embedding_params
@@ -251,10 +250,3 @@ def format_report(result: dict, table: pd.DataFrame, top: int) -> str:
               f"{result['speedup_vs_best_loss']:.2f}x faster, loss +{100 * result['loss_increase_vs_best']:.2f}%"]
     lines += [f"   note: {result[k]}" for k in ("depth_edge", "R_edge") if result.get(k)]
     return "\n".join(lines)
-
-
-main = command("scaling-select", "select", run, errors=(FileNotFoundError,))
-
-
-if __name__ == "__main__":
-    main()

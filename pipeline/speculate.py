@@ -21,7 +21,6 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from scaling_lab.conf import command
 from scaling_lab.fit import tracking
 from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
 from scaling_lab.models.speculative import speculative_generate, target_generate
@@ -180,10 +179,3 @@ def format_table(table: pd.DataFrame) -> str:
                      f"{r.speedup_predicted:>6.2f}x {'' if r.greedy_exact is None else str(r.greedy_exact):>5}"
                      + ("  <- best k" if r.best_k else ""))
     return "\n".join(lines)
-
-
-main = command("scaling-speculate", "speculate", run, errors=(FileNotFoundError,))
-
-
-if __name__ == "__main__":
-    main()

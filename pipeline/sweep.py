@@ -22,7 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from scaling_lab.conf import UserError, command, compose, fail
+from scaling_lab.conf import UserError, compose, fail
 from scaling_lab.fit.io import store
 from scaling_lab.fit.io.files import write_json_atomic
 from scaling_lab.pipeline.runspec import ConfigError, duration, plan_run, world_size
@@ -314,12 +314,6 @@ def format_status(name: str, planned: list[Point], results_dir) -> str:
     return "\n".join(lines)
 
 
-def _status_command(cfg: DictConfig) -> None:
+def status_command(cfg: DictConfig) -> None:
     print(format_status(cfg.sweep, status(cfg.results_dir, cfg.sweep), cfg.results_dir))
 
-
-main = command("scaling-sweep-status", "status", _status_command)
-
-
-if __name__ == "__main__":
-    main()

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from scaling_lab.conf import command
 from scaling_lab.conf.redact import redact, redact_config, run_secrets
 from scaling_lab.fit.io import integrity, store
 from scaling_lab.fit.io.files import write_json_atomic
@@ -642,7 +641,7 @@ def _multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _train_command(cfg: DictConfig) -> None:
+def train_command(cfg: DictConfig) -> None:
     from scaling_lab.pipeline import signals
 
     try:
@@ -670,23 +669,7 @@ def _train_command(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-_main = command("scaling-train", "train", _train_command, errors=(FileNotFoundError,))
+if __name__ == "__main__":  # python -m scaling_lab.pipeline.train: the same as scaling-train
+    from scaling_lab.conf.commands import train
 
-
-def main() -> None:
-    """scaling-train; a submitit job that was pre-empted or timed out is reported in one line, not a traceback."""
-    try:
-        _main()
-    except Exception as err:  # noqa: BLE001 - only submitit's job errors are turned into a report
-        if not type(err).__module__.startswith("submitit"):
-            raise
-        lines = str(err).strip().splitlines() or [""]
-        # submitit puts the job's state (CANCELLED, TIMEOUT, ...) on its second line: keep it
-        first = " ".join(lines[:2]) if len(lines) > 1 and "(state: " in lines[1] else lines[0]
-        print(f"scaling-train: a job did not complete ({type(err).__name__}: {first}); an interrupted run keeps its "
-              "checkpoint and resumes when the sweep is relaunched (or requeued)", file=sys.stderr)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()
+    train()

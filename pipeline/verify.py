@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from scaling_lab.conf import command, compose
+from scaling_lab.conf import compose
 from scaling_lab.fit import tracking
 from scaling_lab.fit.io.fitfile import read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
@@ -232,10 +232,3 @@ def format_verification(result: dict) -> str:
 
 def _ms(x) -> str:
     return "-" if x is None else f"{x:.3g}"
-
-
-main = command("scaling-verify", "verify", run, errors=(FileNotFoundError,))
-
-
-if __name__ == "__main__":
-    main()

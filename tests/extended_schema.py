@@ -37,7 +37,7 @@ def extended_schema(key: schema.Key | None = schema.Key(baseline=0.0), default: 
 
 
 if __name__ == "__main__":
-    from scaling_lab.pipeline.train import main
+    from scaling_lab.conf.commands import train
 
     with extended_schema():
-        main()
+        train()

@@ -106,8 +106,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     work = tmp_path / "work"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
-    def run(module, *args):
-        script = (f"import sys; from scaling_lab.{module} import main; sys.argv = ['x', *sys.argv[1:]]; main()")
+    def run(name, *args):
+        script = (f"import sys; from scaling_lab.conf.commands import {name}; sys.argv = ['x', *sys.argv[1:]]; "
+                  f"{name}()")
         return subprocess.run([str(python), "-c", script, *args], cwd=work, capture_output=True, text=True,
                               env=env, timeout=300)
 
@@ -116,7 +117,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     assert where.returncode == 0 and str(site) in where.stdout and str(ROOT) not in where.stdout, where
     assert len(list(Path(where.stdout.strip()).rglob("*.yaml"))) >= 30  # conf/ shipped as package data
 
-    plan = run("fit.plan.cli", "constants=sardana2024", "target.chinchilla_params=7e10", "demand.tokens=2e12",
+    plan = run("plan", "constants=sardana2024", "target.chinchilla_params=7e10", "demand.tokens=2e12",
                f"out={tmp_path / 'plan'}")
     assert plan.returncode == 0, plan.stderr
     assert (tmp_path / "plan" / "plan.json").is_file()
@@ -124,10 +125,10 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     rows = ["N,D,loss"] + [f"{n:g},{d:g},{1.7 + 400 / n ** 0.34 + 410 / d ** 0.28:.6f}"
                            for n in (1e7, 3e7, 1e8, 3e8, 1e9) for d in (1e9, 3e9, 1e10, 3e10)]
     (work / "runs.csv").write_text("\n".join(rows) + "\n")
-    fit = run("fit.fitting.cli", "source=csv", "source.path=runs.csv", "law=chinchilla", "bootstrap.n=0",
+    fit = run("fit", "source=csv", "source.path=runs.csv", "law=chinchilla", "bootstrap.n=0",
               "plots=false", f"out={tmp_path / 'fit'}")
     assert fit.returncode == 0, fit.stderr
     assert (tmp_path / "fit" / "fit.json").is_file()
 
-    helped = run("pipeline.train", "--help")
+    helped = run("train", "--help")
     assert helped.returncode == 0 and helped.stdout.startswith("scaling-train:"), helped.stderr

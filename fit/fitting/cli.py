@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scaling_lab.fit import tracking
 from scaling_lab.fit.fitting import approaches, choose, export, isoflop, noise, summary
-from scaling_lab.conf import command, compose
+from scaling_lab.conf import compose
 from scaling_lab.fit.fitting.fitlaw import BootstrapSettings, compile_law, fit_law
 from scaling_lab.fit.fitting.optimize import METHODS
 from scaling_lab.fit.laws.spec import load_laws
@@ -160,10 +160,3 @@ def fit_sweep(sweep: str, results_dir: str | Path, out: str | Path, overrides: t
     cfg = compose("fit", ["source=results", f"sweep={sweep}",
                                                 f"results_dir={results_dir}", f"out={out}", *overrides])
     return run(cfg)
-
-
-main = command("scaling-fit", "fit", run, errors=(FileNotFoundError,))
-
-
-if __name__ == "__main__":
-    main()

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scaling_lab.fit import tracking
 from scaling_lab.fit.plan import planner
-from scaling_lab.conf import command, fail, serving_modes as mode_table
+from scaling_lab.conf import serving_modes as mode_table
 from scaling_lab.fit.laws.law import LawConstants
 from scaling_lab.fit.io.fitfile import load_law, read_fit_json
 from scaling_lab.fit.io.files import write_json_atomic
@@ -43,10 +43,6 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 PLAN_SCHEMA_VERSION = 1
 # Keys that are gone, and where what they held lives now.
-REMOVED = {"presets.quantization": "the serving modes' table conf/serving_mode/<mode>.yaml (cuda.peak_flops_dtype) "
-                                   "and serving.loss_penalty=<delta> (or the measured one, serving.measurements)"}
-
-
 def load_chinchilla(cfg: DictConfig) -> tuple[LawConstants, dict]:
     """The Chinchilla constants named by ``cfg.constants`` (a preset or a fit.json) and where they came from."""
     law, presets, spec = cfg.law.chinchilla, cfg.presets.constants, str(cfg.constants)
@@ -424,24 +420,7 @@ def plot(cfg: DictConfig, constants: LawConstants, loss: float, inference: plann
     plt.close(fig)
 
 
-def _plan(cfg: DictConfig) -> None:
+def plan_command(cfg: DictConfig) -> None:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.out = HydraConfig.get().runtime.output_dir  # <out>/<job number>
     run(cfg)
-
-
-_main = command("scaling-plan", "plan", _plan, errors=(FileNotFoundError,))
-
-
-def main() -> None:
-    """``scaling-plan``: see ``scaling-plan --help``. A key that is gone is refused with where it went."""
-    for arg in sys.argv[1:]:
-        key = arg.split("=", 1)[0].lstrip("+~")
-        gone = next((old for old in REMOVED if key == old or key.startswith(old + ".")), None)
-        if gone:
-            fail("scaling-plan", f"{gone} is gone: it is now {REMOVED[gone]}")
-    _main()
-
-
-if __name__ == "__main__":
-    main()

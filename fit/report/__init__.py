@@ -19,7 +19,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from scaling_lab.conf import command
 
 
 def _write(path: Path, text: str) -> None:
@@ -54,15 +53,9 @@ def write_report(cfg: DictConfig) -> dict:
             "wandb": wandb_result}
 
 
-def _report(cfg: DictConfig) -> None:
+def report_command(cfg: DictConfig) -> None:
     result = write_report(cfg)
     if result["wandb"]:
         print(result["wandb"]["message"])
     print(f"report: {result['html']} (and report.md, figures/, runs.csv beside it)")
 
-
-main = command("scaling-report", "report", _report, errors=(OSError, KeyError))
-
-
-if __name__ == "__main__":
-    main()
