@@ -10,12 +10,13 @@ TORCH_INDEX ?=
 
 .PHONY: demo test test-fast install clean bench findings lr-scan bench-wsd screenshot
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: a CPU build from local disk here; a looser pin resolved first can pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# every other package at the version the tests passed with (constraints.txt)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

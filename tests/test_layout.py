@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,8 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
                    check=True, capture_output=True, timeout=600)
     wheel = next(wheels.glob("scaling_lab-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:  # the licence text ships with the code
+        assert any(name.endswith(".dist-info/licenses/LICENSE") for name in archive.namelist())
     env_dir = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
     python = env_dir / "bin" / "python"
