@@ -69,6 +69,11 @@ def _hydra_dir_hint(err: OSError) -> str:
     return ""
 
 
+# The commands' typed schemas (structured configs registered in Hydra's ConfigStore when imported): a command imports
+# its own before composing (``command(schema=...)``), ``compose`` all of them.
+SCHEMAS = ("scaling_lab.conf.train_schema", "scaling_lab.conf.fit_schema")
+
+
 class UserError(ValueError):
     """Bad input the user can fix. Raised before any compute is spent; a command prints it as one line, exit 2."""
 
@@ -77,6 +82,9 @@ def compose(config_name: str, overrides: Iterable[str] = (), return_hydra_config
     """A command's config composed from ``CONF_DIR`` with ``overrides``, as the command itself would see it."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    for schema in SCHEMAS:  # the typed schemas register themselves with Hydra's ConfigStore on import
+        importlib.import_module(schema)
 
     if GlobalHydra.instance().is_initialized():  # inside a running Hydra app (e.g. a callback)
         return hydra_compose(config_name=config_name, overrides=list(overrides),

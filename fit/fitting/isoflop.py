@@ -110,16 +110,20 @@ def analyse(points: pd.DataFrame, min_points: int, n_boot: int, seed: int) -> di
             sample = pd.concat([g.iloc[rng.integers(0, len(g), len(g))] for g in groups])
             t = optima(sample, min_points).set_index("budget").reindex(used["budget"])
             per_budget.append(t[["N_opt", "D_opt", "loss_opt"]].to_numpy(dtype=float))
-            exponents.append((power_law(t.index.to_numpy(), t["N_opt"].to_numpy())[0],
-                              power_law(t.index.to_numpy(), t["D_opt"].to_numpy())[0]))
-        per_budget, exponents = np.array(per_budget), np.array(exponents)     # (draw, budget, quantity), (draw, 2)
+            exponents.append((*power_law(t.index.to_numpy(), t["N_opt"].to_numpy()),
+                              *power_law(t.index.to_numpy(), t["D_opt"].to_numpy())))
+        # (draw, budget, quantity); (draw, [a, N_coef, b, D_coef])
+        per_budget, exponents = np.array(per_budget), np.array(exponents)
         for j, budget in enumerate(used["budget"]):
             n_opt, d_opt, loss = per_budget[:, j, 0], per_budget[:, j, 1], per_budget[:, j, 2]
             extra[budget] = {f"{key}_ci95": _ci(values) for key, values in (
                 ("N_opt", n_opt), ("D_opt", d_opt), ("loss_opt", loss), ("tokens_per_param", d_opt / n_opt))}
             extra[budget]["boot_failed"] = int((~np.isfinite(n_opt) | ~np.isfinite(d_opt)).sum())
-        result.update(a_ci95=_ci(exponents[:, 0]), b_ci95=_ci(exponents[:, 1]), n_boot=n_boot,
-                      boot_failed=int(np.isnan(exponents).any(axis=1).sum()))
+        ok = np.isfinite(exponents).all(axis=1)
+        result.update(a_ci95=_ci(exponents[:, 0]), b_ci95=_ci(exponents[:, 2]), n_boot=n_boot,
+                      boot_failed=int((~ok).sum()),
+                      # each resample's frontier (a, N_coef, b, D_coef): a planner's intervals anywhere along it
+                      draws=exponents[ok].tolist())
     result["optima"] = [{**{k: _plain(v) for k, v in r.items()}, **extra.get(r["budget"], {})}
                         for r in table.to_dict("records")]
     if len(used):
