@@ -79,3 +79,21 @@ def test_flagged_approach3_falls_back_to_approach2(tmp_path, capsys):
     assert frontier["use"] == "approach2"
     assert "not below the lowest observed loss" in frontier["why"]
     assert "the frontier to use: Approach 2" in capsys.readouterr().out
+
+
+def test_plan_uses_approach2_where_approach3_is_flagged(tmp_path, capsys):
+    """scaling-plan on a fit.json whose law's frontier is flagged: the Chinchilla-style model lies on the isoFLOP
+    minima's frontier, its tokens per parameter finite and with an interval, and the printout says why."""
+    from scaling_lab.fit.plan import cli as plan_cli
+
+    fit(surface(tmp_path / "iso.csv"), tmp_path / "fit", "isoflop.e_profile=0", "+law.chinchilla.bounds.E=[2.5,100]")
+    capsys.readouterr()
+    doc = plan_cli.run(compose("plan", [f"constants={tmp_path / 'fit' / 'fit.json'}", "target.chinchilla_params=2e4",
+                                        "demand.tokens=1e9", f"out={tmp_path / 'plan'}", "plot.points=3"]))
+    frontier, model = doc["frontier"], doc["chinchilla"]
+    assert frontier["source"] == "approach2" and "not below the lowest observed loss" in frontier["why"]
+    # on the isoFLOP frontier of this surface (a few hundred tokens per parameter at N 2e4), not the law's
+    assert model["N"] == pytest.approx(2e4, rel=1e-6) and 50 < frontier["tokens_per_param"] < 2000
+    lo, hi = frontier["tokens_per_param_ci95"]
+    assert lo < frontier["tokens_per_param"] < hi and hi / lo < 10
+    assert "lies on Approach 2's frontier" in capsys.readouterr().out

@@ -58,6 +58,21 @@ def load_chinchilla(cfg: DictConfig) -> tuple[LawConstants, dict]:
                        "not_identified": doc["laws"]["chinchilla"].get("not_identified", [])}
 
 
+def load_frontier(source: dict) -> tuple[planner.Frontier | None, list[planner.Frontier], dict]:
+    """The frontier the Chinchilla-style model lies on: Approach 2's (the isoFLOP minima's power laws) where the
+    fit.json's ``isoflop.frontier`` says the law's own is not to be used (``fit.fitting.approaches``: E not
+    identified, or the approaches disagree), with its bootstrap resamples; else the law's (None)."""
+    if "fit_json" not in source:
+        return None, [], {"source": "law", "why": "preset constants"}
+    iso = read_fit_json(source["fit_json"]).get("isoflop") or {}
+    choice = iso.get("frontier") or {}
+    if choice.get("use") != "approach2":
+        return None, [], {"source": "law", "why": choice.get("why") or "the fit has no isoFLOP profiles"}
+    frontier = planner.Frontier.from_isoflop(iso["a"], iso["N_coef"], iso["b"], iso["D_coef"])
+    draws = [planner.Frontier.from_isoflop(*d) for d in iso.get("draws") or [] if min(d) > 0]
+    return frontier, draws, {"source": "approach2", "why": choice["why"], "a": iso["a"], "b": iso["b"]}
+
+
 def _law_from_fit(path: Path, name: str, formula: str) -> tuple[LawConstants, dict]:
     """Law ``name`` of a fit.json, refused unless it has the configured ``formula`` the planner's math assumes."""
     constants, doc = load_law(path, name, formula, needed_by="the planner")
@@ -198,12 +213,12 @@ def quantization_penalty(cfg: DictConfig) -> tuple[float, str]:
     return measured[0], f"mean measured delta over {measured[1]} fully quantized runs ({cfg.serving.measurements})"
 
 
-def target_loss(cfg: DictConfig, constants: LawConstants) -> dict:
+def target_loss(cfg: DictConfig, constants: LawConstants, frontier: planner.Frontier | None = None) -> dict:
     """The loss the served model must reach and the (lower) loss training must reach under quantization."""
     kind, value = _exactly_one(cfg.target, "loss", "chinchilla_params", "target")
     if kind == "chinchilla_params" and value <= 0:
         raise ValueError(f"target.chinchilla_params must be > 0, got {value:g}")
-    served = value if kind == "loss" else planner.chinchilla_loss(constants, value)
+    served = value if kind == "loss" else planner.chinchilla_loss(constants, value, frontier)
     penalty, source = quantization_penalty(cfg)
     trained = served - penalty
     if not trained > constants["E"]:
@@ -222,13 +237,20 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError(f"unknown serving.quantization={cfg.serving.quantization!r}: known {known} (the serving "
                          f"modes' table conf/serving_mode/; your own: hydra.searchpath=[file://<dir>])")
     constants, source = load_chinchilla(cfg)
-    target = target_loss(cfg, constants)
+    frontier, draws, frontier_info = load_frontier(source)
+    target = target_loss(cfg, constants, frontier)
     inference = split_demand(cfg)
     prices, hardware = resolve_hardware(cfg)
     shape_inputs = load_shape_inputs(cfg) if cfg.shape.enabled else None
     serving_inputs = load_serving_inputs(cfg) if cfg.serving.mode is not None else None
 
-    result = planner.plan(constants, target["trained_loss"], inference, prices, cfg.objective)
+    result = planner.plan(constants, target["trained_loss"], inference, prices, cfg.objective, frontier)
+    n = result["chinchilla"]["N"]
+    frontier_info.update(tokens_per_param=result["chinchilla"]["tokens_per_param"],
+                         n_convention=(source.get("provenance") or {}).get("n_convention", "as the constants count N"))
+    if draws:  # the resamples' tokens for the same N: the ratio's interval
+        ratios = [d.tokens(n) / n for d in draws]
+        frontier_info["tokens_per_param_ci95"] = [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))]
     if shape_inputs:
         result["shape"] = shape_plan(cfg, shape_inputs, target["trained_loss"], inference, prices)
     if serving_inputs:
@@ -236,7 +258,7 @@ def run(cfg: DictConfig) -> dict:
                                                      inference, prices, shape_inputs)
     doc = {"schema_version": PLAN_SCHEMA_VERSION, "objective": cfg.objective,
            "constants": {**source, "params": dict(constants.values), "formula": constants.law.formula},
-           "target": target,
+           "target": target, "frontier": frontier_info,
            "demand": {"prefill_tokens": inference.prefill_tokens, "decode_tokens": inference.decode_tokens,
                       **OmegaConf.to_container(cfg.demand)},
            "hardware": hardware,
@@ -246,7 +268,7 @@ def run(cfg: DictConfig) -> dict:
            **result}
     out = Path(cfg.out)
     write_json_atomic(out / "plan.json", doc)
-    plot(cfg, constants, target["trained_loss"], inference, prices, doc, out / "plan.png")
+    plot(cfg, constants, target["trained_loss"], inference, prices, doc, out / "plan.png", frontier)
     print(table(doc))
     print(f"wrote {out / 'plan.json'} and {out / 'plan.png'}")
     tracking.log_plan(cfg, doc, out)
@@ -369,8 +391,17 @@ def table(doc: dict) -> str:
     for key in planner.REPORTED:
         ratio = "" if r[key] is None else f"{100 * r[key]:.2f}%"
         lines.append(f"{key:16}{c[key]:12.4g}{o[key]:12.4g}{ratio:>14}")
-    if doc["constants"].get("not_identified"):
+    f = doc.get("frontier") or {}
+    if f.get("source") == "approach2":
+        lines.append(f"the Chinchilla-style model lies on Approach 2's frontier (isoFLOP minima: N_opt ~ C^{f['a']:.3f}, "
+                     f"D_opt ~ C^{f['b']:.3f}), not the law's: {f['why']}")
+    elif doc["constants"].get("not_identified"):
         lines.append(f"warning: the fit did not identify {doc['constants']['not_identified']}; the plan inherits that")
+    if f.get("tokens_per_param"):
+        ci = f.get("tokens_per_param_ci95")
+        lines.append(f"Chinchilla-style tokens per parameter: {f['tokens_per_param']:.4g}"
+                     + (f" [{ci[0]:.4g}, {ci[1]:.4g}] (95%, the isoFLOP resamples)" if ci else "")
+                     + f", N counted as {f['n_convention']}")
     lines.append(f"saving in total {'FLOPs' if doc['objective'] == 'flops' else 'cost'}: {100 * doc['saving']:.4g}%")
     if "serving_modes" in doc:
         lines.append(serving_table(doc["serving_modes"]))
@@ -394,11 +425,11 @@ def table(doc: dict) -> str:
 
 
 def plot(cfg: DictConfig, constants: LawConstants, loss: float, inference: planner.Inference,
-         prices: planner.Prices, doc: dict, path: Path) -> None:
+         prices: planner.Prices, doc: dict, path: Path, frontier: planner.Frontier | None = None) -> None:
     """Optimal N and D (left) and the saving (right) against lifetime inference demand around the requested one."""
     reference = inference if inference.tokens > 0 else split_demand(cfg, tokens=doc["chinchilla"]["D"])
     factors = np.logspace(-cfg.plot.decades_below, cfg.plot.decades_above, cfg.plot.points)
-    sweep = [planner.plan(constants, loss, reference.scaled(f), prices, cfg.objective) for f in factors]
+    sweep = [planner.plan(constants, loss, reference.scaled(f), prices, cfg.objective, frontier) for f in factors]
     tokens = factors * reference.tokens
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, colour in (("N", "tab:blue"), ("D", "tab:orange")):

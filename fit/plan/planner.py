@@ -145,20 +145,56 @@ def chinchilla_compute(constants: LawConstants, n_params: float) -> float:
     return 6 * (n_params / G) ** (1 / a)
 
 
-def chinchilla_loss(constants: LawConstants, n_params: float) -> float:
-    """Loss of the Chinchilla-optimal model with ``n_params`` parameters."""
+@dataclass(frozen=True)
+class Frontier:
+    """A compute-optimal frontier read from isoFLOP minima (Approach 2: ``N_opt = k_N C^a``, ``D_opt = k_D C^b``),
+    as the tokens it gives a model of N parameters, ``D = K N^p`` (``p = b / a``): used for the Chinchilla-style
+    model where the fitted law's own frontier is not identified (``fit.fitting.approaches``). The law still gives
+    the loss along it."""
+
+    K: float
+    p: float
+    source: str = "approach2"
+
+    @classmethod
+    def from_isoflop(cls, a: float, n_coef: float, b: float, d_coef: float) -> "Frontier":
+        if not all(math.isfinite(x) and x > 0 for x in (a, n_coef, b, d_coef)):
+            raise ValueError(f"an isoFLOP frontier needs positive a, b and coefficients; got a={a}, N_coef={n_coef}, "
+                             f"b={b}, D_coef={d_coef}")
+        return cls(K=d_coef * n_coef ** (-b / a), p=b / a)
+
+    def tokens(self, n_params: float) -> float:
+        return self.K * n_params ** self.p
+
+
+def chinchilla_loss(constants: LawConstants, n_params: float, frontier: Frontier | None = None) -> float:
+    """Loss of the Chinchilla-optimal model with ``n_params`` parameters (on ``frontier`` when given)."""
     if n_params <= 0:
         raise ValueError(f"parameter count must be > 0, got {n_params:g}")
+    if frontier is not None:
+        return float(constants.predict(N=n_params, D=frontier.tokens(n_params)))
     n, d = chinchilla_optimal(constants, chinchilla_compute(constants, n_params))
     return float(constants.predict(N=n, D=d))
 
 
-def chinchilla_style_for_loss(constants: LawConstants, loss: float) -> tuple[float, float]:
-    """(N, D) of the Chinchilla-optimal model that reaches ``loss``."""
+def chinchilla_style_for_loss(constants: LawConstants, loss: float,
+                              frontier: Frontier | None = None) -> tuple[float, float]:
+    """(N, D) of the Chinchilla-optimal model that reaches ``loss`` (on ``frontier`` when given: the N whose
+    frontier tokens give that loss under the law, found by a bracketed root in log N)."""
     _check_loss(constants, loss)
     E, A, B, alpha, beta = chinchilla_terms(constants)
-    return ((A * (1 + alpha / beta) / (loss - E)) ** (1 / alpha),
+    n, d = ((A * (1 + alpha / beta) / (loss - E)) ** (1 / alpha),
             (B * (1 + beta / alpha) / (loss - E)) ** (1 / beta))
+    if frontier is None:
+        return n, d
+    excess = lambda x: float(constants.predict(N=math.exp(x), D=frontier.tokens(math.exp(x)))) - loss
+    low, high = math.log(n) - 1.0, math.log(n) + 1.0   # excess falls with N along a frontier whose D grows with N
+    while excess(low) < 0:
+        low -= 2.0
+    while excess(high) > 0:
+        high += 2.0
+    n = math.exp(brentq(excess, low, high, xtol=1e-12, maxiter=500))
+    return n, frontier.tokens(n)
 
 
 def inference_optimal(constants: LawConstants, loss: float, inference_tokens: float) -> tuple[float, float]:
@@ -226,10 +262,12 @@ def _compare(result: dict, total: str, keys: tuple[str, ...] = REPORTED) -> dict
     return result
 
 
-def plan(constants: LawConstants, loss: float, inference: Inference, prices: Prices, objective: str) -> dict:
-    """The Chinchilla-style and the ``objective``-optimal model of ``loss``, with the optimal/Chinchilla ratios."""
+def plan(constants: LawConstants, loss: float, inference: Inference, prices: Prices, objective: str,
+         frontier: Frontier | None = None) -> dict:
+    """The Chinchilla-style (on ``frontier`` when given) and the ``objective``-optimal model of ``loss``, with the
+    optimal/Chinchilla ratios."""
     d_inf = equivalent_inference_tokens(objective, inference, prices)
-    models = {"chinchilla": chinchilla_style_for_loss(constants, loss),
+    models = {"chinchilla": chinchilla_style_for_loss(constants, loss, frontier),
               "optimal": inference_optimal(constants, loss, d_inf)}
     result = {name: {**lifetime(n, d, inference, prices), "loss": float(constants.predict(N=n, D=d))}
               for name, (n, d) in models.items()}
