@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import SHARED
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("models", "pipeline", "fit", "conf", "scripts", "tests")
+PACKAGES = ("api", "models", "pipeline", "fit", "conf", "scripts", "tests")
 # `x` in markdown, ``x`` in docstrings; the text inside is one reference candidate
 BACKTICKED = re.compile(r"``([^`\s]+)``|`([^`\s]+)`")
 # a repository path: under a package or ../shared, naming a file (by its extension) or a folder (a trailing /);
