@@ -1,7 +1,7 @@
 """Peak memory and wall time of ``scaling-prepare`` (16k BPE) on the 93 MB English corpus ../shared/corpus/gutenberg_en
 and on a synthetic corpus many times larger (its paragraphs repeated and shuffled), each in its own process.
 
-    python scripts/bench_prepare.py [--synthetic-bytes 15e9] [--bpe-sample-bytes 2e8]
+    python scripts/bench_prepare.py [--synthetic-bytes 15e9] [--bpe-sample-bytes 2e8] [--synthetic-only]
 
 Before scaling-prepare, preparation held the whole corpus, its documents and its tokens in memory (3.8 GB peak for
 the 93 MB corpus). Now memory stays bounded: the BPE learns from a bounded sample (data.bpe_sample_bytes) and the
@@ -57,6 +57,7 @@ def synthetic(folder: Path, size: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--synthetic-bytes", type=float, default=15e9, help="10x the 1.5 GB target by default")
+    parser.add_argument("--synthetic-only", action="store_true", help="skip the 93 MB corpus")
     parser.add_argument("--bpe-sample-bytes", type=float, default=None,
                         help="data.bpe_sample_bytes for the synthetic corpus (default: the data default, 1 GB)")
     args = parser.parse_args()
@@ -66,9 +67,11 @@ def main() -> None:
     print(f"scaling-prepare, 16k BPE, sample_by=paragraph, {os.cpu_count()} cores; peak = the process's max RSS")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        size = sum(f.stat().st_size for f in CORPUS.glob("train_*.txt"))
-        peak, wall, line = prepare(str(CORPUS / "train_*.txt"), tmp / "cache", f"data.val_path={CORPUS}/valid_000.txt")
-        print(f"gutenberg_en ({size / 1e6:,.0f} MB): peak {peak:.2f} GB, {wall:,.0f} s\n  {line}", flush=True)
+        if not args.synthetic_only:
+            size = sum(f.stat().st_size for f in CORPUS.glob("train_*.txt"))
+            peak, wall, line = prepare(str(CORPUS / "train_*.txt"), tmp / "cache",
+                                       f"data.val_path={CORPUS}/valid_000.txt")
+            print(f"gutenberg_en ({size / 1e6:,.0f} MB): peak {peak:.2f} GB, {wall:,.0f} s\n  {line}", flush=True)
         folder = tmp / "synthetic"
         folder.mkdir()
         size = synthetic(folder, args.synthetic_bytes)

@@ -1,8 +1,8 @@
-"""The README's table for Bian et al. 2025's split (fit on the paper's 27 rows, scored on the other 49), generated
-from ``protocol=auto``'s choice: every candidate (objective x exponent tie) is ranked on the 27 rows alone, by
-predicting their largest size class (313M) from the smaller ones; the held-out MSE on the 49 rows is printed
-beside it for the record, and is not used to choose. The paper's own protocol is the last row, for reference.
-Prints a Markdown table and the recommendation that follows from the choice.
+"""The table for Bian et al. 2025's split (fit on the paper's 27 rows, scored on the other 49;
+``scripts/output/bian_ties.md``), generated from ``protocol=auto``'s choice: every candidate (objective x exponent
+tie) is ranked on the 27 rows alone, by predicting their largest size classes from the smaller ones
+(``conf/protocol/auto.yaml``); the held-out MSE on the 49 rows is printed beside it for the record, and is not used to
+choose. The paper's own protocol is the last row, for reference. Prints a Markdown table and the choice.
 
     .venv/bin/python scripts/bian_ties.py            # data: $SCALING_SHARED or ../shared next to the repo
 """
