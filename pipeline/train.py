@@ -191,7 +191,8 @@ def _record_head(cfg, spec: RunSpec, corpus) -> dict:
                                                  "train_tokens", "val_tokens", "python")},
         "timing": {"threads": spec.threads},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "lightning": lightning.__version__, "project": store.tool_version()},
+                     "lightning": lightning.__version__, "project": store.tool_version(),
+                     "commit": store.tool_commit()},
     }
 
 

@@ -22,6 +22,8 @@ def test_fit_predict_frontier_and_plan(tmp_path):
     fit = scaling_lab.fit_laws(runs, N="params", D="tokens", out=tmp_path / "fit",
                                overrides=["bootstrap.n=20", "plots=false"])
     assert fit.laws == ["chinchilla"] and fit.path == tmp_path / "fit" / "fit.json"
+    assert fit.doc["tool"]["commit"].startswith(subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                                                               capture_output=True, text=True).stdout.strip())
     c = fit.constants()
     assert c["alpha"] == pytest.approx(0.34, abs=0.05)
     assert fit.predict(N=1e8, D=1e10) == pytest.approx(c["E"] + c["A"] / 1e8 ** c["alpha"] + c["B"] / 1e10 ** c["beta"])

@@ -43,6 +43,7 @@ def test_tiny_run_end_to_end(compose_train, monkeypatch):
     assert lat["prefill_ms"] > 0 and lat["decode_ms_per_token"] > 0 and lat["batch_sizes"] == [1, 2]
     assert set(lat["by_batch"]["2"]["decode_ms_per_token"]) == {"median", "min", "max", "iqr_rel"}
     assert record["versions"]["torch"] and record["data"]["corpus_hash"] and record["data"]["python"]
+    assert len(record["versions"]["commit"].removesuffix("+dirty")) == 40  # which code of this checkout wrote it
     # throughput as GPU users read it: the device, its count and precision, steady-state tokens/s and MFU against
     # the device's peak (on a CPU, a fp32 matmul measured in the run)
     hw = record["hardware"]

@@ -21,7 +21,7 @@ import numpy as np
 
 from scaling_lab.fit.io.fitfile import SCHEMA_VERSION
 from scaling_lab.fit.io.files import write_csv_atomic, write_json_atomic
-from scaling_lab.fit.io.store import tool_version
+from scaling_lab.fit.io.store import tool_commit, tool_version
 from scaling_lab.fit.fitting.fitlaw import LawFit
 from scaling_lab.fit.fitting.sources import Table
 
@@ -69,7 +69,7 @@ def document(table: Table, fits: Mapping[str, LawFit], protocol: Mapping[str, An
              protocol_selection: Mapping[str, Any] | None = None) -> dict:
     doc = {"schema_version": SCHEMA_VERSION,
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "tool": {"name": "scaling-lab", "version": tool_version()},
+           "tool": {"name": "scaling-lab", "version": tool_version(), "commit": tool_commit()},
            "provenance": {**table.provenance, "protocol": protocol["name"], "bootstrap_seed": bootstrap_seed,
                           "fitted_range": fitted_range(table)},
            "laws": {name: law_entry(f) for name, f in fits.items()}}

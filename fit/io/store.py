@@ -7,6 +7,7 @@ This module imports neither torch nor Lightning: analysts load tables with it on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -46,6 +47,27 @@ def tool_version() -> str:
         return version("scaling-lab")
     except PackageNotFoundError:
         return "unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def tool_commit() -> str | None:
+    """The git commit of the checkout this code runs from, ``+dirty`` when its tracked files differ from it; None
+    for an installed wheel (no checkout). Recorded beside the version, so a record says which code wrote it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def upgrade_record(doc: dict, path: str | Path = "a run record") -> dict:
