@@ -38,6 +38,18 @@ RENAMED = {
     "fit_dir": "constants",
 }
 
+# The extra that provides each optional top-level module (pyproject.toml): a command that needs a missing one says
+# which to install, in one line.
+EXTRAS = {"torch": "train", "lightning": "train", "datasets": "train", "tokenizers": "train",
+          "hydra_plugins": "train", "torchao": "serve", "submitit": "slurm", "wandb": "wandb",
+          "wandb_workspaces": "wandb"}
+
+
+def missing_extra(err: ModuleNotFoundError) -> str | None:
+    """The extra to install for a module that could not be imported (None: not one of ours)."""
+    return EXTRAS.get((err.name or "").split(".")[0])
+
+
 # A key that is gone -> where its contents went.
 REMOVED = {
     "presets.quantization": "the serving modes' table conf/serving_mode/<mode>.yaml (cuda.peak_flops_dtype) and "
@@ -194,20 +206,33 @@ def _resolve(target: str) -> Callable[[Any], Any]:
 
 def command(prog: str, config_name: str, run: str | Callable[[Any], Any],
             errors: tuple[type[BaseException], ...] = (), help: str | None = None,
-            schema: str | None = None) -> Callable[[], None]:
+            schema: str | None = None, extra: str | None = None) -> Callable[[], None]:
     """The entry point ``prog`` (e.g. ``scaling-fit``): Hydra composes ``config_name`` and calls ``run(cfg)``.
 
     ``run`` is a function or ``"module:function"``, imported once the config is composed; ``schema``, a module to
     import first (one that registers a structured config the composition needs); ``help``, the help page's name
-    (default ``config_name``). ``errors`` are exception types besides ``UserError`` and ``ValueError`` that ``run``
+    (default ``config_name``); ``extra``, the extra that provides everything the command needs (named when an
+    optional module is missing). ``errors`` are exception types besides ``UserError`` and ``ValueError`` that ``run``
     raises for bad input (e.g. a missing file)."""
     expected = (UserError, ValueError, *errors)
+
+    def needs(err: ModuleNotFoundError | None) -> str | None:
+        """The one-line message for a missing optional module (None: not one of ours)."""
+        name = missing_extra(err) if err is not None else None
+        if name is None:
+            return None
+        name = extra or name
+        return f"needs the [{name}] extra (no module named {err.name!r}): pip install 'scaling-lab[{name}]'"
 
     def _run(cfg) -> None:
         try:
             (_resolve(run) if isinstance(run, str) else run)(cfg)
         except expected as err:
             fail(prog, err)
+        except ModuleNotFoundError as err:
+            if needs(err) is None:
+                raise
+            fail(prog, needs(err))
         except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as command-line tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
@@ -242,7 +267,10 @@ def command(prog: str, config_name: str, run: str | Callable[[Any], Any],
         try:
             hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(_run)()
         except (HydraException, OmegaConfBaseException) as err:
-            fail(prog, _hydra_message(err))
+            cause = err  # a missing optional module can surface in Hydra (a callback's or launcher's import)
+            while cause is not None and not isinstance(cause, ModuleNotFoundError):
+                cause = cause.__cause__ or cause.__context__
+            fail(prog, needs(cause) or _hydra_message(err))
         except OSError as err:
             if err.errno not in STORAGE_ERRNOS:
                 raise
