@@ -38,7 +38,7 @@ Measurements come in rounds (``scaling-latency measure.rounds``: every shape onc
 fits each (shape, mode, batch)'s fastest round (``aggregate="min"``; ``"median"`` is the alternative). Interference
 from other processes on a shared machine only ever slows a pass down, so the least-disturbed round is the closest
 to the device's own cost, the estimator ``timeit`` recommends for the same reason (what it changed on the demo's
-shapes: pipeline/README.md, stage 5).
+shapes: scripts/output/LOG.md).
 
 Held-out errors per (mode, quantity): leave-one-shape-out (every mode and batch of a shape predicted by the law
 fitted on the other shapes) and leave-largest-out (the largest quarter of the shapes by weights, in every mode,

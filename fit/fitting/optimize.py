@@ -241,19 +241,24 @@ def fit_huber_grid(model: CompiledLaw, log_inputs, y, protocol) -> FitResult:
     else:
         xs, fs = screen(fg, starts, lower, upper, int(protocol.get("screen_iter") or 0))
         kept = xs[np.argsort(fs, kind="stable")[:int(refine)]]
+    theta, obj, ok, msg, n_best = refine_starts(model, fg, kept, lower, upper, protocol, len(y))
+    result = FitResult(theta=theta, objective=obj, n_starts=len(starts), n_best=n_best, n_grid=n_grid,
+                       converged=ok, message=msg, n_refined=len(kept), screened=kept)
+    result.seconds = time.perf_counter() - t0
+    return _verdict(result, ok, "refined starts")
+
+
+def refine_starts(model: CompiledLaw, fg, kept: np.ndarray, lower, upper, protocol, n_points: int):
+    """Every kept start to convergence (batched L-BFGS-B), the best polished (kept only if it improved): the
+    best point, its objective, whether the polish converged and its message, and how many starts reached it."""
     x, f, _ = lbfgs_batch(fg, kept, lower, upper, max_iter=int(protocol.max_iter))
     if not np.isfinite(f).any():
         raise RuntimeError(f"law {model.spec.name!r}: no start gave a finite objective")
-    order = np.argsort(f, kind="stable")
-    best = int(order[0])
+    best = int(np.argsort(f, kind="stable")[0])
     theta, obj, ok, msg = polish(fg, x[best], lower, upper)
     if obj > f[best]:
         theta, obj = x[best], float(f[best])
-    n_best = reached(f, obj, protocol, len(y))
-    result = FitResult(theta=theta, objective=obj, n_starts=len(starts), n_best=n_best, n_grid=n_grid,
-                       converged=ok, message=msg, n_refined=len(x), screened=kept)
-    result.seconds = time.perf_counter() - t0
-    return _verdict(result, ok, "refined starts")
+    return theta, obj, ok, msg, reached(f, obj, protocol, n_points)
 
 
 def bounded_lstsq(cols: np.ndarray, rhs: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
@@ -350,17 +355,11 @@ def fit_vpnls(model: CompiledLaw, log_inputs, y, protocol) -> FitResult:
                                 int(protocol.seed), params=searched)
     xs, fs = screen(vp.fg, starts, vp.nl_lower, vp.nl_upper, int(protocol.get("screen_iter") or 0))
     kept = xs[np.argsort(fs, kind="stable")[:int(protocol.get("refine") or len(starts))]]
-    x, f, _ = lbfgs_batch(vp.fg, kept, vp.nl_lower, vp.nl_upper, max_iter=int(protocol.max_iter))
-    if not np.isfinite(f).any():
-        raise RuntimeError(f"law {model.spec.name!r}: no start gave a finite objective")
-    order = np.argsort(f, kind="stable")
-    theta_nl, obj, ok, msg = polish(vp.fg, x[order[0]], vp.nl_lower, vp.nl_upper)
-    if obj > f[order[0]]:
-        theta_nl, obj = x[order[0]], float(f[order[0]])
-    n_best = reached(f, obj, protocol, len(y))
+    theta_nl, obj, ok, msg, n_best = refine_starts(model, vp.fg, kept, vp.nl_lower, vp.nl_upper, protocol, len(y))
     result = FitResult(theta=vp.full(theta_nl)[0], objective=obj, n_starts=len(starts), n_best=n_best, n_grid=n_grid,
                        converged=ok, message=f"linear in {', '.join(model.natural)} (solved by bounded least "
-                       f"squares); searched {', '.join(searched)}. {msg}", n_refined=len(x), screened=vp.full(kept))
+                       f"squares); searched {', '.join(searched)}. {msg}", n_refined=len(kept),
+                       screened=vp.full(kept))
     result.seconds = time.perf_counter() - t0
     return _verdict(result, ok, "refined starts")
 
