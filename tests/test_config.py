@@ -92,7 +92,7 @@ COMMAND_CONFIGS = {"scaling-train": "train", "scaling-sweep-status": "status", "
                    "scaling-verify": "verify", "scaling-plan": "plan", "scaling-report": "report"}
 
 
-def test_every_demo_command_composes_on_another_corpus():
+def test_every_demo_command_composes_on_another_corpus(tmp_path):
     """`make demo DEMO_DATA=...` (the README's own-corpus path): every command the demo runs composes with the
     overrides it is given (scaling-sweep-status was handed data=... it has no key for, and stopped the demo)."""
     import re
@@ -100,7 +100,7 @@ def test_every_demo_command_composes_on_another_corpus():
     import subprocess
 
     out = subprocess.run(["make", "-n", "demo", "DEMO_DATA=data=files data.path=/corpus data.val_path=/val",
-                          "DEMO_DIR=/tmp/demo-dir"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+                          f"DEMO_DIR={tmp_path / 'demo'}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     commands = []
     for line in out.stdout.replace("\\\n", " ").splitlines():
