@@ -31,7 +31,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q $(TEST_WORKERS) -m "not slow"
 
-# The demo sweep on 2 parallel jobs (1 thread each): 3 size classes x 4 depths x 4 token budgets as WSD decay
+# First the isoFLOP study (conf/launch/sweep/demo_isoflop.yaml): 7 shapes x 5 FLOP budgets, 27 cells, each shape one
+# WSD stable run with a decay branch per budget; fitted on every budget but the largest, whose compute-optimal size
+# and loss it predicts (Approach 2 beside Approach 3). Then the shape study, the demo sweep
+# on 2 parallel jobs (1 thread each): 3 size classes x 4 depths x 4 token budgets as WSD decay
 # branches (conf/launch/sweep/demo.yaml; the largest class, held out, one layer deeper), plus the smallest shape
 # (N 2.5e4, a decade below the largest) and a second seed of one shape of the largest class (weights kept). Then fit
 # (held out: the largest size class, to measure extrapolation in N), the latency law per serving mode, INT8/INT4 quantization (of 12 runs) and speculative decoding
@@ -44,6 +47,11 @@ empty :=
 space := $(empty) $(empty)
 comma := ,
 DEMO_TRAIN := $(BIN)/scaling-train -m sweep=demo hydra/launcher=joblib results_dir=$(DEMO_DIR) $(DEMO_DATA)
+# the isoFLOP study's fit rows: every budget but the largest (2e12 FLOPs), held out
+DEMO_ISOFLOP_ROWS := flops_budget < 1.5e12
+# the plan on the frontier the study found: a model as good as the compute-optimal one of 2e4 parameters (inside the
+# study's sizes), served for 1e10 tokens
+DEMO_ISOFLOP_TARGET := 2e4
 # the held-out size class: deeper by one step than the fitted classes, so its aspect ratios (27 to 6) lie inside the
 # fitted ones (40 to 5.3) and the held-out test extrapolates in N, not in R
 DEMO_HELDOUT := model.params=2.4e5 model.n_layers=3,4,6,8
@@ -63,6 +71,12 @@ DEMO_VERIFY := params_factor=1.0 band=0.1 tokens_per_param=0.5
 
 demo: $(STAMP)
 	@mkdir -p $(DEMO_DIR) && date +%s > $(DEMO_DIR)/.demo_started
+	$(BIN)/scaling-train -m sweep=demo_isoflop hydra/launcher=joblib hydra.launcher.n_jobs=2 results_dir=$(DEMO_DIR) \
+		$(DEMO_DATA)
+	$(BIN)/scaling-fit sweep=demo_isoflop results_dir=$(DEMO_DIR) out=$(DEMO_DIR)/fit/demo_isoflop \
+		source.columns.budget=flops_budget 'source.fit_rows="$(DEMO_ISOFLOP_ROWS)"'
+	$(BIN)/scaling-plan constants=$(DEMO_DIR)/fit/demo_isoflop/fit.json objective=cost \
+		target.chinchilla_params=$(DEMO_ISOFLOP_TARGET) demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo_isoflop
 	$(DEMO_TRAIN) hydra.launcher.n_jobs=2
 	$(DEMO_TRAIN) hydra.launcher.n_jobs=2 $(DEMO_HELDOUT)
 	$(DEMO_TRAIN) hydra.launcher.n_jobs=1 model.params=2.5e4 model.n_layers=2 & \
@@ -79,6 +93,7 @@ demo: $(STAMP)
 	$(BIN)/scaling-plan constants=$(DEMO_DIR)/fit/demo/fit.json objective=cost target.chinchilla_params=1e6 \
 		demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo serving.mode=auto serving.measurements=$(DEMO_DIR)/serving/demo
 	$(BIN)/scaling-report sweep=demo results_dir=$(DEMO_DIR)
+	$(BIN)/scaling-report sweep=demo_isoflop results_dir=$(DEMO_DIR)
 	$(BIN)/python scripts/demo_findings.py results_dir=$(DEMO_DIR)
 	@echo "The demo's report: $(DEMO_DIR)/report/demo/report.html (open it in a browser; no server needed)"
 	@echo "make demo's stages took $$(( $$(date +%s) - $$(cat $(DEMO_DIR)/.demo_started) )) s (set-up excluded)"

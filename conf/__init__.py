@@ -41,8 +41,8 @@ RENAMED = {
 # The extra that provides each optional top-level module (pyproject.toml): a command that needs a missing one says
 # which to install, in one line.
 EXTRAS = {"torch": "train", "lightning": "train", "datasets": "train", "tokenizers": "train",
-          "hydra_plugins": "train", "torchao": "serve", "submitit": "slurm", "wandb": "wandb",
-          "wandb_workspaces": "wandb"}
+          "hydra_plugins": "train", "safetensors": "train", "torchao": "serve", "submitit": "slurm",
+          "wandb": "wandb", "wandb_workspaces": "wandb", "transformers": "hf"}
 
 
 def missing_extra(err: ModuleNotFoundError) -> str | None:

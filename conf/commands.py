@@ -22,6 +22,8 @@ quantize = command("scaling-quantize", "quantize", "scaling_lab.pipeline.quantiz
                    extra="serve")
 speculate = command("scaling-speculate", "speculate", "scaling_lab.pipeline.speculate:run",
                     errors=(FileNotFoundError,), extra="serve")
+export = command("scaling-export", "export", "scaling_lab.pipeline.export:run", errors=(FileNotFoundError,),
+                 extra="train")
 fit = command("scaling-fit", "fit", "scaling_lab.fit.fitting.cli:run", errors=(FileNotFoundError,),
               schema="scaling_lab.conf.fit_schema")
 plan = command("scaling-plan", "plan", "scaling_lab.fit.plan.cli:plan_command", errors=(FileNotFoundError,))

@@ -107,6 +107,7 @@ class TrainConf:
     lr_rule: LrRule = LrRule.constant
     lr_ref_width: int = 128
     lr_width_exponent: float = 1.0  # 1: muP-style 1/width; the demo's LR scan measured a steeper fall
+    lr_max: Optional[float] = None  # a cap on the LR the rule gives (null: none), where its rise overshoots
     schedule: Schedule = Schedule.cosine
     decay_frac: float = 0.2  # wsd: the decay is this fraction of each budget's steps, to min_lr_ratio * lr
     warmup_frac: float = 0.05  # warmup steps as a fraction of all steps, then cosine decay
@@ -130,9 +131,9 @@ class TrainConf:
     compile: bool = False  # torch.compile the forward (on in train=gpu; tens of seconds to start on a CPU)
     progress_bar: bool = True  # on a terminal only; otherwise one progress line every progress_every_s
     progress_every_s: float = 30.0
-    # Keep the finished run's weights beside its record (<results_dir>/<sweep>/weights/<run_id>.pt, a plain
-    # state dict read back with torch.load(weights_only=True), so loading never runs code). The serving stage
-    # (scaling-quantize, scaling-speculate) needs them.
+    # Keep the finished run's weights beside its record (<results_dir>/<sweep>/weights/<run_id>.safetensors,
+    # pipeline/weights.py: plain tensors, so loading never runs code). The serving stage (scaling-quantize,
+    # scaling-speculate) and scaling-export need them.
     save_model: bool = False
 
 
@@ -167,9 +168,20 @@ class LoggerConf:
 
 
 @dataclass
+class CellsConf:
+    # Which cells of a sweep's grid train: a point outside these limits is skipped before any compute, named by
+    # scaling-train and scaling-sweep-status with its reason (null: no limit). An isoFLOP grid of shapes x budgets
+    # keeps the cells long enough to leave the early transient and within a range of tokens per parameter.
+    min_steps: Optional[int] = None
+    min_tokens_per_param: Optional[float] = None  # D / N, N non-embedding
+    max_tokens_per_param: Optional[float] = None
+
+
+@dataclass
 class SweepConf:
     name: str = "default"
     retry_failed: bool = False  # re-run points whose record says failed
+    cells: CellsConf = field(default_factory=CellsConf)
 
 
 @dataclass
@@ -256,6 +268,7 @@ RUN_IDENTITY: dict[str, dict[str, Key]] = {
                               "lr_ref_width", "lr_width_exponent", "warmup_steps", "weight_decay", "beta1", "beta2",
                               "grad_clip", "precision", "seed", "diverge_loss")},
         "schedule": Key(baseline=Schedule.cosine),  # added with wsd: cosine runs keep the ids they had before
+        "lr_max": Key(baseline=None),  # added with the isoFLOP study: runs without a cap keep their ids
         "decay_frac": Key(when=_wsd, branch=True),
     },
 }

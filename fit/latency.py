@@ -4,16 +4,9 @@ device over every serving mode to measurements, with held-out errors. The one la
 
 One pass of a batch of ``b`` sequences, ``t`` new tokens each (decode: t = 1; prefill: t = the prompt length),
 attending to a context of ``c`` tokens (decode: the prompt plus half the decoded tokens, the mean over the timed
-steps; prefill: the prompt), through ``L`` layers of width ``d`` with vocabulary ``V``::
-
-    ms = call + layer * L                                   fixed cost per pass, and per layer (kernel launches)
-       + weight_bytes * 4 (fp32 block weights + V d)        fp32 weights read once a pass, the output head included
-       + matmul_flops * 2 b t (fp32 block weights + V d)    multiply-adds through fp32 matrices
-       + kv * b t L c d                                     the KV cache read (and scores computed) at context c
-       + quant_matrices * (quantized block matrices)        a quantized matrix's own kernel: its call,
-       + quant_bytes * (their bytes: 1 a weight in int8, 1/2 in int4)     the weights it reads,
-       + quant_flops * 2 b t (quantized block weights)                    its multiply-adds,
-       + quant_acts * b t (their input widths)                           and the activations it (de)quantizes
+steps; prefill: the prompt), through ``L`` layers of width ``d`` with vocabulary ``V``, takes the sum over the law's
+terms of a fitted coefficient times the term. The terms are written once, in ``LAW`` below (what each prices beside
+it; ``FORM``, the form fit.json records, is written from it; ``features`` computes them).
 
 The blocks hold ``12 L d^2`` weights (attention 4 d^2, MLP 8 d^2 at ffn_ratio 4). Which of them a mode quantizes,
 and the bytes a quantized weight reads, come from the serving modes' table (``conf/serving_mode/<mode>.yaml``, the
@@ -72,13 +65,22 @@ from scaling_lab.fit.io.files import write_json_atomic
 
 MODEL = "roofline"
 VERSION = 4  # 4: one fit over every serving mode; a quantized matrix's call, bytes and FLOPs priced per mode
-SHARED = ("call", "layer", "weight_bytes", "matmul_flops", "kv")  # the same kernels in every mode
-# a quantized matrix's own kernel, one set of terms per quantized mode
-QUANT = ("quant_matrices", "quant_bytes", "quant_flops", "quant_acts")
-TERMS = SHARED + QUANT
-FORM = ("call + layer*L + weight_bytes*4 (fp32 block weights + V d) + matmul_flops*2 b t (fp32 block weights + V d)"
-        " + kv*b t L c d + quant_matrices*(quantized block matrices) + quant_bytes*(their bytes)"
-        " + quant_flops*2 b t (quantized block weights) + quant_acts*b t (their input widths)")
+# The law, written once: each coefficient and the term it multiplies, in the order ``features`` computes them.
+LAW = (
+    ("call", ""),                                           # a pass's fixed cost
+    ("layer", "L"),                                         # a layer's fixed cost (kernel launches)
+    ("weight_bytes", "4 (fp32 block weights + V d)"),       # fp32 weights read once a pass, the output head included
+    ("matmul_flops", "2 b t (fp32 block weights + V d)"),   # multiply-adds through fp32 matrices
+    ("kv", "b t L c d"),                                    # the KV cache read (and scores computed) at context c
+    ("quant_matrices", "(quantized block matrices)"),       # a quantized matrix's own kernel: its call,
+    ("quant_bytes", "(their bytes)"),                       # the weights it reads (int8: 1 byte a weight, int4: 1/2),
+    ("quant_flops", "2 b t (quantized block weights)"),     # its multiply-adds,
+    ("quant_acts", "b t (their input widths)"),             # and the activations it (de)quantizes
+)
+TERMS = tuple(name for name, _ in LAW)
+QUANT = tuple(name for name in TERMS if name.startswith("quant_"))  # a quantized matrix's own kernel, per mode
+SHARED = tuple(name for name in TERMS if name not in QUANT)  # the same kernels in every mode
+FORM = " + ".join(f"{name}*{term}" if term else name for name, term in LAW)
 QUANTITIES = ("decode_ms_per_token", "prefill_ms")
 
 
@@ -118,7 +120,7 @@ def block_weights(n_layers, d_model, mode: str = "none", group_size: int | None 
 def features(n_layers, d_model, vocab_size, batch, quantity: str, mode: str, prompt_len: int,
              decode_tokens: int, group_size: int | None = None, context=None, packed: str = "measured",
              kind: str = "cpu") -> np.ndarray:
-    """The law's terms (one row per shape), in the order of ``TERMS`` (``packed``, ``group_size``, ``kind``: see
+    """The law's terms (one row per shape), in the order of ``LAW`` (``packed``, ``group_size``, ``kind``: see
     ``_block_matrices``)."""
     if quantity not in QUANTITIES:
         raise ValueError(f"latency quantity must be one of {QUANTITIES}, got {quantity!r}")

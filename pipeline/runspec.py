@@ -98,7 +98,7 @@ def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
                           f"got {sorted(budgets) or 'none'}")
     for k, v in budgets.items():
         _positive(f"train.{k}", v)
-    for k in ("batch_size", "lr", "max_batch_size", "batch_ref_tokens"):
+    for k in ("batch_size", "lr", "max_batch_size", "batch_ref_tokens", "lr_max"):
         _positive(f"train.{k}", t[k])
     if not 0 <= t.warmup_frac < 1 or not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError("train.warmup_frac must lie in [0, 1) and train.min_lr_ratio in [0, 1]")
@@ -133,6 +133,8 @@ def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
                               f"batch, {batch // world} sequences (train.batch_size={batch} over {world} rank(s))")
         accumulate = batch // world // t.micro_batch_size
     lr = t.lr if t.lr_rule == LrRule.constant else t.lr * (t.lr_ref_width / model.d_model) ** t.lr_width_exponent
+    if t.lr_max is not None:
+        lr = min(lr, t.lr_max)
     lat = cfg.latency
     if lat.enabled and lat.prompt_len + lat.decode_tokens > model.seq_len:
         raise ConfigError(f"latency.prompt_len + latency.decode_tokens must not exceed model.seq_len={model.seq_len}")
@@ -151,6 +153,18 @@ def plan_run(cfg: DictConfig, vocab_size: int | None = None) -> RunSpec:
                    warmup_steps=warmup, threads=t.threads or default_threads(), schedule=t.schedule,
                    decay_start=decay_start, trunk_id=trunk_id, flops_convention=convention,
                    identity=payload, accumulate=accumulate)
+
+
+def outside_cells(cells, spec: RunSpec) -> str | None:
+    """Why ``spec`` lies outside the grid's cells (``sweep.cells``), or None when it trains."""
+    ratio = spec.tokens / spec.model.non_embedding_params
+    if cells.min_steps is not None and spec.total_steps < cells.min_steps:
+        return f"{spec.total_steps} steps < sweep.cells.min_steps={cells.min_steps}"
+    if cells.min_tokens_per_param is not None and ratio < cells.min_tokens_per_param:
+        return f"{ratio:.3g} tokens per parameter < sweep.cells.min_tokens_per_param={cells.min_tokens_per_param:g}"
+    if cells.max_tokens_per_param is not None and ratio > cells.max_tokens_per_param:
+        return f"{ratio:.3g} tokens per parameter > sweep.cells.max_tokens_per_param={cells.max_tokens_per_param:g}"
+    return None
 
 
 def run_identity(model: GPTConfig, tokens: int | None, batch: int, groups: dict, trunk: bool = False) -> dict:

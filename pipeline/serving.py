@@ -39,6 +39,7 @@ from scaling_lab.fit.io import integrity, store
 from scaling_lab.models.gpt import GPT
 from scaling_lab.models.shapes import GPTConfig
 from scaling_lab.pipeline import device as devices
+from scaling_lab.pipeline import weights
 
 
 class ServingInputError(UserError):
@@ -86,7 +87,13 @@ def pick_records(records: list[dict], run_ids, results_dir, sweep: str, rows: st
 
 
 def weights_file(record: dict, results_dir) -> Path:
-    return store.weights_path(results_dir, record["sweep"], record["run_id"])
+    """Where the run's weights are: the file of the format its record names (``pipeline.weights.SUFFIXES``)."""
+    path = store.weights_path(results_dir, record["sweep"], record["run_id"])
+    fmt = (record.get("weights") or {}).get("format", weights.FORMAT)
+    if fmt not in weights.SUFFIXES:
+        raise ServingInputError(f"run {record['run_id']}'s weights are in format {fmt!r}; this version reads "
+                                f"{sorted(weights.SUFFIXES)}")
+    return path.with_suffix(weights.SUFFIXES[fmt])
 
 
 def check_weights(record: dict, results_dir) -> Path:
@@ -106,12 +113,13 @@ def model_config(record: dict) -> GPTConfig:
 
 def load_model(record: dict, results_dir) -> GPT:
     """The run's trained model in eval mode, its weights verified against their checksum (``fit.io.integrity``)
-    and read as data only (``weights_only=True``: loading a file never runs code)."""
+    and read as data only (``pipeline.weights.load``: safetensors, or an older run's state dict through
+    ``torch.load(weights_only=True)``; loading a file never runs code)."""
     path = check_weights(record, results_dir)
     remedy = (f"delete it, its {integrity.SUFFIX} and the run's record "
               f"{store.record_path(results_dir, record['sweep'], record['run_id'])}, then relaunch the run with "
               "train.save_model=true")
-    state = integrity.load_verified(path, lambda p: torch.load(p, map_location="cpu", weights_only=True), remedy)
+    state = weights.load(path, remedy)
     model = GPT(model_config(record))
     model.load_state_dict(state)
     return model.eval()

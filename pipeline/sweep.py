@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from scaling_lab.conf import UserError, compose, fail
 from scaling_lab.fit.io import store
 from scaling_lab.fit.io.files import write_json_atomic
-from scaling_lab.pipeline.runspec import ConfigError, duration, plan_run, world_size
+from scaling_lab.pipeline.runspec import ConfigError, duration, outside_cells, plan_run, world_size
 
 
 def grid(params: dict, overrides: list[str]) -> list[list[str]]:
@@ -49,6 +49,7 @@ class Point:
     loss: float | None = None
     record: dict | None = None
     damage: str = ""  # why its record file is damaged
+    outside: str = ""  # why it lies outside the grid's cells (sweep.cells), so it is not trained
 
     def plan(self, spec) -> "Point":
         """Fill in what the run's spec says: run id, N (non-embedding), D, training FLOPs, shape."""
@@ -71,9 +72,10 @@ def plan_points(points: list[list[str]], check_data: bool = True) -> list[Point]
             cfg = compose("train", overrides)
             spec = plan_run(cfg)
             point.plan(spec)
+            point.outside = outside_cells(cfg.sweep.cells, spec) or ""
             point.ranks, point.nodes = world_size(cfg.train), int(cfg.train.num_nodes)
             m = spec.model
-            if check_data:
+            if check_data and not point.outside:  # a cell the grid skips needs no corpus
                 key = repr(sorted(cfg.data.items()))
                 if key not in corpora:  # a prepared cache: only its meta.json is read (the runs verify the rest)
                     corpora[key] = prepare_corpus(cfg.data, verify_tokens=False)
@@ -105,6 +107,10 @@ class CheckSweep(Callback):
             except (UserError, OSError) as err:
                 fail("scaling-train", err)
         save_launch(config.results_dir, config.sweep.name, planned, list(config.hydra.overrides.task))
+        outside = [p for p in planned if p.outside]
+        if outside:
+            print(f"{len(outside)} of {len(planned)} sweep points lie outside the grid's cells (sweep.cells) and are "
+                  f"not trained; scaling-sweep-status lists them with the reason", file=sys.stderr)
         ids = [p.run_id for p in planned]
         if len(set(ids)) != len(ids):
             print("warning: some sweep points resolve to the same run (e.g. two aspect ratios round to one shape); "
@@ -116,7 +122,8 @@ class CheckSweep(Callback):
         planned = getattr(self, "planned", None)
         if not planned:
             return
-        found = {p.run_id: store.run_state_and_record(self.results_dir, self.sweep, p.run_id) for p in planned}
+        found = {p.run_id: store.run_state_and_record(self.results_dir, self.sweep, p.run_id) for p in planned
+                 if not p.outside}
         states = {run_id: state for run_id, (state, _) in found.items()}
         counts = {s: list(states.values()).count(s) for s in store.STATES}
         line = f"sweep {self.sweep}: {len(states)} runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
@@ -186,7 +193,7 @@ def launches_dir(results_dir, sweep: str) -> Path:
 
 def _entry(p: Point) -> dict:
     return {"run_id": p.run_id, "overrides": p.overrides, "n_params": p.n_params, "tokens": p.tokens,
-            "flops": p.flops, "shape": p.shape}
+            "flops": p.flops, "shape": p.shape, **({"outside": p.outside} if p.outside else {})}
 
 
 def save_launch(results_dir, sweep: str, planned: list[Point], overrides: list[str], name: str | None = None) -> Path:
@@ -213,10 +220,11 @@ def _launch_points(path: Path) -> list[Point]:
         if not (isinstance(e, dict) and isinstance(e.get("run_id"), str) and RUN_ID.fullmatch(e["run_id"])
                 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers)
                 and isinstance(e.get("overrides", []), list) and all(isinstance(o, str) for o in e.get("overrides", []))
-                and isinstance(e.get("shape", ""), str)):
+                and isinstance(e.get("shape", ""), str) and isinstance(e.get("outside", ""), str)):
             raise ValueError(f"a point that is not a launched run: {str(e)[:80]}")
         points.append(Point(overrides=e.get("overrides", []), run_id=e["run_id"], n_params=numbers[0],
-                            tokens=numbers[1], flops=numbers[2], shape=e.get("shape", "")))
+                            tokens=numbers[1], flops=numbers[2], shape=e.get("shape", ""),
+                            outside=e.get("outside", "")))
     return points
 
 
@@ -237,7 +245,8 @@ def launched_points(results_dir, sweep: str) -> list[Point]:
 
 def point_states(results_dir, sweep: str, planned: list[Point]) -> list[Point]:
     """Each point's state from the store, reading the sweep's records once: done, failed, damaged (with why),
-    running (a live marker), interrupted (a checkpoint and no live marker), pending."""
+    running (a live marker), interrupted (a checkpoint and no live marker), pending; outside (a cell the grid's
+    limits skip, with no record)."""
     found, damaged = store.scan_records(results_dir, sweep)
     records = {r["run_id"]: r for r in found}
     for p in planned:
@@ -251,6 +260,8 @@ def point_states(results_dir, sweep: str, planned: list[Point]) -> list[Point]:
             p.loss = (p.record.get("loss") or {}).get("final")
         elif p.damage:
             p.state = "damaged"
+        elif p.outside:
+            p.state = "outside"
         else:  # running (a live claim), interrupted, pending: the one state logic (fit.io.store)
             p.state = store.run_state(results_dir, sweep, p.run_id)
     return planned
@@ -282,7 +293,7 @@ def _number(x, spec: str) -> str:
 
 
 def format_status(name: str, planned: list[Point], results_dir) -> str:
-    counts = {s: sum(p.state == s for p in planned) for s in (*store.STATES, "invalid")}
+    counts = {s: sum(p.state == s for p in planned) for s in (*store.STATES, "outside", "invalid")}
     lines = [f"sweep {name}: {len(planned)} points: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)]
     lines.append(f"{'state':<12}{'run_id':<14}{'N':>10}{'D':>12}{'FLOPs':>10}  {'shape':<18}{'loss':>8}")
     for p in sorted(planned, key=lambda p: (p.n_params or 0, p.tokens or 0, p.shape)):
@@ -295,7 +306,8 @@ def format_status(name: str, planned: list[Point], results_dir) -> str:
             lines.append(f"{'damaged':<12}{p.run_id:<14}{path}: {p.damage or 'unreadable'}")
             continue
         lines.append(f"{p.state:<12}{p.run_id:<14}{_number(p.n_params, '>10.3g')}{_number(p.tokens, '>12.3g')}"
-                     f"{_number(p.flops, '>10.2g')}  {p.shape:<18}{loss:>8}")
+                     f"{_number(p.flops, '>10.2g')}  {p.shape:<18}{loss:>8}" +
+                     (f"  {p.outside}" if p.state == "outside" else ""))
     from scaling_lab.fit.io import integrity
 
     # checkpoints and weights whose checksum fails, and those a run set aside (fit.io.integrity)

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from scaling_lab.conf.redact import redact, redact_config, run_secrets
 from scaling_lab.fit.io import integrity, store
 from scaling_lab.fit.io.files import write_json_atomic
-from scaling_lab.pipeline.runspec import ConfigError, RunSpec, describe, duration, plan_run, world_size
+from scaling_lab.pipeline.runspec import ConfigError, RunSpec, describe, duration, outside_cells, plan_run, world_size
 
 log = logging.getLogger("scaling.train")
 # A resumed run's sampler continues where the checkpoint stopped (pipeline.data.GlobalBatches); Lightning cannot see
@@ -66,6 +66,10 @@ def _run(cfg: DictConfig) -> dict:
     spec = plan_run(cfg)
     path = store.record_path(cfg.results_dir, spec.sweep, spec.run_id)
     previous = store.read_record(path)
+    outside = outside_cells(cfg.sweep.cells, spec)
+    if outside and not previous:
+        log.info("run %s lies outside the grid's cells: %s; not trained", spec.run_id, outside)
+        return {"run_id": spec.run_id, "sweep": spec.sweep, "status": "outside", "skipped": True, "reason": outside}
     if previous and previous["status"] == "ok" and cfg.train.save_model and not previous.get("weights"):
         log.info("run %s is ok but kept no weights; re-running it with train.save_model=true", spec.run_id)
         previous = None
@@ -366,12 +370,12 @@ def _leave_process_group() -> None:
 
 
 def save_weights(model, path: Path) -> dict:
-    """The model's state dict (tensors only), written atomically with its checksum; what the record says about it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    integrity.replace_checked(tmp, path)
-    return {"path": f"weights/{path.name}", "format": "torch_state_dict", "bytes": path.stat().st_size}
+    """The model's state dict as safetensors (``pipeline.weights``: beside ``path``, with that format's suffix),
+    written atomically with its checksum; what the record says about it."""
+    from scaling_lab.pipeline import weights
+
+    path = weights.save(model.state_dict(), path.with_suffix(weights.SUFFIXES[weights.FORMAT]))
+    return {"path": f"weights/{path.name}", "format": weights.FORMAT, "bytes": path.stat().st_size}
 
 
 def record_flops(cfg, spec: RunSpec) -> dict:
@@ -655,6 +659,9 @@ def train_command(cfg: DictConfig) -> None:
         signals.forward(stop.signum)  # submitit's checkpoint-and-requeue, if it is the launcher
         sys.exit(stop.exit_code)
     if _global_rank() != 0:  # a DDP rank Lightning started: rank 0 reports (and writes the record)
+        return
+    if record.get("status") == "outside":
+        print(f"outside: run {record['run_id']}: {record['reason']} (sweep.cells); not trained")
         return
     if record.get("skipped"):
         claim = record.get("claim") or {}

@@ -12,7 +12,7 @@ import pytest
 BIN = Path(sys.executable).parent
 COMMANDS = ["scaling-train", "scaling-sweep-status", "scaling-fit", "scaling-latency", "scaling-select",
             "scaling-verify", "scaling-plan", "scaling-report", "scaling-quantize", "scaling-speculate",
-            "scaling-prepare"]
+            "scaling-prepare", "scaling-export"]
 
 
 def cli(tmp_path, *args):
@@ -50,6 +50,7 @@ BAD = {  # one bad input per command, each caught before any compute
     "scaling-quantize": ["sweep=nothing_here", "results_dir=nowhere"],
     "scaling-speculate": ["sweep=nothing_here", "results_dir=nowhere"],
     "scaling-prepare": ["data=files", "data.path=nowhere/*.txt"],
+    "scaling-export": ["sweep=nothing_here", "run=0123456789ab", "results_dir=nowhere"],
 }
 
 

@@ -97,3 +97,14 @@ def test_plan_uses_approach2_where_approach3_is_flagged(tmp_path, capsys):
     lo, hi = frontier["tokens_per_param_ci95"]
     assert lo < frontier["tokens_per_param"] < hi and hi / lo < 10
     assert "lies on Approach 2's frontier" in capsys.readouterr().out
+
+
+def test_the_held_out_budget_is_predicted_from_every_fitted_one(tmp_path):
+    """The demo's test of extrapolation in compute: the largest budget is held out of the fit (source.fit_rows), so
+    the frontier is fitted on the other four and the held-out budget's own parabola is what the prediction meets."""
+    doc = fit(surface(tmp_path / "iso.csv"), tmp_path, 'source.fit_rows="budget < 1.5e12"', "isoflop.e_profile=0")
+    iso = doc["isoflop"]
+    assert iso["budgets_used"] == 4 and [r["budget"] for r in iso["optima"]] == BUDGETS[:4]
+    hold = iso["holdout"]
+    assert hold["held_out"] and hold["budget"] == 2e12 and hold["fitted_budgets"] == 4
+    assert 0.5 < hold["N_opt_ratio"] < 2 and abs(hold["loss_opt_rel_err"]) < 0.03

@@ -2,8 +2,8 @@
 cache are then tampered with on disk, as a colleague's tool or a bad disk would.
 
 * A pickle payload (an object whose ``__reduce__`` creates a marker file) planted in every kind of checkpoint and
-  in a saved weights file, even beside a matching checksum, never runs: each load is data only, and refuses the
-  file in one line naming it.
+  in a saved weights file (safetensors, or a ``.pt`` of the previous release), even beside a matching checksum,
+  never runs: each load is data only, and refuses the file in one line naming it.
 * A checkpoint with 4 KiB zeroed is refused in one line and set aside, so the relaunch trains from scratch to the
   same result as a run that was never damaged; ``scaling-sweep-status`` lists the file set aside.
 * A corrupted ``val.bin`` or a wrong ``vocab_size`` in the token cache's ``meta.json``, and weights that do not match
@@ -110,22 +110,37 @@ def test_a_payload_in_a_stable_run_checkpoint_never_runs(kind, config, tmp_path)
 
 def test_a_payload_in_saved_weights_never_runs(straight, tmp_path):
     results = Path(straight["config"]["results_dir"])
-    weights = store.weights_path(results, "default", straight["run_id"])
+    weights = serving.weights_file(straight, results)
+    assert weights.suffix == ".safetensors" and straight["weights"]["format"] == "safetensors"
     copy = tmp_path / "results"
     shutil.copytree(results, copy)
     marker = tmp_path / "pwned"
-    plant(store.weights_path(copy, "default", straight["run_id"]), marker)
+    planted = serving.weights_file(straight, copy)
+    plant(planted, marker)  # a pickle where safetensors belong
     with pytest.raises(integrity.IntegrityError) as err:
         serving.load_model(straight, copy)
     assert not marker.exists()
-    assert one_line(str(err.value), str(store.weights_path(copy, "default", straight["run_id"])), "not plain data")
+    assert one_line(str(err.value), str(planted), "is not a safetensors file")
     assert serving.load_model(straight, results) is not None and weights.exists()  # the original is untouched
+
+    # a run of the previous release: its record names a torch state dict (.pt), read data only
+    legacy = {**straight, "weights": {"path": f"weights/{straight['run_id']}.pt", "format": "torch_state_dict"}}
+    old = serving.weights_file(legacy, copy)
+    plant(old, marker)
+    with pytest.raises(integrity.IntegrityError) as err:
+        serving.load_model(legacy, copy)
+    assert not marker.exists()
+    assert one_line(str(err.value), str(old), "not plain data")
+    model = serving.load_model(straight, results)
+    torch.save(model.state_dict(), old)
+    integrity.write_checksum(old)
+    assert torch.equal(serving.load_model(legacy, copy).wte.weight, model.wte.weight)
 
 
 def test_weights_that_do_not_match_their_checksum_are_refused(straight, tmp_path):
     copy = tmp_path / "results"
     shutil.copytree(straight["config"]["results_dir"], copy)
-    weights = store.weights_path(copy, "default", straight["run_id"])
+    weights = serving.weights_file(straight, copy)
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one bit-flipped byte in the middle of a tensor
     weights.write_bytes(data)

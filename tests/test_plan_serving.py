@@ -81,3 +81,18 @@ def test_one_mode_and_bad_input(tmp_path):
     with pytest.raises(ValueError, match="serving.mode must be"):
         plan_cli.run(config(tmp_path, "serving.mode=fp8"))
     assert math.isfinite(doc["serving_modes"]["modes"]["int4"]["total_cost"])
+
+
+def test_the_shape_plan_is_the_full_precision_search(tmp_path):
+    """With a shape, `shape` and `serving_modes` are one search: the shape plan's optimum is mode none's, exactly."""
+    ie = LawConstants.from_dict("inference_efficient", {
+        "formula": "(E + A / N**alpha + B / D**beta) * (1 + epsilon * R**gamma)", "inputs": ["N", "D", "R"],
+        "params": {**CHINCHILLA, "epsilon": 0.005, "gamma": 0.5}}).to_dict()
+    cfg = config(tmp_path, "serving.mode=none", "shape.enabled=true")
+    doc = json.loads(open(cfg.constants).read())
+    doc["laws"]["inference_efficient"] = ie
+    write_json_atomic(cfg.constants, doc)
+    doc = plan_cli.run(cfg)
+    none = doc["serving_modes"]["modes"]["none"]
+    assert {k: v for k, v in none.items() if k != "cost_vs_none"} == doc["shape"]["optimal"]
+    assert none["loss"] == pytest.approx(2.3, rel=1e-9) and none["mode"] == "none"

@@ -1,4 +1,4 @@
-"""Size, tokens and shape planned together (fit.plan.planner.shape_plan; `shape.enabled=true` in scaling-plan).
+"""Size, tokens and shape planned together (fit.plan.serving.shape_plan; `shape.enabled=true` in scaling-plan).
 
 Toy constants: Sardana et al.'s Chinchilla constants with an inference-efficient factor (1 + 0.005 R^0.5), and a
 decode latency of 1 ms + 0.5 ms a layer + 1.2e-8 ms per layer weight (d_model^2).
@@ -11,6 +11,7 @@ import pytest
 
 from scaling_lab.fit.plan import planner as plan
 from scaling_lab.fit.plan import cli as plan_cli
+from scaling_lab.fit.plan import serving
 from scaling_lab.conf import compose
 from scaling_lab.fit.laws.law import LawConstants
 from scaling_lab.models.shapes import continuous_shape, non_embedding_params
@@ -33,6 +34,15 @@ DEMAND = plan.Inference(prefill_tokens=7e11, decode_tokens=2.15e12)
 PER_MS = 1.1 / 3.6e6
 
 
+def shape_plan(constants, loss, latency):
+    """The full-precision search at ``loss`` with decode timed by ``latency(n_layers, d_model)``, R in [16, 512]."""
+    def decode_ms(n_layers, d_model, _mode):
+        return latency(n_layers, d_model)
+
+    problem = serving.Problem(constants, loss, DEMAND, PRICES, decode_ms, PER_MS, serving.token_range(constants, loss))
+    return serving.shape_plan(problem, (16, 512), 128)
+
+
 def ie_law(epsilon=0.005, gamma=0.5):
     return LawConstants.from_dict("inference_efficient", {"formula": IE_FORMULA, "inputs": ["N", "D", "R"],
                                                           "params": {**CHINCHILLA, "epsilon": epsilon,
@@ -51,7 +61,7 @@ def test_continuous_shape_inverts_the_parameter_count():
 
 def test_joint_optimum_is_cheapest_and_reaches_the_loss():
     constants, latency = ie_law(), linear(**LATENCY)
-    result = plan.shape_plan(constants, 2.1, DEMAND, PRICES, latency, PER_MS, (16, 512), 128)
+    result = shape_plan(constants, 2.1, latency)
     best, at_ref, chin = result["optimal"], result["optimal_at_reference_shape"], result["chinchilla"]
     assert best["total_cost"] <= at_ref["total_cost"] <= chin["total_cost"]
     for model in (best, at_ref, chin):
@@ -73,19 +83,16 @@ def test_joint_optimum_is_cheapest_and_reaches_the_loss():
 def test_shape_follows_the_latency_model():
     constants = ie_law()
     # per-layer overhead dominates: fewer, wider layers than the reference
-    deep_is_slow = plan.shape_plan(constants, 2.1, DEMAND, PRICES, linear(0.0, 5.0, 0.0), PER_MS,
-                                   (16, 512), 128)
+    deep_is_slow = shape_plan(constants, 2.1, linear(0.0, 5.0, 0.0))
     assert deep_is_slow["optimal"]["R"] > 128
     # latency blind to shape: only the loss factor (1 + eps R^gamma) matters, so the narrowest allowed R wins
-    blind = plan.shape_plan(constants, 2.1, DEMAND, PRICES, linear(0.0, 0.0, 1.2e-8), PER_MS,
-                            (16, 512), 128)
+    blind = shape_plan(constants, 2.1, linear(0.0, 0.0, 1.2e-8))
     assert blind["optimal"]["R"] == pytest.approx(16, rel=1e-3)
 
 
 def test_unreachable_loss_is_refused():
     with pytest.raises(ValueError, match="no aspect ratio"):
-        plan.shape_plan(ie_law(epsilon=0.5), 1.75, DEMAND, PRICES, linear(**LATENCY), PER_MS,
-                        (16, 512), 128)
+        shape_plan(ie_law(epsilon=0.5), 1.75, linear(**LATENCY))
 
 
 def write_fit_json(path, latency=None, laws=("chinchilla", "inference_efficient")):

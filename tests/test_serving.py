@@ -13,7 +13,6 @@ import torch
 from scipy import stats
 
 from scaling_lab.conf import UserError, compose
-from scaling_lab.fit.io import store
 from scaling_lab.models.speculative import speculative_generate, target_generate, verify
 from scaling_lab.pipeline import quantize, serving, speculate
 from scaling_lab.pipeline.device import device_name
@@ -44,8 +43,8 @@ def trained(tmp_path_factory, token_cache):
 def test_saved_weights_reload_to_the_same_loss(trained):
     results, runs = trained
     record = runs["target"]
-    assert record["weights"]["path"] == f"weights/{record['run_id']}.pt"
-    assert store.weights_path(results, SWEEP, record["run_id"]).is_file()
+    assert record["weights"]["path"] == f"weights/{record['run_id']}.safetensors"
+    assert serving.weights_file(record, results).is_file()
     assert "weights" not in runs["no_weights"] or runs["no_weights"]["weights"] is None
     model = serving.load_model(record, results)
     _, windows = serving.eval_windows(record)

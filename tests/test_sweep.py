@@ -97,6 +97,23 @@ def test_submitit_local_two_jobs_one_forced_to_fail(sweep_args, tmp_path):
 
 
 @pytest.mark.slow
+def test_cells_outside_the_grid_are_skipped_and_listed(sweep_args, tmp_path):
+    # an isoFLOP-style limit on the grid's cells: the point at 16 tokens per parameter lies outside
+    out = cli("scaling-train", "-m", "sweep=smoke", "model.params=1e4", "model.n_layers=1",
+              "train.tokens_per_param=4,16", "sweep.cells.max_tokens_per_param=8", "logger=none", *sweep_args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "1 of 2 sweep points lie outside the grid's cells" in out.stderr
+    assert "outside: run" in out.stdout and "> sweep.cells.max_tokens_per_param=8" in out.stdout
+    table = store.load_table(tmp_path / "results", "smoke")
+    assert len(table) == 1 and table.status.tolist() == ["ok"]
+    assert round(table.tokens_seen.iloc[0] / table.params_non_embedding.iloc[0]) == 4
+    shown = cli("scaling-sweep-status", "sweep=smoke", f"results_dir={tmp_path / 'results'}")
+    assert shown.returncode == 0, shown.stderr
+    assert "2 points: 1 done, 1 outside" in shown.stdout and "left 0" in shown.stdout
+    assert "tokens per parameter > sweep.cells.max_tokens_per_param=8" in shown.stdout
+
+
+@pytest.mark.slow
 def test_invalid_point_stops_the_sweep_before_any_job(sweep_args, tmp_path):
     out = cli("scaling-train", "-m", "sweep=smoke", "train.tokens_per_param=4,1e6", *sweep_args)
     assert out.returncode != 0

@@ -19,6 +19,7 @@ from scaling_lab.conf import compose
 from scaling_lab.fit.fitting.fitlaw import BootstrapSettings, compile_law, fit_law
 from scaling_lab.fit.fitting.optimize import METHODS
 from scaling_lab.fit.laws.spec import load_laws
+from scaling_lab.fit.report import figures
 from scaling_lab.fit.fitting.sources import FitInputError, load, with_n_convention
 
 
@@ -113,10 +114,11 @@ def run(cfg: DictConfig) -> dict:
 
     iso = None
     if do_isoflop:
-        points = table.fit_rows[["N", "D", "loss", "budget"]].copy()
-        points["budget"] = isoflop.snap_budgets(points["budget"].to_numpy(), float(cfg.isoflop.budget_rtol))
+        snapped = table.data[["N", "D", "loss", "budget"]].assign(budget=isoflop.snap_budgets(
+            table.data["budget"].to_numpy(), float(cfg.isoflop.budget_rtol)))
+        points, heldout = snapped[table.data["fit"]], snapped[table.data["heldout"] & ~table.data["fit"]]
         iso = isoflop.analyse(points, int(cfg.isoflop.min_points), int(cfg.isoflop.n_bootstrap),
-                              int(cfg.bootstrap.seed))
+                              int(cfg.bootstrap.seed), heldout=heldout)
         if iso.get("middle"):
             # tokens per parameter with N counted each way the data allows, and FLOPs-equivalent (6N = the
             # FLOPs per token each point trained at, budget / D)
@@ -146,8 +148,7 @@ def run(cfg: DictConfig) -> dict:
     doc["seed_spread"] = spread
     path = export.write(cfg.out, doc, table, fits)
     if cfg.plots:
-        from scaling_lab.fit.fitting import plots      # matplotlib only when drawing
-        plots.draw_all(Path(cfg.out), table, fits, iso)
+        figures.draw_fit(doc, Path(cfg.out))
     print(f"wrote {path}")
     tracking.log_fit(cfg, doc, cfg.out)
     return doc

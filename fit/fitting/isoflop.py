@@ -4,7 +4,8 @@ over the points of each budget: each resample refits every budget's parabolas, s
 loss and tokens per parameter get an interval, and so do the exponents. A budget whose minimum is not bracketed
 (a parabola that is not convex, or whose vertex lies outside the sizes trained) is named and dropped. With three
 budgets or more, the largest is also predicted from the others (its N_opt and best loss), the test of
-extrapolation a frontier must pass."""
+extrapolation a frontier must pass; when the fit holds rows out and they form a larger budget, that budget is the
+one predicted, from every fitted budget."""
 
 
 from __future__ import annotations
@@ -73,26 +74,38 @@ def _ci(values: np.ndarray) -> list[float] | None:
     return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
-def _holdout(used: pd.DataFrame) -> dict[str, Any] | None:
+def _holdout(used: pd.DataFrame, heldout: pd.DataFrame | None = None) -> dict[str, Any] | None:
     """The largest budget predicted from the others: N_opt by the power law through their minima, the best loss by
-    a power law of the best loss in C (log-log, the trend of the minima), each against the held-out parabola's."""
-    if len(used) < 3:
-        return None
+    a power law of the best loss in C (log-log, the trend of the minima), each against the held-out parabola's.
+    ``heldout``: the optima of budgets held out of the fit; the largest of them is predicted from every fitted one
+    (a held-out budget without an interior minimum is named, with its reason)."""
     used = used.sort_values("budget")
-    rest, last = used.iloc[:-1], used.iloc[-1]
+    if heldout is not None and len(heldout):
+        rest, last = used, heldout.sort_values("budget").iloc[-1]
+        if last.note:
+            return {"budget": float(last.budget), "held_out": True, "note": last.note}
+    elif len(used) >= 3:
+        rest, last = used.iloc[:-1], used.iloc[-1]
+    else:
+        return None
+    if len(rest) < 2:
+        return None
     a, k = power_law(rest["budget"].to_numpy(), rest["N_opt"].to_numpy())
     g, k_loss = power_law(rest["budget"].to_numpy(), rest["loss_opt"].to_numpy())
     n_pred, loss_pred = k * last.budget ** a, k_loss * last.budget ** g
-    return {"budget": float(last.budget), "fitted_budgets": int(len(rest)), "a": a,
+    return {"budget": float(last.budget), "held_out": heldout is not None and len(heldout) > 0,
+            "fitted_budgets": int(len(rest)), "a": a,
             "N_opt_predicted": float(n_pred), "N_opt": float(last.N_opt), "N_opt_ratio": float(n_pred / last.N_opt),
             "loss_opt_predicted": float(loss_pred), "loss_opt": float(last.loss_opt),
             "loss_opt_rel_err": float(loss_pred / last.loss_opt - 1)}
 
 
-def analyse(points: pd.DataFrame, min_points: int, n_boot: int, seed: int) -> dict[str, Any]:
-    """``points`` has N, D, loss, budget. Returns the per-budget optima with intervals, the exponents a (N) and b
-    (D) with intervals, tokens per parameter (D_opt / N_opt, N as the points count it) at the middle budget, and
-    the held-out prediction of the largest budget."""
+def analyse(points: pd.DataFrame, min_points: int, n_boot: int, seed: int,
+            heldout: pd.DataFrame | None = None) -> dict[str, Any]:
+    """``points`` (the fit rows) and ``heldout`` (rows held out of the fit, or None) have N, D, loss, budget.
+    Returns the per-budget optima with intervals, the exponents a (N) and b (D) with intervals, tokens per parameter
+    (D_opt / N_opt, N as the points count it) at the middle budget, and the held-out prediction of the largest
+    budget (a held-out budget larger than every fitted one, else the largest fitted one)."""
     table = optima(points, min_points)
     used = table[table["note"] == ""]
     a, k_n = power_law(used["budget"].to_numpy(), used["N_opt"].to_numpy())
@@ -100,7 +113,7 @@ def analyse(points: pd.DataFrame, min_points: int, n_boot: int, seed: int) -> di
     table["tokens_per_param"] = table["D_opt"] / table["N_opt"]
     result = {"a": a, "b": b, "N_coef": k_n, "D_coef": k_d, "budgets_used": int(len(used)),
               "budgets_dropped": {f"{r.budget:.4g}": r.note for r in table.itertuples() if r.note},
-              "holdout": _holdout(used)}
+              "holdout": _holdout(used, _heldout_budgets(heldout, table, min_points))}
     extra: dict[float, dict] = {}  # each used budget's intervals
     if n_boot > 0 and len(used):
         rng = np.random.default_rng(seed)
@@ -130,6 +143,15 @@ def analyse(points: pd.DataFrame, min_points: int, n_boot: int, seed: int) -> di
         middle = used.sort_values("budget").iloc[(len(used) - 1) // 2].budget
         result["middle"] = next(r for r in result["optima"] if r["budget"] == middle)
     return result
+
+
+def _heldout_budgets(heldout: pd.DataFrame | None, fitted: pd.DataFrame, min_points: int) -> pd.DataFrame | None:
+    """The optima of the held-out rows' budgets that lie above every fitted budget (others are not a test of
+    extrapolation in compute)."""
+    if heldout is None or heldout.empty or fitted.empty:
+        return None
+    beyond = heldout[heldout["budget"] > fitted["budget"].max()]
+    return optima(beyond, min_points) if len(beyond) else None
 
 
 def _plain(value):

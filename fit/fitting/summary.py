@@ -95,8 +95,12 @@ def isoflop_block(iso: Mapping[str, Any], reported: Mapping[str, Any]) -> str:
                      f"{_num(r['D_opt'], 3):>9} {_num(r['loss_opt'], 4):>9} {_num(r['tokens_per_param'], 3):>8}"
                      f"{_interval(r.get('tokens_per_param_ci95')):>20}")
     hold = iso.get("holdout")
-    if hold:
-        lines.append(f"   the largest budget ({hold['budget']:.3g}) from the other {hold['fitted_budgets']}: N_opt "
+    if hold and hold.get("note"):
+        lines.append(f"   the held-out budget {hold['budget']:.3g} has no interior minimum ({hold['note']}): its "
+                     "optimum cannot be compared with the prediction")
+    elif hold:
+        held = "held-out budget" if hold.get("held_out") else "largest budget"
+        lines.append(f"   the {held} ({hold['budget']:.3g}) from the other {hold['fitted_budgets']}: N_opt "
                      f"{_num(hold['N_opt_predicted'], 3)} predicted, {_num(hold['N_opt'], 3)} found "
                      f"(x{hold['N_opt_ratio']:.2f}); best loss {_num(hold['loss_opt_predicted'], 4)} predicted, "
                      f"{_num(hold['loss_opt'], 4)} found ({100 * hold['loss_opt_rel_err']:+.2f}%)")

@@ -270,7 +270,8 @@ def checkpoint_path(results_dir: str | Path, sweep: str, run_id: str) -> Path:
 
 
 def weights_path(results_dir: str | Path, sweep: str, run_id: str) -> Path:
-    """A finished run's weights (``train.save_model=true``): a torch state dict, read with ``weights_only=True``."""
+    """Where a finished run's weights go (``train.save_model=true``); the file takes its format's suffix
+    (``pipeline.weights.SUFFIXES``: ``.safetensors``, or ``.pt`` for weights saved before that format)."""
     return sweep_dir(results_dir, sweep) / "weights" / f"{run_id}.pt"
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -42,7 +41,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 PLAN_SCHEMA_VERSION = 1
-# Keys that are gone, and where what they held lives now.
+
+
 def load_chinchilla(cfg: DictConfig) -> tuple[LawConstants, dict]:
     """The Chinchilla constants named by ``cfg.constants`` (a preset or a fit.json) and where they came from."""
     law, presets, spec = cfg.law.chinchilla, cfg.presets.constants, str(cfg.constants)
@@ -252,7 +252,7 @@ def run(cfg: DictConfig) -> dict:
         ratios = [d.tokens(n) / n for d in draws]
         frontier_info["tokens_per_param_ci95"] = [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))]
     if shape_inputs:
-        result["shape"] = shape_plan(cfg, shape_inputs, target["trained_loss"], inference, prices)
+        result["shape"] = shape_plan(cfg, shape_inputs, constants, target["trained_loss"], inference, prices)
     if serving_inputs:
         result["serving_modes"] = plan_serving_modes(cfg, serving_inputs, constants, target["served_loss"],
                                                      inference, prices, shape_inputs)
@@ -275,23 +275,32 @@ def run(cfg: DictConfig) -> dict:
     return doc
 
 
-def shape_plan(cfg: DictConfig, shape_inputs: tuple, loss: float, inference: planner.Inference,
-               prices: planner.Prices) -> dict:
-    """``planner.shape_plan`` with ``cfg.shape``; decode priced at the inference GPU-hour over ``decode_batch``."""
-    constants, latency, record = shape_inputs
-    shape = cfg.shape
-    dollars_per_ms = float(cfg.hardware.inference.price_per_hour) / 3.6e6 / shape.decode_batch
+def search_problem(cfg: DictConfig, law: LawConstants, latency: LatencyModel, target: float,
+                   inference: planner.Inference, prices: planner.Prices,
+                   constants: LawConstants) -> serving_modes.Problem:
+    """The cost-optimal search for a model of ``target`` under ``law``: decode is one step of ``shape.decode_batch``
+    sequences (the latency law's batch input), priced at the inference GPU-hour shared by them, a planned shape given
+    a width its mode packs whole (INT4's group size: every block matrix quantized); D searched around the
+    Chinchilla-style D of ``constants``."""
+    batch = int(cfg.shape.decode_batch)
 
-    def decode_ms(n_layers, d_model):  # one decode step of decode_batch sequences (the law's batch input)
-        return latency.predict(n_layers, d_model, "decode_ms_per_token", int(shape.decode_batch), "none")
+    def decode_ms(n_layers, d_model, mode):
+        return latency.predict(n_layers, d_model, "decode_ms_per_token", batch, mode, packed="all")
 
-    result = planner.shape_plan(constants, loss, inference, prices, decode_ms, dollars_per_ms,
-                                (float(shape.aspect_ratio_min), float(shape.aspect_ratio_max)),
-                                float(shape.reference_aspect_ratio))
-    r = result["optimal"]["R"]
-    result["R_at_bound"] = bool(min(abs(math.log(r / shape.aspect_ratio_min)),
-                                    abs(math.log(r / shape.aspect_ratio_max))) < 0.01)
-    return {**result, **record, "params": dict(constants.values), "dollars_per_ms": dollars_per_ms}
+    return serving_modes.Problem(law, target, inference, prices, decode_ms,
+                                 float(cfg.hardware.inference.price_per_hour) / 3.6e6 / batch,
+                                 serving_modes.token_range(constants, target))
+
+
+def shape_plan(cfg: DictConfig, shape_inputs: tuple, constants: LawConstants, loss: float,
+               inference: planner.Inference, prices: planner.Prices) -> dict:
+    """``serving.shape_plan`` with ``cfg.shape``: the full-precision search, speculative decoding as
+    ``serving.speculative`` sets it."""
+    law, latency, record = shape_inputs
+    problem = search_problem(cfg, law, latency, loss, inference, prices, constants)
+    result = serving_modes.shape_plan(problem, (float(cfg.shape.aspect_ratio_min), float(cfg.shape.aspect_ratio_max)),
+                                      float(cfg.shape.reference_aspect_ratio))
+    return {**result, **record, "params": dict(law.values), "dollars_per_ms": problem.dollars_per_ms}
 
 
 def load_serving_inputs(cfg: DictConfig) -> tuple[dict, list[str], LatencyModel, dict]:
@@ -331,30 +340,14 @@ def plan_serving_modes(cfg: DictConfig, serving_inputs: tuple, constants: LawCon
     """Each serving mode's cheapest model of ``served_loss`` and the chosen mode (``fit/plan/serving.py``)."""
     modes, wanted, latency, record = serving_inputs
     shape = cfg.shape
-    if shape_inputs:  # size, tokens and shape together: the inference-efficient law
-        law = shape_inputs[0]
-
-        def loss_fn(n, d, r):
-            return law.predict(N=n, D=d, R=r)
-        ratios = (float(shape.aspect_ratio_min), float(shape.aspect_ratio_max))
-    else:
-        law = constants
-
-        def loss_fn(n, d, r):
-            return law.predict(N=n, D=d)
-        ratios = None
-    dollars_per_ms = float(cfg.hardware.inference.price_per_hour) / 3.6e6 / shape.decode_batch
-
-    def decode_ms(n_layers, d_model, mode):  # one decode step of decode_batch sequences (the law's batch input);
-        # a planned shape is given a width its mode packs whole (INT4's group size): every block matrix quantized
-        return latency.predict(n_layers, d_model, "decode_ms_per_token", int(shape.decode_batch), mode, packed="all")
-
-    d_chin = planner.chinchilla_style_for_loss(constants, served_loss)[1]
-    log_tokens = (math.log(d_chin) - 4.0, math.log(d_chin) + 8.0)
-    result = serving_modes.serving_plan(loss_fn, modes, wanted, served_loss, inference, prices, decode_ms,
-                                        dollars_per_ms, ratios, float(shape.reference_aspect_ratio), log_tokens)
+    law = shape_inputs[0] if shape_inputs else constants  # with a shape: the inference-efficient law
+    ratios = (float(shape.aspect_ratio_min), float(shape.aspect_ratio_max)) if shape_inputs else None
+    # each mode carries its own decode factors (serving.speculative.* belongs to the classic plan)
+    plain = planner.Inference(inference.prefill_tokens, inference.decode_tokens)
+    problem = search_problem(cfg, law, latency, served_loss, plain, prices, constants)
+    result = serving_modes.serving_plan(problem, modes, wanted, ratios, float(shape.reference_aspect_ratio))
     return {"requested": str(cfg.serving.mode), **result, "law": "inference_efficient" if shape_inputs else
-            "chinchilla", "dollars_per_ms": dollars_per_ms, "decode_batch": int(shape.decode_batch), **record}
+            "chinchilla", "dollars_per_ms": problem.dollars_per_ms, "decode_batch": int(shape.decode_batch), **record}
 
 
 def serving_table(section: dict) -> str:
@@ -375,8 +368,10 @@ def serving_table(section: dict) -> str:
             lines.append(f"   {name}: {o['source']}")
     edge = [name for name, o in section["modes"].items() if o.get("D_at_bound")]
     if edge:
-        lines.append(f"   note: D sits at the search's edge (e^-4 to e^8 x the Chinchilla D) for {edge}: decode cost "
-                     f"barely changes with N there, so the cheapest model is as small and as over-trained as allowed")
+        lo, hi = serving_modes.TOKEN_RANGE
+        lines.append(f"   note: D sits at the search's edge (e^{lo:g} to e^{hi:g} x the Chinchilla D) for {edge}: "
+                     f"decode cost barely changes with N there, so the cheapest model is as small and as over-trained "
+                     f"as allowed")
     return "\n".join(lines)
 
 
@@ -411,7 +406,7 @@ def table(doc: dict) -> str:
         device = shape["latency"].get("device", "?")
         lines += ["", f"with shape (inference-efficient law, decode priced by the {device} latency model)",
                   f"{'':20}{'chinchilla':>12}{'opt. at ref R':>14}{'optimal':>12}{'optimal/chin':>14}"]
-        for key in ("N", "D") + planner.SHAPE_REPORTED + ("train_cost", "inference_cost", "total_cost"):
+        for key in ("N", "D") + serving_modes.SHAPE_REPORTED + ("train_cost", "inference_cost", "total_cost"):
             ratio = shape["ratios"].get(key)
             lines.append(f"{key:20}{shape[models[0]][key]:12.4g}{shape[models[1]][key]:14.4g}"
                          f"{shape[models[2]][key]:12.4g}" + (f"{100 * ratio:13.2f}%" if ratio else ""))

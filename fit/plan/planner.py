@@ -13,27 +13,26 @@ constants E, A, B, alpha, beta:
 Dollars reduce to the same problem: cost = ``6 N D p_train + 2 N (D_in p_prefill + D_out p_decode)`` with p the
 dollars per executed FLOP (price per hour / (3600 peak FLOP/s MFU)), so its optimum is the compute optimum with
 ``D_inf = (D_in p_prefill + D_out p_decode) / p_train`` (Sardana et al. eq. for C_inf/C_tr).
+
+``lifetime`` is the one price of a model's life (training plus serving the demand); the cost-optimal search over
+size, tokens, shape and serving mode with decode priced by a latency law is ``fit/plan/serving.py``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
-import numpy as np
-from scipy.optimize import brentq, minimize_scalar
+from scipy.optimize import brentq
 
 from scaling_lab.fit.laws.chinchilla import frontier_terms
 from scaling_lab.fit.laws.law import LawConstants
-from scaling_lab.models.shapes import continuous_shape
 
 CHINCHILLA_PARAMS = ("E", "A", "B", "alpha", "beta")
 OBJECTIVES = ("flops", "cost")
 # The quantities reported for each model; `ratios` in a plan divides the optimal model's by the Chinchilla-style's.
 REPORTED = ("N", "D", "train_flops", "inference_flops", "total_flops", "train_cost", "inference_cost",
             "total_cost")
-SHAPE_REPORTED = ("R", "n_layers", "d_model", "decode_ms_per_token")
 
 
 @dataclass(frozen=True)
@@ -254,7 +253,7 @@ def lifetime(n_params: float, train_tokens: float, inference: Inference, prices:
             "train_cost": train_cost, "inference_cost": serve_cost, "total_cost": train_cost + serve_cost}
 
 
-def _compare(result: dict, total: str, keys: tuple[str, ...] = REPORTED) -> dict:
+def compare(result: dict, total: str, keys: tuple[str, ...] = REPORTED) -> dict:
     """Add optimal/chinchilla ``ratios`` and the ``saving`` in ``total`` to a {chinchilla, optimal} result."""
     result["ratios"] = {k: (result["optimal"][k] / result["chinchilla"][k] if result["chinchilla"][k] else None)
                         for k in keys}
@@ -272,89 +271,5 @@ def plan(constants: LawConstants, loss: float, inference: Inference, prices: Pri
     result = {name: {**lifetime(n, d, inference, prices), "loss": float(constants.predict(N=n, D=d))}
               for name, (n, d) in models.items()}
     result["equivalent_inference_tokens"] = d_inf
-    return _compare(result, "total_flops" if objective == "flops" else "total_cost")
+    return compare(result, "total_flops" if objective == "flops" else "total_cost")
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Beyond the paper: size, tokens and shape together, with the inference-efficient law of Bian et al. 2025,
-# L(N, D, R) = (E + A/N^alpha + B/D^beta)(1 + epsilon R^gamma), R = d_model / n_layers, and decode priced by a
-# latency model of the shape instead of 2N FLOPs at a fixed MFU.
-
-# Decode time per token (ms) of a shape, ``decode_ms(n_layers, d_model)``: the latency law of a fit.json
-# (``fit/latency.py``), bound to a serving mode and batch by the caller.
-DecodeMs = Callable[[float, float], float]
-
-
-def _shaped(constants: LawConstants, loss: float, aspect_ratio: float, train_tokens: float, inference: Inference,
-            prices: Prices, latency: DecodeMs, dollars_per_ms: float) -> dict:
-    """The model of ``loss`` with this aspect ratio and training tokens (inference-efficient law), and its costs."""
-    E, A, B, alpha, beta = chinchilla_terms(constants)
-    excess = loss / (1 + constants["epsilon"] * aspect_ratio ** constants["gamma"]) - E - B / train_tokens ** beta
-    if not excess > 0:
-        return {"total_cost": math.inf}
-    n = (A / excess) ** (1 / alpha)
-    n_layers, d_model = continuous_shape(n, aspect_ratio)
-    ms = float(latency(n_layers, d_model))
-    return {**lifetime(n, train_tokens, inference, prices, ms * dollars_per_ms), "R": aspect_ratio,
-            "n_layers": n_layers, "d_model": d_model, "decode_ms_per_token": ms,
-            "loss": float(constants.predict(N=n, D=train_tokens, R=aspect_ratio))}
-
-
-def _chinchilla_tokens(constants: LawConstants, loss: float, aspect_ratio: float) -> float | None:
-    """D of the Chinchilla-style model of ``loss`` at this aspect ratio; None if no model reaches it there."""
-    target = loss / (1 + constants["epsilon"] * aspect_ratio ** constants["gamma"])
-    return chinchilla_style_for_loss(constants, target)[1] if target > constants["E"] else None
-
-
-def _best_tokens(constants, loss, aspect_ratio, inference, prices, latency, dollars_per_ms) -> dict:
-    """The cheapest model of ``loss`` at this aspect ratio: bounded search in log D above the Chinchilla D
-    (below it both N and D grow), widening the bracket while the minimum sits on its upper edge."""
-    d_chinchilla = _chinchilla_tokens(constants, loss, aspect_ratio)
-    if d_chinchilla is None:
-        return {"total_cost": math.inf}
-    low = math.log(d_chinchilla)
-    span = 4.0
-    while True:
-        best = minimize_scalar(
-            lambda x: _shaped(constants, loss, aspect_ratio, math.exp(x), inference, prices, latency,
-                              dollars_per_ms)["total_cost"],
-            bounds=(low, low + span), method="bounded", options={"xatol": 1e-9})
-        if best.x < low + span - 1e-3 or span > 40:
-            return _shaped(constants, loss, aspect_ratio, math.exp(best.x), inference, prices, latency,
-                           dollars_per_ms)
-        span *= 2
-
-
-def shape_plan(constants: LawConstants, loss: float, inference: Inference, prices: Prices, latency: DecodeMs,
-               dollars_per_ms: float, aspect_ratios: tuple[float, float], reference_aspect_ratio: float,
-               grid: int = 33) -> dict:
-    """Chinchilla-style at ``reference_aspect_ratio`` vs N, D and R chosen together to minimise dollars, with
-    decode priced at ``latency`` x ``dollars_per_ms``; plus the best N, D at the reference aspect ratio.
-
-    R is searched on a log grid over ``aspect_ratios`` and refined around the best grid point."""
-    for name in ("epsilon", "gamma"):
-        if name not in constants.values:
-            raise ValueError(f"shape planning needs the inference-efficient law's {name}")
-    lo, hi = aspect_ratios
-    if not 0 < lo <= reference_aspect_ratio <= hi:
-        raise ValueError(f"need 0 < aspect_ratio_min <= reference_aspect_ratio <= aspect_ratio_max, got "
-                         f"{lo}, {reference_aspect_ratio}, {hi}")
-
-    def best(log_r):
-        return _best_tokens(constants, loss, math.exp(log_r), inference, prices, latency, dollars_per_ms)
-
-    logs = np.linspace(math.log(lo), math.log(hi), grid)
-    costs = [best(x)["total_cost"] for x in logs]
-    if not np.isfinite(min(costs)):
-        raise ValueError(f"no aspect ratio in [{lo}, {hi}] reaches loss {loss:g} under the inference-efficient law")
-    i = int(np.argmin(costs))
-    refined = minimize_scalar(lambda x: best(x)["total_cost"], method="bounded",
-                              bounds=(logs[max(i - 1, 0)], logs[min(i + 1, grid - 1)]), options={"xatol": 1e-6})
-    d_ref = _chinchilla_tokens(constants, loss, reference_aspect_ratio)
-    if d_ref is None:
-        raise ValueError(f"no model reaches loss {loss:g} at the reference aspect ratio {reference_aspect_ratio:g}")
-    result = {"chinchilla": _shaped(constants, loss, reference_aspect_ratio, d_ref, inference, prices, latency,
-                                    dollars_per_ms),
-              "optimal_at_reference_shape": best(math.log(reference_aspect_ratio)),
-              "optimal": best(refined.x)}
-    return _compare(result, "total_cost", REPORTED + SHAPE_REPORTED)

@@ -1,4 +1,10 @@
-"""Serving modes in the plan: size, tokens, (shape) and serving mode chosen together, from our measurements.
+"""The plan's one cost-optimal search: size, tokens, shape and serving mode chosen together, from our measurements.
+
+A served model of a target loss costs its training and its serving over the lifetime demand, priced by
+``planner.lifetime`` with decode at the latency law's time for the model's shape (``Problem.cost``).
+``Problem.optimum`` finds the cheapest (N, D[, R]) serving with one mode; ``shape_plan``
+(``shape.enabled=true``) is that search for the full-precision mode (``FULL_PRECISION``) beside the Chinchilla-style
+model, and ``serving_plan`` (``serving.mode``) the same search for every mode asked for, the cheapest chosen.
 
 A serving mode changes two things (both measured on our own models, never assumed):
 
@@ -17,14 +23,15 @@ A serving mode changes two things (both measured on our own models, never assume
 The quantized modes are the serving modes' table (``conf/serving_mode/``, ``conf/serving_modes.py``): a mode added
 there as one file, measured by ``scaling-quantize`` and ``scaling-latency``, is priced here with no code change.
 
-For each mode the trained model must reach ``target + penalty(N, D)``: for every D (and R), N solves
-``L(N, D[, R]) + penalty(N, D) = target`` (the smallest such N: a log grid, then a bracketed root); total dollars = training + prefill (2N FLOPs a
-token) + decode (latency law x dollars per ms) are minimised over log D (a grid, then a bounded refinement) and,
-with a shape, over log R. The chosen mode is the cheapest of the modes asked for.
+The search: for every D (and R), N solves ``L(N, D[, R]) + penalty(N, D) = target`` (the smallest such N: a log
+grid, then a bracketed root); the lifetime cost is minimised over log D (a grid over ``TOKEN_RANGE`` around the
+Chinchilla-style D, then a bounded refinement) and, given a range of aspect ratios, over log R (a grid, then a
+bounded refinement). An optimum within 1% of a searched range's edge is flagged (``D_at_bound``, ``R_at_bound``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -33,10 +40,16 @@ import numpy as np
 from scipy.optimize import brentq, minimize_scalar
 
 from scaling_lab.conf import serving_modes
-from scaling_lab.fit.plan.planner import Inference, Prices
+from scaling_lab.fit.laws.law import LawConstants
+from scaling_lab.fit.plan.planner import REPORTED, Inference, Prices, chinchilla_style_for_loss, compare, lifetime
 from scaling_lab.models.shapes import continuous_shape
 
 SPECULATIVE = "speculative"
+TOKEN_RANGE = (-4.0, 8.0)  # log D searched: e^-4 to e^8 times the Chinchilla-style model's D
+TOKEN_GRID, RATIO_GRID = 49, 33  # grid points in log D and in log R before the bounded refinement
+EDGE = 0.01  # an optimum this close (in log) to its search range's edge is at its bound
+# What a shaped model adds to the reported quantities; `ratios` in a shape plan covers both.
+SHAPE_REPORTED = ("R", "n_layers", "d_model", "decode_ms_per_token")
 
 
 def planned_modes() -> list[str]:
@@ -56,11 +69,14 @@ class ServingMode:
     decode_flops_factor: float = 1.0
     source: str = ""
 
-    def loss_penalty(self, n_params: float, tokens: float) -> float:
+    def loss_penalty(self, n_params, tokens: float):
         if self.penalty is None:
             return self.constant_penalty
         k, a, b = self.penalty
         return k * tokens ** a / n_params ** b
+
+
+FULL_PRECISION = ServingMode("none", "none", source="full precision")
 
 
 def measured_penalty(quantization: dict | None, mode: str) -> tuple[float, int] | None:
@@ -77,7 +93,7 @@ def modes_from_measurements(quantization: dict | None, speculative: dict | None,
                             penalties: dict[str, float] | None = None) -> dict[str, ServingMode]:
     """The serving modes our measurements support (``none`` always); ``penalties`` (mode -> delta) replace a
     mode's measured penalty, measured or not."""
-    modes = {"none": ServingMode("none", "none", source="full precision")}
+    modes = {"none": FULL_PRECISION}
     measured = [m for m in (quantization or {}).get("modes", []) if m != "none"]
     for mode in dict.fromkeys([*measured, *(penalties or {})]):
         if mode in (penalties or {}):
@@ -111,96 +127,138 @@ def modes_from_measurements(quantization: dict | None, speculative: dict | None,
     return modes
 
 
-def _n_for(loss_fn: Callable, mode: ServingMode, target: float, tokens: float, aspect_ratio: float) -> float:
-    """The smallest N with ``loss(N, D, R) + penalty(N, D) <= target``, or inf when no N up to 1e16 reaches it.
-    (A fitted penalty may grow with N, so the gap need not be monotone: scan a log grid, then bracket.)"""
-    def gap(log_n):
-        n = math.exp(log_n)
-        return float(loss_fn(n, tokens, aspect_ratio)) + mode.loss_penalty(n, tokens) - target
-
-    grid = np.linspace(math.log(10.0), math.log(1e16), 65)
-    gaps = [gap(x) for x in grid]
-    reached = [i for i, g in enumerate(gaps) if g <= 0]
-    if not reached:
-        return math.inf
-    i = reached[0]
-    if i == 0:
-        return math.exp(grid[0])
-    return math.exp(brentq(gap, grid[i - 1], grid[i], xtol=1e-10))
+def token_range(constants: LawConstants, loss: float) -> tuple[float, float]:
+    """The log D the search covers: ``TOKEN_RANGE`` around the D of the Chinchilla-style model of ``loss``."""
+    log_d = math.log(chinchilla_style_for_loss(constants, loss)[1])
+    return log_d + TOKEN_RANGE[0], log_d + TOKEN_RANGE[1]
 
 
-def _costed(loss_fn, mode: ServingMode, target, tokens, aspect_ratio, inference: Inference, prices: Prices,
-            decode_ms: Callable, dollars_per_ms: float) -> dict:
-    n = _n_for(loss_fn, mode, target, tokens, aspect_ratio)
-    if not math.isfinite(n):
-        return {"total_cost": math.inf}
-    n_layers, d_model = continuous_shape(n, aspect_ratio)
-    ms = float(decode_ms(n_layers, d_model, mode.latency_mode)) * mode.decode_time_factor
-    train = 6 * n * tokens * prices.train
-    prefill = 2 * n * inference.prefill_tokens * prices.prefill
-    decode = inference.decode_tokens * ms * dollars_per_ms
-    penalty = mode.loss_penalty(n, tokens)
-    return {"mode": mode.name, "N": n, "D": tokens, "tokens_per_param": tokens / n, "R": aspect_ratio,
-            "n_layers": n_layers, "d_model": d_model, "loss_trained": target - penalty, "loss_penalty": penalty,
-            "decode_ms_per_token": ms, "train_flops": 6 * n * tokens,
-            "inference_flops": 2 * n * (inference.prefill_tokens
-                                        + inference.decode_tokens * mode.decode_flops_factor),
-            "train_cost": train, "inference_cost": prefill + decode, "total_cost": train + prefill + decode,
-            "source": mode.source}
-
-
-def _best_tokens(loss_fn, mode, target, aspect_ratio, inference, prices, decode_ms, dollars_per_ms,
-                 log_tokens: tuple[float, float]) -> dict:
-    def cost(x):
-        return _costed(loss_fn, mode, target, math.exp(x), aspect_ratio, inference, prices, decode_ms,
-                       dollars_per_ms)["total_cost"]
-
-    grid = np.linspace(*log_tokens, 49)
+def _minimise(cost: Callable[[float], float], grid: np.ndarray, xatol: float) -> tuple[float | None, bool]:
+    """The x of ``grid``'s range where ``cost`` is least (a grid, then a bounded refinement between the best grid
+    point's neighbours), and whether it sits at the range's edge; None when no grid point has a finite cost."""
     costs = [cost(x) for x in grid]
     i = int(np.argmin(costs))
     if not math.isfinite(costs[i]):
-        return {"total_cost": math.inf}
+        return None, False
     best = minimize_scalar(cost, bounds=(grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]), method="bounded",
-                           options={"xatol": 1e-6})
+                           options={"xatol": xatol})
     x = best.x if best.fun <= costs[i] else grid[i]
-    out = _costed(loss_fn, mode, target, math.exp(x), aspect_ratio, inference, prices, decode_ms, dollars_per_ms)
-    out["D_at_bound"] = bool(i in (0, len(grid) - 1))
-    return out
+    return x, bool(min(abs(x - grid[0]), abs(x - grid[-1])) < EDGE)
 
 
-def mode_optimum(loss_fn, mode: ServingMode, target: float, inference: Inference, prices: Prices,
-                 decode_ms: Callable, dollars_per_ms: float, aspect_ratios: tuple[float, float] | None,
-                 reference_aspect_ratio: float, log_tokens: tuple[float, float], grid: int = 17) -> dict:
-    """The cheapest (N, D[, R]) serving with ``mode`` at ``target`` loss; R fixed at the reference without a range."""
-    if aspect_ratios is None:
-        return _best_tokens(loss_fn, mode, target, reference_aspect_ratio, inference, prices, decode_ms,
-                            dollars_per_ms, log_tokens)
-
-    def at(log_r):
-        return _best_tokens(loss_fn, mode, target, math.exp(log_r), inference, prices, decode_ms, dollars_per_ms,
-                            log_tokens)
-
-    logs = np.linspace(math.log(aspect_ratios[0]), math.log(aspect_ratios[1]), grid)
-    results = [at(x) for x in logs]
-    i = int(np.argmin([r["total_cost"] for r in results]))
-    if not math.isfinite(results[i]["total_cost"]):
-        return results[i]
-    refined = minimize_scalar(lambda x: at(x)["total_cost"], method="bounded",
-                              bounds=(logs[max(i - 1, 0)], logs[min(i + 1, grid - 1)]), options={"xatol": 1e-3})
-    best = at(refined.x) if refined.fun <= results[i]["total_cost"] else results[i]
-    best["R_at_bound"] = bool(i in (0, grid - 1))
-    return best
+# Milliseconds of one decode step of a shape in a latency mode, ``decode_ms(n_layers, d_model, latency_mode)``: the
+# latency law of a fit.json (``fit.latency.LatencyModel.predict``), bound to a decode batch by the caller.
+DecodeMs = Callable[[float, float, str], float]
 
 
-def serving_plan(loss_fn, modes: dict[str, ServingMode], wanted: list[str], target: float, inference: Inference,
-                 prices: Prices, decode_ms: Callable, dollars_per_ms: float, aspect_ratios, reference_aspect_ratio,
-                 log_tokens) -> dict:
+@dataclass(frozen=True)
+class Problem:
+    """What the search is asked: the cheapest model whose served loss is ``target``, trained to the loss law
+    ``law`` (of N, D and, where the law has it, R = d_model / n_layers), serving ``inference`` at ``prices``, a
+    decode step timed by ``decode_ms`` and priced at ``dollars_per_ms``, D searched over ``log_tokens``."""
+
+    law: LawConstants
+    target: float
+    inference: Inference
+    prices: Prices
+    decode_ms: DecodeMs
+    dollars_per_ms: float
+    log_tokens: tuple[float, float]
+
+    def loss(self, n_params, tokens: float, aspect_ratio: float):
+        """The law's loss of the trained model (R only where the law has it)."""
+        shape = {"R": aspect_ratio} if "R" in self.law.law.inputs else {}
+        return self.law.predict(N=n_params, D=tokens, **shape)
+
+    def n_params(self, mode: ServingMode, tokens: float, aspect_ratio: float) -> float:
+        """The smallest N whose loss plus ``mode``'s penalty reaches the target, or inf when no N up to 1e16 does.
+        (A fitted penalty may grow with N, so the gap need not be monotone: scan a log grid, then bracket.)"""
+        def gap(n):
+            return self.loss(n, tokens, aspect_ratio) + mode.loss_penalty(n, tokens) - self.target
+
+        grid = np.linspace(math.log(10.0), math.log(1e16), 65)
+        reached = np.flatnonzero(gap(np.exp(grid)) <= 0)
+        if not reached.size:
+            return math.inf
+        i = int(reached[0])
+        if i == 0:
+            return math.exp(grid[0])
+        return math.exp(brentq(lambda x: float(gap(math.exp(x))), grid[i - 1], grid[i], xtol=1e-10))
+
+    def cost(self, mode: ServingMode, tokens: float, aspect_ratio: float) -> dict:
+        """The model of ``tokens`` and ``aspect_ratio`` serving with ``mode``: its shape, loss and lifetime cost."""
+        n = self.n_params(mode, tokens, aspect_ratio)
+        if not math.isfinite(n):
+            return {"total_cost": math.inf}
+        n_layers, d_model = continuous_shape(n, aspect_ratio)
+        ms = float(self.decode_ms(n_layers, d_model, mode.latency_mode)) * mode.decode_time_factor
+        served = dataclasses.replace(self.inference, decode_flops_per_token=self.inference.decode_flops_per_token
+                                     * mode.decode_flops_factor)
+        return {"mode": mode.name, **lifetime(n, tokens, served, self.prices, ms * self.dollars_per_ms),
+                "R": aspect_ratio, "n_layers": n_layers, "d_model": d_model, "decode_ms_per_token": ms,
+                "loss": float(self.loss(n, tokens, aspect_ratio)), "loss_penalty": mode.loss_penalty(n, tokens),
+                "source": mode.source}
+
+    def best_tokens(self, mode: ServingMode, aspect_ratio: float) -> dict:
+        """The cheapest model of this aspect ratio serving with ``mode``, D searched over ``log_tokens``."""
+        x, at_bound = _minimise(lambda x: self.cost(mode, math.exp(x), aspect_ratio)["total_cost"],
+                                np.linspace(*self.log_tokens, TOKEN_GRID), xatol=1e-9)
+        if x is None:
+            return {"total_cost": math.inf}
+        return {**self.cost(mode, math.exp(x), aspect_ratio), "D_at_bound": at_bound}
+
+    def optimum(self, mode: ServingMode, aspect_ratios: tuple[float, float] | None,
+                reference_aspect_ratio: float) -> dict:
+        """The cheapest (N, D[, R]) serving with ``mode``: R searched over ``aspect_ratios``, or fixed at the
+        reference without a range."""
+        if aspect_ratios is None:
+            return self.best_tokens(mode, reference_aspect_ratio)
+        grid = np.linspace(math.log(aspect_ratios[0]), math.log(aspect_ratios[1]), RATIO_GRID)
+        x, at_bound = _minimise(lambda x: self.best_tokens(mode, math.exp(x))["total_cost"], grid, xatol=1e-6)
+        if x is None:
+            return {"total_cost": math.inf}
+        return {**self.best_tokens(mode, math.exp(x)), "R_at_bound": at_bound}
+
+
+def _chinchilla_tokens(constants: LawConstants, loss: float, aspect_ratio: float) -> float | None:
+    """D of the Chinchilla-style model of ``loss`` at this aspect ratio under the inference-efficient law; None if
+    no model reaches it there."""
+    target = loss / (1 + constants["epsilon"] * aspect_ratio ** constants["gamma"])
+    return chinchilla_style_for_loss(constants, target)[1] if target > constants["E"] else None
+
+
+def shape_plan(problem: Problem, aspect_ratios: tuple[float, float], reference_aspect_ratio: float) -> dict:
+    """The Chinchilla-style model at ``reference_aspect_ratio`` against the search for the full-precision mode at
+    that R (``optimal_at_reference_shape``) and over ``aspect_ratios`` (``optimal``), with the optimal/Chinchilla
+    ratios; ``problem.law`` is the inference-efficient law."""
+    for name in ("epsilon", "gamma"):
+        if name not in problem.law.values:
+            raise ValueError(f"shape planning needs the inference-efficient law's {name}")
+    lo, hi = aspect_ratios
+    if not 0 < lo <= reference_aspect_ratio <= hi:
+        raise ValueError(f"need 0 < aspect_ratio_min <= reference_aspect_ratio <= aspect_ratio_max, got "
+                         f"{lo}, {reference_aspect_ratio}, {hi}")
+    optimal = problem.optimum(FULL_PRECISION, aspect_ratios, reference_aspect_ratio)
+    if not math.isfinite(optimal["total_cost"]):
+        raise ValueError(f"no aspect ratio in [{lo}, {hi}] reaches loss {problem.target:g} under the "
+                         f"inference-efficient law")
+    d_ref = _chinchilla_tokens(problem.law, problem.target, reference_aspect_ratio)
+    if d_ref is None:
+        raise ValueError(f"no model reaches loss {problem.target:g} at the reference aspect ratio "
+                         f"{reference_aspect_ratio:g}")
+    result = {"chinchilla": problem.cost(FULL_PRECISION, d_ref, reference_aspect_ratio),
+              "optimal_at_reference_shape": problem.optimum(FULL_PRECISION, None, reference_aspect_ratio),
+              "optimal": optimal}
+    return {**compare(result, "total_cost", REPORTED + SHAPE_REPORTED), "R_at_bound": optimal["R_at_bound"]}
+
+
+def serving_plan(problem: Problem, modes: dict[str, ServingMode], wanted: list[str],
+                 aspect_ratios: tuple[float, float] | None, reference_aspect_ratio: float) -> dict:
     """Every wanted mode's optimum and the cheapest one."""
-    optima = {m: mode_optimum(loss_fn, modes[m], target, inference, prices, decode_ms, dollars_per_ms,
-                              aspect_ratios, reference_aspect_ratio, log_tokens) for m in wanted}
+    optima = {m: problem.optimum(modes[m], aspect_ratios, reference_aspect_ratio) for m in wanted}
     reachable = {m: o for m, o in optima.items() if math.isfinite(o["total_cost"])}
     if not reachable:
-        raise ValueError(f"no serving mode of {wanted} reaches loss {target:g}")
+        raise ValueError(f"no serving mode of {wanted} reaches loss {problem.target:g}")
     chosen = min(reachable, key=lambda m: reachable[m]["total_cost"])
     base = optima.get("none", {}).get("total_cost")
     for o in optima.values():

@@ -1,6 +1,10 @@
-"""The report's figures (static PNG, one style): every figure reads a :class:`~scaling_lab.fit.report.data.Study`
-and writes one file, or nothing when its input is absent. Axes carry units, quantities spanning decades are on
-log scales with plain tick labels (20, 3k, 1M, 1e18 rather than 2e+01), and legends sit outside the data."""
+"""Every figure of ``scaling-fit`` and ``scaling-report`` (static PNG, one style). The fit's figures (loss vs N per
+token budget with each law, predicted vs actual, residuals, loss vs aspect ratio, isoFLOP profiles) read rows in
+the fit's column names and a fit.json document: ``scaling-fit`` draws them over its predictions.csv (``draw_fit``),
+the report over the sweep's runs (``draw_all``, which adds the report's own figures, each reading a
+:class:`~scaling_lab.fit.report.data.Study`). Every figure writes one file, or nothing when its input is absent.
+Axes carry units, quantities spanning decades are on log scales with plain tick labels (20, 3k, 1M, 1e18 rather
+than 2e+01), and legends sit outside the data. matplotlib is imported when a figure is drawn, not with the module."""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pandas as pd
+
+from scaling_lab.fit.laws.law import LawConstants
 
 STYLE = {
     "figure.figsize": (7.2, 4.6), "figure.dpi": 110, "savefig.dpi": 130, "savefig.bbox": "tight",
@@ -19,7 +26,6 @@ STYLE = {
 }
 # Okabe-Ito: distinguishable for colour-blind readers, the same order in every figure.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
-LAW_STYLES = {"chinchilla": "-", "inference_efficient": "--"}
 
 
 def _plt():
@@ -100,7 +106,7 @@ def _shape_label(r) -> str:
     return f"L{int(r.n_layers)} d{int(r.d_model)} (N {human(r.params_non_embedding)})"
 
 
-# ----- the figures ---------------------------------------------------------------------------------------------
+# ----- the report's own figures -----------------------------------------------------------------------------
 
 def grid(study, path: Path) -> Path | None:
     """The sweep's grid: every point at (N, D), coloured by held-out loss, failed or unfinished points marked."""
@@ -160,72 +166,6 @@ def curves(study, path: Path) -> Path | None:
         return _save(plt, fig, path)
 
 
-def _law(fit: dict, name: str):
-    from scaling_lab.fit.laws.law import LawConstants
-
-    return LawConstants.from_dict(name, fit["laws"][name]) if name in fit.get("laws", {}) else None
-
-
-def loss_vs_n(study, path: Path) -> Path | None:
-    """Loss against N per token budget (tokens per parameter), the runs and each fitted law."""
-    if study.fit is None:
-        return None
-    ok = study.ok.assign(tpp=lambda d: (d.tokens_seen / d.params_non_embedding).round(1))
-    groups = sorted(ok.tpp.unique())
-    n = np.geomspace(ok.params_non_embedding.min() / 1.5, ok.params_non_embedding.max() * 1.5, 100)
-    with style() as plt:
-        fig, ax = plt.subplots()
-        for i, g in enumerate(groups):
-            sub, color = ok[ok.tpp == g], PALETTE[i % len(PALETTE)]
-            ax.scatter(sub.params_non_embedding, sub.loss, color=color, s=36, edgecolor="k", linewidth=0.4,
-                       zorder=3, label=f"runs, D/N = {g:g}")
-            for name, ls in LAW_STYLES.items():
-                law = _law(study.fit, name)
-                if law is None:
-                    continue
-                inputs = {"N": n, "D": n * g}
-                if "R" in law.law.inputs:
-                    inputs["R"] = np.full_like(n, float(sub.aspect_ratio.median()))
-                ax.plot(n, law.predict(**inputs), ls, color=color, lw=1.2)
-        for name, ls in LAW_STYLES.items():
-            if name in study.fit["laws"]:
-                ax.plot([], [], ls, color="0.3", label=f"{name} law" + (" (R at median)" if name != "chinchilla" else ""))
-        ax.set(xlabel="N, non-embedding parameters", ylabel="held-out loss (nats/token)",
-               title="Loss vs N per token budget, with the fitted laws")
-        log_axis(ax, "x")
-        _legend_outside(ax)
-        return _save(plt, fig, path)
-
-
-def predicted_vs_actual(study, path: Path) -> Path | None:
-    """Each law's prediction (with its bootstrap 95% interval) against the measured loss; held-out rows open."""
-    p = study.predictions
-    if study.fit is None or p is None:
-        return None
-    laws = [n for n in study.fit["laws"] if f"pred_{n}" in p]
-    with style() as plt:
-        fig, axes = plt.subplots(1, len(laws), figsize=(4.2 * len(laws), 4.0), squeeze=False, sharey=True)
-        lims = [np.nanmin([p.loss.min()] + [p[f"pred_{n}"].min() for n in laws]),
-                np.nanmax([p.loss.max()] + [p[f"pred_{n}"].max() for n in laws])]
-        pad = 0.05 * (lims[1] - lims[0] or 1)
-        lims = [lims[0] - pad, lims[1] + pad]
-        for ax, name in zip(axes[0], laws):
-            held = p.heldout.astype(bool).to_numpy()
-            y, pred = p.loss.to_numpy(), p[f"pred_{name}"].to_numpy()
-            err = np.abs(np.stack([p[f"pred_{name}_lo"], p[f"pred_{name}_hi"]]) - pred) \
-                if f"pred_{name}_lo" in p else None
-            for mask, face, label in ((~held, PALETTE[0], "fit rows"), (held, "none", "held-out rows")):
-                if mask.any():
-                    ax.errorbar(y[mask], pred[mask], yerr=None if err is None else err[:, mask], fmt="o",
-                                mfc=face, mec=PALETTE[0], ecolor=PALETTE[0], ms=6, lw=0.8, capsize=2, label=label)
-            ax.plot(lims, lims, ":", color="0.3", lw=1, label="predicted = measured")
-            ax.set(xlim=lims, ylim=lims, xlabel="measured loss (nats/token)", title=name)
-            ax.legend(loc="upper left")
-        axes[0][0].set_ylabel("predicted loss (nats/token)")
-        fig.suptitle("Predicted vs measured loss (bars: bootstrap 95% interval)", y=1.02)
-        return _save(plt, fig, path)
-
-
 def frontier(study, path: Path) -> Path | None:
     """The compute-optimal frontier N_opt(C) of our Chinchilla fit with its 95% band, beside the published
     constants' frontiers, the isoFLOP minima (when the sweep is an isoFLOP grid) and the sweep's own runs."""
@@ -264,64 +204,6 @@ def frontier(study, path: Path) -> Path | None:
         _legend_outside(ax)
         return _save(plt, fig, path)
 
-
-def isoflop(study, path: Path) -> Path | None:
-    """isoFLOP profiles: loss against N at each FLOP budget, the parabola in log N and its minimum."""
-    iso = (study.fit or {}).get("isoflop")
-    ok = study.ok
-    if not iso or not iso.get("optima") or ok.flops_budget.isna().all():
-        return None
-    with style() as plt:
-        fig, ax = plt.subplots()
-        for i, o in enumerate(iso["optima"]):
-            color = PALETTE[i % len(PALETTE)]
-            sub = ok[np.isclose(ok.flops_budget.astype(float), o["budget"], rtol=0.05)]
-            ax.scatter(sub.params_non_embedding, sub.loss, color=color, s=30, label=f"C = {human(o['budget'])} FLOPs")
-            if len(sub) >= 3:
-                x = np.log(sub.params_non_embedding.to_numpy(dtype=float))
-                coef = np.polyfit(x, sub.loss.to_numpy(dtype=float), 2)
-                xs = np.linspace(x.min(), x.max(), 60)
-                ax.plot(np.exp(xs), np.polyval(coef, xs), color=color, lw=1.2)
-            if o.get("N_opt"):
-                ax.plot(o["N_opt"], o["loss_opt"], "*", color="k", ms=10)
-            if o.get("N_opt") and o.get("N_opt_ci95"):
-                lo, hi = o["N_opt_ci95"]
-                ax.errorbar(o["N_opt"], o["loss_opt"], xerr=[[o["N_opt"] - lo], [hi - o["N_opt"]]], fmt="none",
-                            color="k", lw=1, capsize=3)
-        ax.plot([], [], "*", color="k", ms=10, label="minimum (N_opt, 95% bootstrap interval)")
-        ax.set(xlabel="N, non-embedding parameters", ylabel="held-out loss (nats/token)",
-               title="isoFLOP profiles")
-        log_axis(ax, "x")
-        _legend_outside(ax)
-        return _save(plt, fig, path)
-
-
-def loss_vs_aspect(study, path: Path) -> Path | None:
-    """Loss against aspect ratio R = d_model / n_layers at fixed N and D (runs of one size class and budget),
-    with the inference-efficient law's curve at that N and D."""
-    ok = study.ok
-    series = [(g, sub) for g, sub in ok.groupby("group") if sub.aspect_ratio.nunique() >= 2]
-    if not series:
-        return None
-    law = _law(study.fit, "inference_efficient") if study.fit else None
-    with style() as plt:
-        fig, ax = plt.subplots()
-        for i, (g, sub) in enumerate(series):
-            color = PALETTE[i % len(PALETTE)]
-            ax.scatter(sub.aspect_ratio, sub.loss, color=color, s=40, edgecolor="k", linewidth=0.4, zorder=3,
-                       label=f"runs, {g}")
-            if law is not None:
-                r = np.geomspace(sub.aspect_ratio.min() / 1.5, sub.aspect_ratio.max() * 1.5, 80)
-                pred = law.predict(N=np.full_like(r, sub.params_non_embedding.median()),
-                                   D=np.full_like(r, sub.tokens_seen.median()), R=r)
-                ax.plot(r, pred, "--", color=color, lw=1.2)
-        if law is not None:
-            ax.plot([], [], "--", color="0.3", label="inference-efficient law at the group's N, D")
-        ax.set(xlabel="R = d_model / n_layers (aspect ratio)", ylabel="held-out loss (nats/token)",
-               title="Loss vs aspect ratio at fixed N and D")
-        log_axis(ax, "x")
-        _legend_outside(ax)
-        return _save(plt, fig, path)
 
 
 def latency(study, path: Path) -> Path | None:
@@ -401,18 +283,211 @@ def plan(study, path: Path) -> Path | None:
         return _save(plt, fig, path)
 
 
-FIGURES: dict[str, Callable] = {"grid": grid, "curves": curves, "loss_vs_n": loss_vs_n,
-                                "predicted_vs_actual": predicted_vs_actual, "frontier": frontier,
-                                "isoflop": isoflop, "loss_vs_aspect_ratio": loss_vs_aspect, "latency": latency,
-                                "plan": plan}
+# ----- the fit's figures: scaling-fit draws them into its out folder, scaling-report into its own -------------------
+# ``rows`` carry the fit's column names: N, D and loss, and where known R, group, budget, fit and heldout (bools) and
+# each law's pred_<law> with its bootstrap 95% interval pred_<law>_lo and _hi (predictions.csv has them all);
+# ``fit`` is a fit.json document, or None.
+
+LINE_STYLES = ["-", "--", ":", "-."]  # one per law, in the fit's order
+
+
+def _laws(fit: dict | None, rows) -> dict[str, LawConstants]:
+    """The fit's laws whose inputs ``rows`` have, in the fit's order (none without a fit)."""
+    laws = {name: LawConstants.from_dict(name, entry) for name, entry in ((fit or {}).get("laws") or {}).items()}
+    return {name: law for name, law in laws.items() if set(law.law.inputs) <= set(rows.columns)}
+
+
+def _n_label(fit: dict | None) -> str:
+    convention = ((fit or {}).get("provenance") or {}).get("n_convention")
+    return {"non_embedding": "N, non-embedding parameters",
+            "total": "N, parameters (embeddings included)"}.get(convention, "N, parameters")
+
+
+def _colors(plt, k: int) -> list:
+    """k colours: the palette's while they last, a sequential map beyond (many budgets or groups)."""
+    return PALETTE[:k] if k <= len(PALETTE) else list(plt.cm.viridis(np.linspace(0, 0.9, k)))
+
+
+def _budgets(rows) -> tuple[str, dict[float, np.ndarray]]:
+    """Rows per token budget: equal D or equal tokens per parameter D/N (budgets that scale with size, e.g. 20 N
+    tokens), to 2 significant digits, whichever makes fewer groups (D on a tie)."""
+    by_d = np.array([float(f"{v:.2g}") for v in rows["D"]])
+    by_ratio = np.array([float(f"{v:.2g}") for v in rows["D"] / rows["N"]])
+    kind, key = ("D", by_d) if len(set(by_d)) <= len(set(by_ratio)) else ("D/N", by_ratio)
+    return kind, {k: key == k for k in sorted(set(key))}
+
+
+def loss_vs_n(rows, fit: dict | None, path: Path) -> Path | None:
+    """Loss against N per token budget, the rows and each fitted law (its other inputs at the budget's median)."""
+    laws = _laws(fit, rows) if rows is not None and not rows.empty else {}
+    if not laws:
+        return None
+    kind, budgets = _budgets(rows)
+    n = np.geomspace(rows["N"].min() / 1.5, rows["N"].max() * 1.5, 100)
+    with style() as plt:
+        fig, ax = plt.subplots()
+        for color, (key, mask) in zip(_colors(plt, len(budgets)), budgets.items()):
+            sub = rows[mask]
+            label = f"runs, D/N = {key:g}" if kind == "D/N" else f"runs, D = {human(key)} tokens"
+            ax.scatter(sub["N"], sub["loss"], color=color, s=36, edgecolor="k", linewidth=0.4, zorder=3,
+                       label=label if len(budgets) <= 12 else None)
+            d = n * key if kind == "D/N" else np.full_like(n, float(sub["D"].median()))
+            for ls, law in zip(LINE_STYLES * len(laws), laws.values()):
+                others = {x: np.full_like(n, float(sub[x].median())) for x in law.law.inputs if x not in ("N", "D")}
+                ax.plot(n, law.predict(N=n, D=d, **others), ls, color=color, lw=1.2)
+        for ls, (name, law) in zip(LINE_STYLES * len(laws), laws.items()):
+            others = ", ".join(x for x in law.law.inputs if x not in ("N", "D"))
+            ax.plot([], [], ls, color="0.3", label=f"{name} law" + (f" ({others} at median)" if others else ""))
+        ax.set(xlabel=_n_label(fit), ylabel="loss (nats/token)",
+               title=f"Loss vs N per token budget ({kind}), with the fitted laws")
+        log_axis(ax, "x")
+        _legend_outside(ax)
+        return _save(plt, fig, path)
+
+
+def predicted_vs_actual(rows, fit: dict | None, path: Path) -> Path | None:
+    """Each law's prediction (with its bootstrap 95% interval) against the measured loss; held-out rows open."""
+    laws = [n for n in (fit or {}).get("laws", {}) if rows is not None and f"pred_{n}" in rows]
+    if not laws:
+        return None
+    p = rows
+    with style() as plt:
+        fig, axes = plt.subplots(1, len(laws), figsize=(4.2 * len(laws), 4.0), squeeze=False, sharey=True)
+        lims = [np.nanmin([p.loss.min()] + [p[f"pred_{n}"].min() for n in laws]),
+                np.nanmax([p.loss.max()] + [p[f"pred_{n}"].max() for n in laws])]
+        pad = 0.05 * (lims[1] - lims[0] or 1)
+        lims = [lims[0] - pad, lims[1] + pad]
+        for ax, name in zip(axes[0], laws):
+            held = p.heldout.astype(bool).to_numpy()
+            y, pred = p.loss.to_numpy(), p[f"pred_{name}"].to_numpy()
+            err = np.abs(np.stack([p[f"pred_{name}_lo"], p[f"pred_{name}_hi"]]) - pred) \
+                if f"pred_{name}_lo" in p else None
+            for mask, face, label in ((~held, PALETTE[0], "fit rows"), (held, "none", "held-out rows")):
+                if mask.any():
+                    ax.errorbar(y[mask], pred[mask], yerr=None if err is None else err[:, mask], fmt="o",
+                                mfc=face, mec=PALETTE[0], ecolor=PALETTE[0], ms=6, lw=0.8, capsize=2, label=label)
+            ax.plot(lims, lims, ":", color="0.3", lw=1, label="predicted = measured")
+            ax.set(xlim=lims, ylim=lims, xlabel="measured loss (nats/token)", title=name)
+            ax.legend(loc="upper left")
+        axes[0][0].set_ylabel("predicted loss (nats/token)")
+        fig.suptitle("Predicted vs measured loss (bars: bootstrap 95% interval)", y=1.02)
+        return _save(plt, fig, path)
+
+
+def residuals(rows, fit: dict | None, path: Path) -> Path | None:
+    """Each law's relative residual (predicted - measured) / measured against N; held-out rows open."""
+    laws = [n for n in (fit or {}).get("laws", {}) if rows is not None and f"pred_{n}" in rows]
+    if not laws:
+        return None
+    held = rows.heldout.astype(bool).to_numpy()
+    with style() as plt:
+        fig, ax = plt.subplots()
+        for i, (marker, name) in enumerate(zip("os^v" * len(laws), laws)):
+            rel = ((rows[f"pred_{name}"] - rows.loss) / rows.loss).to_numpy()
+            color = PALETTE[i % len(PALETTE)]
+            for mask, face, label in ((~held, color, name), (held, "none", f"{name}, held-out rows")):
+                if mask.any():
+                    ax.scatter(rows.N[mask], rel[mask], marker=marker, facecolor=face, edgecolor=color, s=30,
+                               alpha=0.8, label=label)
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set(xlabel=_n_label(fit), ylabel="(predicted - measured) / measured", title="Relative residuals")
+        log_axis(ax, "x")
+        _legend_outside(ax)
+        return _save(plt, fig, path)
+
+
+def isoflop(rows, fit: dict | None, path: Path) -> Path | None:
+    """isoFLOP profiles: loss against N at each FLOP budget, the parabola in log N and its minimum."""
+    iso = (fit or {}).get("isoflop")
+    if rows is None or not iso or not iso.get("optima") or "budget" not in rows or rows["budget"].isna().all():
+        return None
+    if "fit" in rows:  # the rows the profiles were fitted to
+        rows = rows[rows["fit"].astype(bool)]
+    with style() as plt:
+        fig, ax = plt.subplots()
+        for color, o in zip(_colors(plt, len(iso["optima"])), iso["optima"]):
+            sub = rows[np.isclose(rows["budget"].astype(float), o["budget"], rtol=0.05)]
+            ax.scatter(sub["N"], sub["loss"], color=color, s=30, label=f"C = {human(o['budget'])} FLOPs")
+            if len(sub) >= 3:
+                x = np.log(sub["N"].to_numpy(dtype=float))
+                coef = np.polyfit(x, sub["loss"].to_numpy(dtype=float), 2)
+                xs = np.linspace(x.min(), x.max(), 60)
+                ax.plot(np.exp(xs), np.polyval(coef, xs), color=color, lw=1.2)
+            if o.get("N_opt"):
+                ax.plot(o["N_opt"], o["loss_opt"], "*", color="k", ms=10)
+            if o.get("N_opt") and o.get("N_opt_ci95"):
+                lo, hi = o["N_opt_ci95"]
+                ax.errorbar(o["N_opt"], o["loss_opt"], xerr=[[o["N_opt"] - lo], [hi - o["N_opt"]]], fmt="none",
+                            color="k", lw=1, capsize=3)
+        ax.plot([], [], "*", color="k", ms=10, label="minimum (N_opt, 95% bootstrap interval)")
+        ax.set(xlabel=_n_label(fit), ylabel="loss (nats/token)",
+               title="isoFLOP profiles" + (f": N_opt ~ C^{iso['a']:.3f}" if iso.get("a") is not None else ""))
+        log_axis(ax, "x")
+        _legend_outside(ax)
+        return _save(plt, fig, path)
+
+
+def loss_vs_aspect(rows, fit: dict | None, path: Path) -> Path | None:
+    """Loss against aspect ratio R = d_model / n_layers at fixed N and D (each group: shapes of one size at one
+    budget), with each fitted law at the group's N and D (flat for a law without R)."""
+    if rows is None or "R" not in rows or "group" not in rows:
+        return None
+    series = [(g, sub) for g, sub in rows.groupby("group") if sub["R"].nunique() >= 2]
+    if not series:
+        return None
+    laws = _laws(fit, rows)
+    with style() as plt:
+        fig, ax = plt.subplots()
+        for color, (g, sub) in zip(_colors(plt, len(series)), series):
+            ax.scatter(sub["R"], sub["loss"], color=color, s=40, edgecolor="k", linewidth=0.4, zorder=3,
+                       label=f"runs, {g}" if len(series) <= 12 else None)
+            r = np.geomspace(sub["R"].min() / 1.5, sub["R"].max() * 1.5, 80)
+            for ls, law in zip(LINE_STYLES * len(laws), laws.values()):
+                inputs = {x: r if x == "R" else np.full_like(r, float(sub[x].median())) for x in law.law.inputs}
+                ax.plot(r, law.predict(**inputs) * np.ones_like(r), ls, color=color, lw=1.2)
+        for ls, name in zip(LINE_STYLES * len(laws), laws):
+            ax.plot([], [], ls, color="0.3", label=f"{name} law at the group's N, D")
+        ax.set(xlabel="R = d_model / n_layers (aspect ratio)", ylabel="loss (nats/token)",
+               title="Loss vs aspect ratio at fixed N and D")
+        log_axis(ax, "x")
+        _legend_outside(ax)
+        return _save(plt, fig, path)
+
+
+FIT_FIGURES: dict[str, Callable] = {"loss_vs_n": loss_vs_n, "predicted_vs_actual": predicted_vs_actual,
+                                    "residuals": residuals, "loss_vs_aspect_ratio": loss_vs_aspect,
+                                    "isoflop_profiles": isoflop}
+
+
+def draw_fit(fit: dict, folder: Path) -> list[Path]:
+    """``scaling-fit``'s figures (``FIT_FIGURES``) from its fit.json document and the predictions.csv beside it in
+    ``folder``, as ``folder/<name>.png``; returns the paths drawn."""
+    rows = pd.read_csv(folder / "predictions.csv")
+    drawn = [draw(rows, fit, folder / f"{name}.png") for name, draw in FIT_FIGURES.items()]
+    return [path for path in drawn if path is not None]
+
+
+def _runs(study) -> pd.DataFrame:
+    """The sweep's done runs in the fit's column names, N counted as the fit counts it."""
+    total = ((study.fit or {}).get("provenance") or {}).get("n_convention") == "total"
+    columns = {"params_total" if total else "params_non_embedding": "N", "tokens_seen": "D", "aspect_ratio": "R",
+               "flops_budget": "budget"}
+    return study.ok.rename(columns=columns)[[*columns.values(), "loss", "group"]]
 
 
 def draw_all(study, folder: Path) -> dict[str, Path]:
-    """Every figure whose input exists, as ``folder/<name>.png``; returns name -> path."""
+    """Every figure of the report whose input exists, as ``folder/<name>.png``; returns name -> path. The fit's
+    figures are drawn over the sweep's runs (predicted vs actual over the fit's predictions)."""
     folder.mkdir(parents=True, exist_ok=True)
+    runs = _runs(study)
+    figures = {"grid": (grid, study), "curves": (curves, study), "loss_vs_n": (loss_vs_n, runs, study.fit),
+               "predicted_vs_actual": (predicted_vs_actual, study.predictions, study.fit),
+               "frontier": (frontier, study), "isoflop": (isoflop, runs, study.fit),
+               "loss_vs_aspect_ratio": (loss_vs_aspect, runs, study.fit), "latency": (latency, study),
+               "plan": (plan, study)}
     out = {}
-    for name, draw in FIGURES.items():
-        path = draw(study, folder / f"{name}.png")
+    for name, (draw, *inputs) in figures.items():
+        path = draw(*inputs, folder / f"{name}.png")
         if path is not None:
             out[name] = path
     return out

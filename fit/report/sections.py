@@ -130,7 +130,7 @@ def published(study, figures) -> Section:
 def aspect(study, figures) -> Section:
     s = Section("aspect", "Loss against aspect ratio at fixed N and D")
     fig = _fig(figures, "loss_vs_aspect_ratio", "Runs of one size class and token budget at different R = "
-                                                "d_model / n_layers, with the inference-efficient law's curve.")
+                                                "d_model / n_layers, with each fitted law's curve at their N and D.")
     if fig is None:
         s.missing = "No size class of this sweep has two aspect ratios."
     return s.add(fig)
