@@ -52,8 +52,10 @@ def frontier_lines(results_dir: Path, iso_sweep: str) -> list[str]:
         out.append(f"  - held-out budget {hold['budget']:.3g}: no interior minimum ({hold['note']})")
     elif hold:
         out.append(f"  - {'held-out' if hold.get('held_out') else 'largest'} budget {hold['budget']:.3g} predicted "
-                   f"from the other {hold['fitted_budgets']}: N_opt x{hold['N_opt_ratio']:.2f} (target within 2x), "
-                   f"best loss {100 * hold['loss_opt_rel_err']:+.2f}% (target 3%)")
+                   f"from the other {hold['fitted_budgets']}: N_opt {hold['N_opt_predicted']:.3g} predicted, "
+                   f"{hold['N_opt']:.3g} found (x{hold['N_opt_ratio']:.2f}, target within 2x); best loss "
+                   f"{hold['loss_opt_predicted']:.4f} predicted, {hold['loss_opt']:.4f} found "
+                   f"({100 * hold['loss_opt_rel_err']:+.2f}%, target 3%)")
     f = iso.get("frontier")
     if f:
         a3, ok = f["approach3"], f["agreement"]

@@ -62,8 +62,15 @@ def _frontier_of(values: dict, predict, iso: dict, f, n_range) -> dict:
             "tokens_per_param": d_opt / n_opt}
 
 
+def sse_log(constants, rows: pd.DataFrame) -> float:
+    """Sum of squared log residuals of ``constants`` on ``rows``."""
+    pred = np.asarray(constants.predict(N=rows["N"].to_numpy(), D=rows["D"].to_numpy()), float)
+    return float(np.sum((np.log(rows["loss"].to_numpy()) - np.log(pred)) ** 2))
+
+
 def e_profile(law: LawFit, table: Table, protocol, iso: dict, f, n_points: int) -> list[dict]:
-    """The law refitted with E held at ``n_points`` values spread over (0, the lowest observed loss)."""
+    """The law refitted with E held at ``n_points`` values spread over (0, the lowest observed loss); ``inside``:
+    within the 95% profile threshold of the best of these fits and the law's own."""
     rows = table.fit_rows
     y, n_range = rows["loss"].to_numpy(), (rows["N"].min(), rows["N"].max())
     out = []
@@ -75,15 +82,14 @@ def e_profile(law: LawFit, table: Table, protocol, iso: dict, f, n_points: int) 
         except RuntimeError as err:       # no start converged at this E: the profile has a gap, and says so
             out.append({"E": float(e), "failed": str(err)})
             continue
-        pred = np.asarray(fitted.constants.predict(N=rows["N"].to_numpy(), D=rows["D"].to_numpy()), float)
-        sse = float(np.sum((np.log(y) - np.log(pred)) ** 2))
+        sse = sse_log(fitted.constants, rows)
         point = _frontier_of(fitted.constants.values, lambda n, d: fitted.constants.predict(N=n, D=d), iso, f,
                              n_range)
         out.append({"E": float(e), "sse_log": sse, **{k: v for k, v in fitted.constants.values.items() if k != "E"},
                     **point})
     ok = [p for p in out if "sse_log" in p]
     if ok:
-        best = min(p["sse_log"] for p in ok)
+        best = min(min(p["sse_log"] for p in ok), sse_log(law.constants, rows))
         for p in ok:
             p["inside"] = bool(len(y) * np.log(p["sse_log"] / best) <= PROFILE_CHI2) if best > 0 else True
     return out
@@ -108,7 +114,8 @@ def compare(iso: dict, law: LawFit, table: Table, protocol, points: pd.DataFrame
     if "E" in law.not_identified:
         e_flags.append("E is not identified (" + law.not_identified["E"] + ")")
     profile = e_profile(law, table, protocol, iso, f, profile_points) if profile_points else []
-    inside = [p for p in profile if p.get("inside")]
+    # the profile's range: the grid's points within the threshold, and the law's own optimum
+    inside = [p for p in profile if p.get("inside")] + [{"E": values["E"], **a3}] * bool(profile)
     span = lambda key: [min(p[key] for p in inside), max(p[key] for p in inside)] if inside else None
     step = (profile[1]["E"] - profile[0]["E"]) / 2 if len(profile) > 1 else 0.0
     e_span = span("E") and [max(span("E")[0] - step, 0.0), span("E")[1] + step]  # the grid's resolution
