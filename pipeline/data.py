@@ -635,27 +635,46 @@ def check_budget(corpus: Corpus, tokens: int, seq_len: int) -> int:
     return available
 
 
+@dataclass(frozen=True)
+class DataSettings:
+    """What a ``TokenDataModule`` serves: ``train_sequences`` training windows of ``seq_len`` tokens in the order
+    ``seed`` gives, in batches of ``batch_size`` sequences per optimizer step (each rank's share in ``accumulate``
+    micro-batches); held-out slices of ``eval_tokens`` (the final loss) and ``val_curve_tokens`` (the validation
+    curve), both drawn with ``eval_seed``; ``num_workers`` loader processes."""
+
+    seq_len: int
+    batch_size: int
+    train_sequences: int
+    eval_tokens: int
+    val_curve_tokens: int
+    seed: int
+    num_workers: int = 0
+    eval_seed: int = 0
+    accumulate: int = 1
+
+
 class TokenDataModule(L.LightningDataModule):
     """Serves exactly ``train_sequences`` distinct training windows, in a seeded order, starting after the windows
     that earlier (interrupted) attempts of the same run already consumed; and a fixed held-out slice."""
 
-    def __init__(self, corpus: Corpus, seq_len: int, batch_size: int, train_sequences: int, eval_tokens: int,
-                 val_curve_tokens: int, seed: int, num_workers: int = 0, eval_seed: int = 0, accumulate: int = 1):
+    def __init__(self, corpus: Corpus, settings: DataSettings):
         super().__init__()
-        self.corpus, self.seq_len, self.batch_size, self.accumulate = corpus, seq_len, batch_size, accumulate
-        self.train_sequences, self.seed, self.num_workers = train_sequences, seed, num_workers
-        available = check_budget(corpus, train_sequences * seq_len, seq_len)
-        n_eval = eval_tokens // seq_len
+        s = self.settings = settings
+        self.corpus, self.seq_len, self.batch_size, self.accumulate = corpus, s.seq_len, s.batch_size, s.accumulate
+        self.train_sequences, self.seed, self.num_workers = s.train_sequences, s.seed, s.num_workers
+        seq_len = s.seq_len
+        available = check_budget(corpus, s.train_sequences * seq_len, seq_len)
+        n_eval = s.eval_tokens // seq_len
         if n_eval < 1 or n_eval > unique_windows(corpus.meta["val_tokens"], seq_len):
-            raise DataError(f"data.eval_tokens={eval_tokens:,} needs between {seq_len} and "
+            raise DataError(f"data.eval_tokens={s.eval_tokens:,} needs between {seq_len} and "
                             f"{unique_windows(corpus.meta['val_tokens'], seq_len) * seq_len:,} held-out tokens")
         n_val = corpus.meta["val_tokens"]
-        self.eval_windows = heldout_windows(n_val, seq_len, n_eval, eval_seed)
-        n_curve = max(1, min(unique_windows(n_val, seq_len) - n_eval, val_curve_tokens // seq_len))
-        self.val_curve_windows = heldout_windows(n_val, seq_len, n_curve, eval_seed + 1, exclude=self.eval_windows) \
+        self.eval_windows = heldout_windows(n_val, seq_len, n_eval, s.eval_seed)
+        n_curve = max(1, min(unique_windows(n_val, seq_len) - n_eval, s.val_curve_tokens // seq_len))
+        self.val_curve_windows = heldout_windows(n_val, seq_len, n_curve, s.eval_seed + 1, exclude=self.eval_windows) \
             if n_curve else self.eval_windows[:1]
-        order = np.random.default_rng(seed).permutation(available)
-        self.train_windows = order[:train_sequences]
+        order = np.random.default_rng(s.seed).permutation(available)
+        self.train_windows = order[:s.train_sequences]
         self.fed: collections.deque = collections.deque()  # window indices of batches taken, not yet trained on
 
     def train_dataloader(self):

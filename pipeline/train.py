@@ -1,10 +1,13 @@
 """``scaling-train``: train one model (or, with ``-m``, every point of a sweep) and write its result record.
 
-``main`` is the Hydra entry point; it calls the plain ``run(cfg)`` that tests call with a composed config. A run:
-resolve and check the whole configuration (bad input stops here, before any compute) -> skip if its record says
-``ok`` -> prepare the tokenized corpus -> train with Lightning (resuming from its last checkpoint if one exists) ->
-evaluate the fixed held-out slice -> measure inference latency -> write the record atomically -> mirror to W&B.
-A run that raises, runs out of memory or diverges is recorded as ``failed`` and the sweep goes on.
+``train_command`` is what the command runs (``conf/commands.py``); it calls the plain ``run(cfg)`` that tests call
+with a composed config. ``run`` reads top to bottom: resolve and check the whole configuration (bad input stops
+here, before any compute) -> skip the run if its record says it is finished, if it lies outside the sweep's grid, or
+if another process holds its claim -> within one ``Attempt`` (the run's claim, its signal guard, its record)
+``train_one``: prepare the tokenized corpus, train with Lightning (resuming from its last checkpoint if one exists;
+a WSD branch from its stable run's checkpoint), evaluate the fixed held-out slice, measure inference latency, save
+the weights -> the ``Attempt`` writes the record atomically and mirrors it to W&B. A run that raises, runs out of
+memory or diverges is recorded as ``failed`` and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -24,13 +27,29 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import lightning as L
 import torch
+import torch.distributed as dist
+from filelock import FileLock
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from scaling_lab.conf import STORAGE_ERRNOS, UserError, storage_message
 from scaling_lab.conf.redact import redact, redact_config, run_secrets
 from scaling_lab.fit.io import integrity, store
 from scaling_lab.fit.io.files import write_json_atomic
+from scaling_lab.pipeline import signals, weights
+from scaling_lab.pipeline.data import DataSettings, TokenDataModule, bits_per_byte, prepare_corpus, slice_info
+from scaling_lab.pipeline.device import serving_copy
+from scaling_lab.pipeline.latency import measure
+from scaling_lab.pipeline.module import Checkpointing, LitGPT, Progress, SaveAtStep
 from scaling_lab.pipeline.runspec import ConfigError, RunSpec, describe, duration, outside_cells, plan_run, world_size
+from scaling_lab.pipeline.sweep import Point, save_launch
+from scaling_lab.pipeline.throughput import StepTimes, device_peak
 
 log = logging.getLogger("scaling.train")
 # A resumed run's sampler continues where the checkpoint stopped (pipeline.data.GlobalBatches); Lightning cannot see
@@ -47,9 +66,8 @@ warnings.filterwarnings("ignore", message=".*The `srun` command is available on 
 
 def run(cfg: DictConfig) -> dict:
     """Train (or skip, or resume) the run ``cfg`` describes; returns its record. A pre-emption signal (SIGTERM,
-    SIGUSR1, SIGUSR2) saves a checkpoint at the signal and raises ``signals.Preempted``."""
-    from scaling_lab.pipeline import signals
-
+    SIGUSR1, SIGUSR2) saves a checkpoint at the signal and raises ``signals.Preempted``: the guard is installed
+    before anything else, so a signal while the run is still planned stops it the same way."""
     with signals.Guard() as guard:
         outer, signals.current = signals.current, guard
         try:
@@ -64,6 +82,26 @@ def run(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig) -> dict:
     started = time.time()
     spec = plan_run(cfg)
+    skipped = _skip(cfg, spec)
+    if skipped is not None:
+        return skipped
+    claim = None
+    if _global_rank() == 0:  # a DDP rank Lightning started follows rank 0, which holds the claim and writes the record
+        # an exclusive create; a live claim of another process means it is training this run now
+        claim = store.Claim.acquire(cfg.results_dir, spec.sweep, spec.run_id)
+        if claim is None:
+            return _claimed_elsewhere(cfg, spec)
+    with Attempt(cfg, spec, claim, started) as attempt:
+        if attempt.finished is not None:  # by another process, between our first look and our claim
+            return attempt.finished
+        return train_one(cfg, spec, attempt)
+    return attempt.record  # the run failed: the attempt recorded why, and the sweep goes on
+
+
+def _skip(cfg: DictConfig, spec: RunSpec) -> dict | None:
+    """What ``run`` returns without training: a note for a run outside the sweep's cells (``sweep.cells``), or the
+    run's own record when it is finished (``ok``; ``failed`` too unless ``sweep.retry_failed``). None: train it (an
+    ``ok`` run without weights is re-run when ``train.save_model`` asks for them)."""
     path = store.record_path(cfg.results_dir, spec.sweep, spec.run_id)
     previous = store.read_record(path)
     outside = outside_cells(cfg.sweep.cells, spec)
@@ -72,8 +110,8 @@ def _run(cfg: DictConfig) -> dict:
         return {"run_id": spec.run_id, "sweep": spec.sweep, "status": "outside", "skipped": True, "reason": outside}
     if previous and previous["status"] == "ok" and cfg.train.save_model and not previous.get("weights"):
         log.info("run %s is ok but kept no weights; re-running it with train.save_model=true", spec.run_id)
-        previous = None
-    if previous and (previous["status"] == "ok" or not cfg.sweep.retry_failed):
+        return None
+    if _finished(cfg, previous):
         log.info("run %s is already %s (%s); skipping%s", spec.run_id, previous["status"], path,
                  "" if previous["status"] == "ok" else " (sweep.retry_failed=true re-runs it)")
         if previous["status"] == "ok":  # a kill between the record and the checkpoint's removal left it behind
@@ -82,25 +120,25 @@ def _run(cfg: DictConfig) -> dict:
             except OSError:
                 pass  # a read-only results dir: the finished sweep is still read
         return previous
+    return None
 
-    if _global_rank() != 0:  # a DDP rank Lightning started: rank 0 holds the claim and writes the record
-        return _run_claimed(cfg, spec, None, previous, started)
-    # Claim the run (an exclusive create; a live claim of another process means it is training this run now).
-    claim = store.Claim.acquire(cfg.results_dir, spec.sweep, spec.run_id)
-    if claim is None:
-        holder = store.read_claim(store.claim_path(cfg.results_dir, spec.sweep, spec.run_id)) or {}
-        log.info("run %s is being trained by %s (pid %s); skipping", spec.run_id, holder.get("host"), holder.get("pid"))
-        return {"run_id": spec.run_id, "sweep": spec.sweep, "status": "running", "skipped": True,
-                "claim": {k: holder.get(k) for k in ("host", "pid", "start", "heartbeat")}}
-    try:
-        previous = store.read_record(path)  # finished by another process between our check and our claim?
-        if previous and (previous["status"] == "ok" or not cfg.sweep.retry_failed):
-            return previous
-        store.sweep_temp_files(cfg.results_dir, spec.sweep, spec.run_id)
-        claim.start_heartbeat()
-        return _run_claimed(cfg, spec, claim, previous, started)
-    finally:
-        claim.release()
+
+def _finished(cfg: DictConfig, previous: dict | None) -> bool:
+    """Whether a run with this record is not trained again: ``ok`` (unless it kept no weights and
+    ``train.save_model`` asks for them), or ``failed`` unless ``sweep.retry_failed``."""
+    if not previous:
+        return False
+    if previous["status"] == "ok":
+        return not (cfg.train.save_model and not previous.get("weights"))
+    return not cfg.sweep.retry_failed
+
+
+def _claimed_elsewhere(cfg: DictConfig, spec: RunSpec) -> dict:
+    """The note ``run`` returns for a run another live process has claimed (and is training now)."""
+    holder = store.read_claim(store.claim_path(cfg.results_dir, spec.sweep, spec.run_id)) or {}
+    log.info("run %s is being trained by %s (pid %s); skipping", spec.run_id, holder.get("host"), holder.get("pid"))
+    return {"run_id": spec.run_id, "sweep": spec.sweep, "status": "running", "skipped": True,
+            "claim": {k: holder.get(k) for k in ("host", "pid", "start", "heartbeat")}}
 
 
 def _global_rank() -> int:
@@ -111,70 +149,234 @@ def _global_rank() -> int:
     return 0
 
 
-def _run_claimed(cfg, spec: RunSpec, claim, previous: dict | None, started: float) -> dict:
-    from scaling_lab.pipeline import signals
-    from scaling_lab.pipeline.data import TokenDataModule, prepare_corpus
+class Attempt:
+    """This process's attempt at a run: the context ``train_one`` runs in.
 
-    path = store.record_path(cfg.results_dir, spec.sweep, spec.run_id)
+    It holds the run's claim (rank 0's; None on the other ranks of a DDP run, which write nothing) and the run's
+    signal guard (``guard.phase``: what the run is doing). On entry the claiming process looks at the record once
+    more (``finished``: another process finished the run meanwhile), removes the run's leftover temporary files and
+    starts the claim's heartbeat. Once ``begin`` has the record's head, the end of the attempt is recorded: a
+    ``train_one`` that returns is ``ok``; one that raises (a crash, an OOM, a divergence) is ``failed``, the error
+    kept in the record instead of raised; a signal or Ctrl-C is noted as an interrupted attempt (its checkpoint
+    resumes it) and goes on up. The record is in place before the checkpoint is removed (``store.finish_run``), then
+    W&B mirrors it; the claim is released last.
+    """
+
+    def __init__(self, cfg: DictConfig, spec: RunSpec, claim: store.Claim | None, started: float):
+        self.cfg, self.spec, self.claim, self.started = cfg, spec, claim, started
+        self.guard = signals.current
+        self.previous: dict | None = None  # the run's record as the claiming process found it
+        self.finished: dict | None = None
+        self.record: dict | None = None  # from ``begin`` on
+        self.wandb = None
+        self.earlier: list[dict] = []
+
+    def __enter__(self) -> Attempt:
+        if self.claim is None:
+            return self
+        try:
+            spec = self.spec
+            self.previous = store.read_record(store.record_path(self.cfg.results_dir, spec.sweep, spec.run_id))
+            if _finished(self.cfg, self.previous):
+                self.finished = self.previous
+                return self
+            store.sweep_temp_files(self.cfg.results_dir, spec.sweep, spec.run_id)
+            self.claim.start_heartbeat()
+        except BaseException:
+            self.claim.release()
+            raise
+        return self
+
+    def begin(self, spec: RunSpec, head: dict, wandb_logger) -> dict:
+        """From here on the attempt's end is recorded: ``head`` is the record (``spec`` planned for the corpus's
+        vocabulary), ``wandb_logger`` its mirror (or None)."""
+        self.spec, self.wandb = spec, wandb_logger
+        if self.claim is not None:
+            self.earlier = store.attempts(self.cfg.results_dir, spec.sweep, spec.run_id, self.previous)
+        self.record = head
+        return head
+
+    def __exit__(self, kind, error, tb) -> bool:
+        try:
+            return self.record is not None and self._end(error)
+        finally:
+            if self.claim is not None:
+                self.claim.release()
+
+    def _end(self, error: BaseException | None) -> bool:
+        """Record how the attempt ended; True when ``error`` (a failed run) is recorded instead of raised."""
+        cfg, spec, record = self.cfg, self.spec, self.record
+        status = "failed"
+        try:
+            if error is None:
+                status = "ok"
+            elif isinstance(error, (KeyboardInterrupt, SystemExit, signals.Preempted)):
+                status = "interrupted"
+                if self.claim:
+                    how = f"interrupted ({error})" if isinstance(error, signals.Preempted) else "interrupted"
+                    store.note_attempt(cfg.results_dir, spec.sweep, spec.run_id,
+                                       {**self.claim.attempt(how), "tokens_end": getattr(error, "tokens", None)})
+            elif isinstance(error, Exception):  # a crash, an OOM or a divergence fails this run only
+                record["error"] = f"{type(error).__name__}: {error}"
+                record["traceback"] = "".join(traceback.format_exception(type(error), error, error.__traceback__,
+                                                                         limit=20))
+                log.error("run %s failed: %s", spec.run_id, record["error"])
+        finally:
+            if status != "interrupted" and self.claim is not None:  # one writer: the claiming process (rank 0)
+                self._write(status)
+            try:
+                _finish_wandb(self.wandb, record, status)
+            except Exception as err:  # noqa: BLE001 - W&B only mirrors the record, which is in place
+                log.warning("W&B could not be finished (the record is written): %s: %s", type(err).__name__, err)
+        return isinstance(error, Exception)
+
+    def _write(self, status: str) -> None:
+        """The record, ended with ``status`` and this attempt; a full or read-only disk is one line (the checkpoint
+        stays, nothing is lost)."""
+        cfg, spec, record = self.cfg, self.spec, self.record
+        self.guard.phase = "finishing"
+        record.update(status=status, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        record["timing"]["wall_s"] = time.time() - self.started
+        attempt = self.claim.attempt(status)
+        if record["error"]:  # kept with the attempt: a relaunch's record still says why it failed
+            attempt["error"] = record["error"]
+        record["attempts"] = [*self.earlier, attempt]
+        # The record is in place before the checkpoint is removed: a kill in between loses nothing.
+        try:
+            store.finish_run(cfg.results_dir, redact(record, run_secrets()))
+        except OSError as err:
+            if err.errno not in STORAGE_ERRNOS:
+                raise
+            ckpt = store.checkpoint_path(cfg.results_dir, spec.sweep, spec.run_id)
+            kept = (f"the run's checkpoint {ckpt} is kept: relaunch once there is space" if ckpt.exists() else
+                    "no checkpoint was kept")
+            store.sweep_temp_files(cfg.results_dir, spec.sweep, spec.run_id)
+            raise UserError(storage_message(err, kept)) from None
+        log.info("record: %s", store.record_path(cfg.results_dir, spec.sweep, spec.run_id))
+
+
+def train_one(cfg: DictConfig, spec: RunSpec, attempt: Attempt) -> dict:
+    """Train, evaluate and measure the run ``spec`` plans, within ``attempt`` (which writes the record); returns the
+    record. On the ranks of a DDP run other than 0 it ends after the fit (evaluation, latency and weights are rank
+    0's alone)."""
+    t = cfg.train
+    # the data: the corpus sets the vocabulary, so the run is planned once more with it
     torch.set_num_threads(spec.threads)
     corpus = prepare_corpus(cfg.data)
     spec = plan_run(cfg, vocab_size=corpus.vocab_size)
-    datamodule = TokenDataModule(corpus, spec.model.seq_len, spec.batch_size, spec.tokens // spec.model.seq_len,
-                                 cfg.data.eval_tokens, cfg.data.val_curve_tokens, cfg.train.seed, cfg.data.num_workers,
-                                 eval_seed=cfg.data.eval_seed, accumulate=spec.accumulate)
-    record = _record_head(cfg, spec, corpus)
+    data = TokenDataModule(corpus, data_settings(cfg, spec))
+    head = _record_head(cfg, spec, corpus)
     _save_launch(cfg, spec)
     log.info("%s%s", describe(spec), _estimate(cfg, spec))
-    wandb_logger = _wandb_logger(cfg, spec)
-    status = "failed"
-    earlier = store.attempts(cfg.results_dir, spec.sweep, spec.run_id, previous) if claim else []
-    try:
-        record.update(_train(cfg, spec, datamodule, corpus, wandb_logger, claim=claim))
-        status = "ok"
-    except (KeyboardInterrupt, SystemExit, signals.Preempted) as stop:
-        status = "interrupted"
-        if claim:
-            how = f"interrupted ({stop})" if isinstance(stop, signals.Preempted) else "interrupted"
-            store.note_attempt(cfg.results_dir, spec.sweep, spec.run_id,
-                               {**claim.attempt(how), "tokens_end": getattr(stop, "tokens", None)})
-        raise
-    except Exception as e:  # a crash, an OOM or a divergence fails this run only; the sweep goes on
-        record["error"] = f"{type(e).__name__}: {e}"
-        record["traceback"] = traceback.format_exc(limit=20)
-        log.error("run %s failed: %s", spec.run_id, record["error"])
-    finally:
-        if status != "interrupted" and claim is not None:  # one writer: the claiming process (rank 0)
-            signals.current.phase = "finishing"
-            record.update(status=status, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-            record["timing"]["wall_s"] = time.time() - started
-            attempt = claim.attempt(status)
-            if record["error"]:  # kept with the attempt: a relaunch's record still says why it failed
-                attempt["error"] = record["error"]
-            record["attempts"] = [*earlier, attempt]
-            # The record is in place before the checkpoint is removed: a kill in between loses nothing.
-            try:
-                store.finish_run(cfg.results_dir, redact(record, run_secrets()))
-            except OSError as err:  # a full or read-only disk: the checkpoint stays, nothing is lost
-                from scaling_lab.conf import STORAGE_ERRNOS, UserError, storage_message
+    record = attempt.begin(spec, head, _wandb_logger(cfg, spec))  # from here on a failure is recorded
 
-                if err.errno not in STORAGE_ERRNOS:
-                    raise
-                ckpt = store.checkpoint_path(cfg.results_dir, spec.sweep, spec.run_id)
-                kept = (f"the run's checkpoint {ckpt} is kept: relaunch once there is space" if ckpt.exists() else
-                        "no checkpoint was kept")
-                store.sweep_temp_files(cfg.results_dir, spec.sweep, spec.run_id)
-                raise UserError(storage_message(err, kept)) from None
-            log.info("record: %s", path)
-        try:
-            _finish_wandb(wandb_logger, record, status)
-        except Exception as err:  # noqa: BLE001 - W&B only mirrors the record, which is in place
-            log.warning("W&B could not be finished (the record is written): %s: %s", type(err).__name__, err)
+    # the model and its trainer; the fit resumes from the run's checkpoint, or a WSD branch from its stable run's
+    module = _seeded_module(t, spec)
+    ckpt = store.checkpoint_path(cfg.results_dir, spec.sweep, spec.run_id)
+    steps = StepTimes()
+    checkpointing = Checkpointing(ckpt, t.ckpt_every, claim=attempt.claim)
+    callbacks = [checkpointing, steps, *_progress(t)]
+    resume, trunk = (ckpt if ckpt.exists() else None), {}
+    if resume:
+        log.info("resuming run %s from %s", spec.run_id, resume)
+    elif spec.schedule == "wsd":
+        resume, trunk = _stable_checkpoint(cfg, spec, data)
+        log.info("decay branch of run %s starts from the stable run's step %d (%s)", spec.run_id, spec.decay_start,
+                 resume)
+    loggers = [x for x in (attempt.wandb, _csv_logger(cfg, spec)) if x is not None]
+    trainer = build_trainer(t, spec, logger=loggers, callbacks=callbacks, root_dir=ckpt.parent)
+
+    # the fit
+    guard = attempt.guard
+    guard.phase = "training"
+    fit_start = time.time()
+    try:
+        _fit(trainer, module, data, resume)
+    except SIGTERMException:  # Lightning saw the SIGTERM first (at the end of a step); Checkpointing saved there
+        stop = signals.Preempted(signal.SIGTERM, "training")
+        stop.checkpoint, stop.step, stop.tokens = ckpt, int(trainer.global_step), module.tokens_seen()
+        raise stop from None
+    finally:  # every rank has read rank 0's plan of the stable run by now (it took part in this fit)
+        if trunk and _global_rank() == 0:
+            _plan_path(Path(trunk["trunk_checkpoint"]).parent).unlink(missing_ok=True)
+    train_s = time.time() - fit_start
+    tokens_seen = module.tokens_seen()  # the last collective: evaluation, latency and weights are rank 0's alone
+    if trainer.world_size > 1:
+        _leave_process_group()
+        if not trainer.is_global_zero:
+            return record
+
+    # evaluation, latency, weights: a signal now saves the trained state, so the relaunch goes straight here
+    guard.phase = "evaluation"
+    try:
+        guard.check()  # a signal after the last step: saved below like one during evaluation
+        if tokens_seen != spec.tokens:
+            raise RuntimeError(f"trained on {tokens_seen:,} tokens, budget was {spec.tokens:,}")
+        trained_here = tokens_seen - module.tokens_resumed + trunk.get("tokens_trained", 0)
+        heldout = module.heldout_loss(data.eval_dataloader())
+        loss = heldout["mean"]
+        if not math.isfinite(loss):
+            raise RuntimeError(f"held-out loss is {loss}")
+        slice_ = slice_info(corpus, data.eval_windows, spec.model.seq_len)
+        out = {
+            "tokens": {"budget": spec.tokens, "seen": tokens_seen, "windows_hash": module.windows_hash},
+            "loss": {"final": loss, "stderr": heldout["stderr"],
+                     "bits_per_byte": bits_per_byte(heldout["nats_total"], slice_["bytes"]),
+                     "eval_tokens": slice_["tokens"], "eval": {**slice_, "seed": cfg.data.eval_seed},
+                     "train_last": module.last_train_loss, **_curve_summary(module.val_curve),
+                     "train_curve": [[int(n), float(v)] for n, v in module.train_curve]},
+            "timing": {"threads": spec.threads, "train_s": train_s + trunk.get("train_s", 0.0),
+                       "branch_train_s": train_s, "stable_train_s": trunk.get("train_s", 0.0),
+                       "tokens_per_s": (tokens_seen - module.tokens_resumed) / train_s if train_s else None,
+                       "resumed_from_tokens": module.tokens_resumed},
+            # FLOPs this job spent: a WSD branch's decay plus whatever part of the stable run it trained itself
+            "flops": {**record_flops(cfg, spec), "spent": spec.model.flops_per_token * trained_here},
+            "hardware": _hardware(trainer, module, t.precision, spec.threads),
+        }
+        steady = steps.tokens_per_s(spec.batch_size * spec.model.seq_len)
+        peak = out["hardware"]["peak_flops"]
+        out["timing"]["tokens_per_s_steady"] = steady
+        out["timing"]["mfu"] = (spec.model.flops_per_token * steady / (peak * trainer.world_size)
+                                if steady and peak else None)
+        if spec.schedule == "wsd":
+            out["schedule"] = {**_schedule_head(cfg, spec), **{k: v for k, v in trunk.items() if k != "train_s"}}
+        if cfg.latency.enabled:
+            guard.phase = "latency"
+            lat = cfg.latency
+            log.info("held-out loss %.4f; measuring inference latency", loss)
+            # as served on the training device: a copy in its serving dtype (bf16 on CUDA, fp32 on the CPU),
+            # decode graphed on CUDA
+            served = serving_copy(module.model, module.device)
+            out["latency"] = measure(served, lat.prompt_len, lat.decode_tokens, list(lat.batch_sizes),
+                                     lat.warmup, lat.repeats)
+            del served
+        if t.save_model:
+            out["weights"] = save_weights(module.model, store.weights_path(cfg.results_dir, spec.sweep, spec.run_id))
+        guard.phase = "finishing"
+    except signals.Preempted as stop:
+        # The weights are final: the checkpoint taken now lets the relaunch go straight to evaluation. Under DDP the
+        # trained weights' checkpoint (on_train_end) is it: a collective save now would wait for ranks the signal
+        # did not reach.
+        guard.phase = "saving"
+        if trainer.world_size == 1:
+            checkpointing.save(trainer, reason=stop.name)
+        stop.checkpoint, stop.step, stop.tokens = ckpt, int(trainer.global_step), tokens_seen
+        raise
+    record.update(out)  # the attempt writes the record, then removes the checkpoint (store.finish_run)
     return record
 
 
-def _record_head(cfg, spec: RunSpec, corpus) -> dict:
-    import lightning
+def data_settings(cfg: DictConfig, spec: RunSpec) -> DataSettings:
+    """What the run's ``TokenDataModule`` serves: its training windows (the budget's sequences, in the order
+    ``train.seed`` gives), its batches and the held-out slices of ``cfg.data``."""
+    d = cfg.data
+    return DataSettings(seq_len=spec.model.seq_len, batch_size=spec.batch_size,
+                        train_sequences=spec.tokens // spec.model.seq_len, eval_tokens=d.eval_tokens,
+                        val_curve_tokens=d.val_curve_tokens, seed=cfg.train.seed, num_workers=d.num_workers,
+                        eval_seed=d.eval_seed, accumulate=spec.accumulate)
 
+
+def _record_head(cfg, spec: RunSpec, corpus) -> dict:
     c = spec.model
     counts = c.param_counts()
     return {
@@ -195,17 +397,13 @@ def _record_head(cfg, spec: RunSpec, corpus) -> dict:
                                                  "train_tokens", "val_tokens", "python")},
         "timing": {"threads": spec.threads},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "lightning": lightning.__version__, "project": store.tool_version(),
+                     "lightning": L.__version__, "project": store.tool_version(),
                      "commit": store.tool_commit()},
     }
 
 
 def _save_launch(cfg, spec: RunSpec) -> None:
     """This run as a launched point of its sweep, so scaling-sweep-status knows it even before its record exists."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from scaling_lab.pipeline.sweep import Point, save_launch
-
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     save_launch(cfg.results_dir, spec.sweep, [Point(overrides=overrides).plan(spec)], overrides,
                 name=f"run-{spec.run_id}")
@@ -242,118 +440,9 @@ def _group(cfg, non_embedding: int, tokens: int) -> str:
     return label + (f" (class {' '.join(declared)})" if declared else "")
 
 
-def _train(cfg, spec: RunSpec, datamodule, corpus, wandb_logger, claim=None) -> dict:
-    import lightning as L
-
-    from scaling_lab.pipeline.data import bits_per_byte, slice_info
-    from scaling_lab.pipeline.device import serving_copy
-    from scaling_lab.pipeline.latency import measure
-    from scaling_lab.pipeline.module import Checkpointing, Progress
-    from scaling_lab.pipeline.throughput import StepTimes
-
-    t = cfg.train
-    L.seed_everything(t.seed, workers=True, verbose=False)
-    module = build_module(t, spec)
-    ckpt = store.checkpoint_path(cfg.results_dir, spec.sweep, spec.run_id)
-    steps = StepTimes()
-    callbacks = [Checkpointing(ckpt, t.ckpt_every, claim=claim), steps]
-    if not _show_bar(t):
-        callbacks.append(Progress(log, t.progress_every_s))
-    resume = ckpt if ckpt.exists() else None
-    trunk = {}
-    if resume:
-        log.info("resuming run %s from %s", spec.run_id, resume)
-    elif spec.schedule == "wsd":
-        resume, trunk = _stable_checkpoint(cfg, spec, corpus)
-        log.info("decay branch of run %s starts from the stable run's step %d (%s)", spec.run_id, spec.decay_start,
-                 resume)
-    loggers = [x for x in (wandb_logger, _csv_logger(cfg, spec)) if x is not None]
-    trainer = build_trainer(t, spec, logger=loggers, callbacks=callbacks, root_dir=ckpt.parent)
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from scaling_lab.pipeline import signals
-
-    guard = signals.current
-    guard.phase = "training"
-    fit_start = time.time()
-    try:
-        _fit(trainer, module, datamodule, resume)
-    except SIGTERMException:  # Lightning saw the SIGTERM first (at the end of a step); Checkpointing saved there
-        stop = signals.Preempted(signal.SIGTERM, "training")
-        stop.checkpoint, stop.step, stop.tokens = ckpt, int(trainer.global_step), module.tokens_seen()
-        raise stop from None
-    finally:  # every rank has read rank 0's plan of the stable run by now (it took part in this fit)
-        if trunk and _global_rank() == 0:
-            _plan_path(Path(trunk["trunk_checkpoint"]).parent).unlink(missing_ok=True)
-    train_s = time.time() - fit_start
-    tokens_seen = module.tokens_seen()  # the last collective: evaluation, latency and weights are rank 0's alone
-    if trainer.world_size > 1:
-        _leave_process_group()
-        if not trainer.is_global_zero:
-            return {}
-    guard.phase = "evaluation"
-    try:
-        guard.check()  # a signal after the last step: saved below like one during evaluation
-        if tokens_seen != spec.tokens:
-            raise RuntimeError(f"trained on {tokens_seen:,} tokens, budget was {spec.tokens:,}")
-        trained_here = tokens_seen - module.tokens_resumed + trunk.get("tokens_trained", 0)
-        heldout = module.heldout_loss(datamodule.eval_dataloader())
-        loss = heldout["mean"]
-        if not math.isfinite(loss):
-            raise RuntimeError(f"held-out loss is {loss}")
-        slice_ = slice_info(corpus, datamodule.eval_windows, spec.model.seq_len)
-        out = {
-            "tokens": {"budget": spec.tokens, "seen": tokens_seen, "windows_hash": module.windows_hash},
-            "loss": {"final": loss, "stderr": heldout["stderr"],
-                     "bits_per_byte": bits_per_byte(heldout["nats_total"], slice_["bytes"]),
-                     "eval_tokens": slice_["tokens"], "eval": {**slice_, "seed": cfg.data.eval_seed},
-                     "train_last": module.last_train_loss, **_curve_summary(module.val_curve),
-                     "train_curve": [[int(t), float(v)] for t, v in module.train_curve]},
-            "timing": {"threads": spec.threads, "train_s": train_s + trunk.get("train_s", 0.0),
-                       "branch_train_s": train_s, "stable_train_s": trunk.get("train_s", 0.0),
-                       "tokens_per_s": (tokens_seen - module.tokens_resumed) / train_s if train_s else None,
-                       "resumed_from_tokens": module.tokens_resumed},
-            # FLOPs this job spent: a WSD branch's decay plus whatever part of the stable run it trained itself
-            "flops": {**record_flops(cfg, spec), "spent": spec.model.flops_per_token * trained_here},
-            "hardware": _hardware(trainer, module, t.precision, spec.threads),
-        }
-        steady = steps.tokens_per_s(spec.batch_size * spec.model.seq_len)
-        peak = out["hardware"]["peak_flops"]
-        out["timing"]["tokens_per_s_steady"] = steady
-        out["timing"]["mfu"] = (spec.model.flops_per_token * steady / (peak * trainer.world_size)
-                                if steady and peak else None)
-        if spec.schedule == "wsd":
-            out["schedule"] = {**_schedule_head(cfg, spec), **{k: v for k, v in trunk.items() if k != "train_s"}}
-        if cfg.latency.enabled:
-            guard.phase = "latency"
-            lat = cfg.latency
-            log.info("held-out loss %.4f; measuring inference latency", loss)
-            # as served on the training device: a copy in its serving dtype (bf16 on CUDA, fp32 on the CPU),
-            # decode graphed on CUDA
-            served = serving_copy(module.model, module.device)
-            out["latency"] = measure(served, lat.prompt_len, lat.decode_tokens, list(lat.batch_sizes),
-                                     lat.warmup, lat.repeats)
-            del served
-        if t.save_model:
-            out["weights"] = save_weights(module.model, store.weights_path(cfg.results_dir, spec.sweep, spec.run_id))
-        guard.phase = "finishing"
-    except signals.Preempted as stop:
-        # The weights are final: the checkpoint taken now lets the relaunch go straight to evaluation. Under DDP the
-        # trained weights' checkpoint (on_train_end) is it: a collective save now would wait for ranks the signal
-        # did not reach.
-        guard.phase = "saving"
-        if trainer.world_size == 1:
-            callbacks[0].save(trainer, reason=stop.name)
-        stop.checkpoint, stop.step, stop.tokens = ckpt, int(trainer.global_step), tokens_seen
-        raise
-    return out  # the caller writes the record, then removes the checkpoint (store.finish_run)
-
-
 def _hardware(trainer, module, precision: str, threads: int) -> dict:
     """Where the run trained: the device and its count, the precision, and the device's peak FLOP/s (the MFU's
     denominator, with its source)."""
-    from scaling_lab.pipeline.throughput import device_peak
-
     name, peak, source = device_peak(module.device, precision, threads)
     return {"accelerator": module.device.type, "device": name, "devices": trainer.world_size,
             "precision": str(precision), "peak_flops": peak, "peak_source": source}
@@ -362,8 +451,6 @@ def _hardware(trainer, module, precision: str, threads: int) -> dict:
 def _leave_process_group() -> None:
     """After a DDP run's last collective every rank leaves the process group (so a rank exits cleanly and no NCCL
     communicator outlives the run)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -372,8 +459,6 @@ def _leave_process_group() -> None:
 def save_weights(model, path: Path) -> dict:
     """The model's state dict as safetensors (``pipeline.weights``: beside ``path``, with that format's suffix),
     written atomically with its checksum; what the record says about it."""
-    from scaling_lab.pipeline import weights
-
     path = weights.save(model.state_dict(), path.with_suffix(weights.SUFFIXES[weights.FORMAT]))
     return {"path": f"weights/{path.name}", "format": weights.FORMAT, "bytes": path.stat().st_size}
 
@@ -387,7 +472,7 @@ def record_flops(cfg, spec: RunSpec) -> dict:
             "convention": spec.flops_convention}
 
 
-def _stable_checkpoint(cfg, spec: RunSpec, corpus) -> tuple[Path, dict]:
+def _stable_checkpoint(cfg, spec: RunSpec, branch: TokenDataModule) -> tuple[Path, dict]:
     """The stable run's checkpoint at this branch's decay start, training the stable run up to it if needed.
 
     The stable run (``spec.trunk_id``: the shape and recipe without the budget) keeps a checkpoint at every step a
@@ -395,19 +480,17 @@ def _stable_checkpoint(cfg, spec: RunSpec, corpus) -> tuple[Path, dict]:
     branches of one shape (parallel jobs of other shapes are unaffected), and a partial checkpoint every
     ``train.ckpt_every`` steps makes the stable run itself resumable. Under DDP rank 0 alone takes the lock and
     decides; the other ranks follow its plan (``_trunk_plan``), so every rank enters the same fits."""
-    from filelock import FileLock
-
     folder = store.trunk_dir(cfg.results_dir, spec.sweep, spec.trunk_id)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step_{spec.decay_start:08d}.ckpt"
     if _global_rank() != 0:
-        return _train_trunk(cfg, spec, corpus, target, _await_plan(folder))
+        return _train_trunk(cfg, spec, branch, target, _await_plan(folder))
     with FileLock(str(folder) + ".lock"):
         plan = _trunk_plan(folder, target, spec)
         if world_size(cfg.train) > 1:
             write_json_atomic(_plan_path(folder), plan)
         try:
-            return _train_trunk(cfg, spec, corpus, target, plan)
+            return _train_trunk(cfg, spec, branch, target, plan)
         finally:  # a stable run that trained: every rank read the plan to take part (else the branch's fit removes it)
             if plan["train"]:
                 _plan_path(folder).unlink(missing_ok=True)
@@ -435,8 +518,6 @@ def _plan_path(folder: Path) -> Path:
 def _await_plan(folder: Path) -> dict:
     """Rank 0's plan for this launch (a rank other than 0 waits for it: rank 0 may first wait for the trunk's lock
     while another job trains the same stable run). A pre-emption signal while waiting stops the run as usual."""
-    from scaling_lab.pipeline import signals
-
     path, polls = _plan_path(folder), 0
     while not path.exists():
         signals.current.check()
@@ -460,27 +541,19 @@ def launch_token() -> str:
 TOKEN_ENV = "SCALING_LAB_LAUNCH"
 
 
-def _train_trunk(cfg, spec: RunSpec, corpus, target: Path, plan: dict) -> tuple[Path, dict]:
-    """Follow ``plan``: train the stable run to the branch's start (saving ``target`` there), or not."""
-    from scaling_lab.pipeline import signals
-    from scaling_lab.pipeline.data import TokenDataModule
-    from scaling_lab.pipeline.module import Checkpointing, Progress, SaveAtStep
-
+def _train_trunk(cfg, spec: RunSpec, branch: TokenDataModule, target: Path, plan: dict) -> tuple[Path, dict]:
+    """Follow ``plan``: train the stable run to the branch's start (saving ``target`` there), or not. The stable run
+    serves the branch's data (``branch``) up to that step."""
     info = {"trunk_checkpoint": str(target), "trunk_steps_trained": 0, "tokens_trained": 0, "train_s": 0.0}
     if not plan["train"]:
         return target, info
     t, folder, from_step = cfg.train, target.parent, plan["from_step"]
     log.info("stable run %s: training steps %d to %d (from %s)", spec.trunk_id, from_step, spec.decay_start,
              plan["start"] or "scratch")
-    L_seed(t.seed)
-    module = build_module(t, spec)
-    data = TokenDataModule(corpus, spec.model.seq_len, spec.batch_size, spec.decay_start * spec.batch_size,
-                           cfg.data.eval_tokens, cfg.data.val_curve_tokens, t.seed, cfg.data.num_workers,
-                           eval_seed=cfg.data.eval_seed, accumulate=spec.accumulate)
+    module = _seeded_module(t, spec)
+    data = TokenDataModule(branch.corpus, replace(branch.settings, train_sequences=spec.decay_start * spec.batch_size))
     partial = folder / "partial.ckpt"
-    callbacks = [SaveAtStep(target, spec.decay_start), Checkpointing(partial, t.ckpt_every)]
-    if not _show_bar(t):
-        callbacks.append(Progress(log, t.progress_every_s))
+    callbacks = [SaveAtStep(target, spec.decay_start), Checkpointing(partial, t.ckpt_every), *_progress(t)]
     trainer = build_trainer(t, replace(spec, total_steps=spec.decay_start), callbacks=callbacks, root_dir=folder)
     began = time.time()
     signals.current.phase = "training"  # a signal is acted on at the next step's end: partial.ckpt saved there
@@ -498,13 +571,10 @@ def _train_trunk(cfg, spec: RunSpec, corpus, target: Path, plan: dict) -> tuple[
 
 def _fit(trainer, module, datamodule, ckpt: Path | None) -> None:
     """``trainer.fit``, resuming from ``ckpt`` if given (checked by ``_checked``)."""
-    def fit(path=None):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(path) if path else None, weights_only=True)
-
-    if ckpt:
-        _checked(ckpt, fit)
+    if ckpt is None:
+        trainer.fit(module, datamodule=datamodule, weights_only=True)
     else:
-        fit()
+        _checked(ckpt, lambda path: trainer.fit(module, datamodule=datamodule, ckpt_path=str(path), weights_only=True))
 
 
 def _checked(ckpt: Path, load):
@@ -521,15 +591,13 @@ def _checked(ckpt: Path, load):
         raise
 
 
-def L_seed(seed: int) -> None:
-    import lightning as L
+def _seeded_module(t, spec: RunSpec) -> LitGPT:
+    """The run's model, freshly initialised from ``train.seed`` (the same for every launch of the run)."""
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    return build_module(t, spec)
 
-    L.seed_everything(seed, workers=True, verbose=False)
 
-
-def build_module(t, spec: RunSpec):
-    from scaling_lab.pipeline.module import LitGPT
-
+def build_module(t, spec: RunSpec) -> LitGPT:
     return LitGPT(spec.model, lr=spec.lr, total_steps=spec.total_steps, warmup_steps=spec.warmup_steps,
                   min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
                   diverge_loss=t.diverge_loss, check_every=t.log_every, compile=t.compile,
@@ -540,13 +608,9 @@ def build_module(t, spec: RunSpec):
 def build_trainer(t, spec: RunSpec, logger=None, callbacks=(), root_dir=None, validate: bool = True):
     """The Lightning Trainer of a run (also used by scripts/bench_train_loop.py, so the benchmark times the same
     loop): exactly ``total_steps`` optimizer steps, our own checkpointing, validation-curve points; on CUDA, TF32."""
-    import lightning as L
-
     # Lightning's INFO lines (accelerator found, tips, checkpoint loading) drown a sweep's output; warnings still
     # show. Set here, after Lightning's own import has set its level.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
-
     # Under SLURM (and submitit) pre-emption is ours (pipeline.signals: checkpoint at the signal, then submitit's
     # own requeue): Lightning's auto-requeue would also catch the signal and call scontrol requeue.
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
@@ -572,6 +636,11 @@ def _show_bar(t) -> bool:
     return bool(t.progress_bar) and sys.stderr.isatty()
 
 
+def _progress(t) -> list[Progress]:
+    """The progress-line callback, where there is no progress bar."""
+    return [] if _show_bar(t) else [Progress(log, t.progress_every_s)]
+
+
 def _curve_summary(curve: list[tuple[int, float]]) -> dict:
     """The validation curve (on data.val_curve_tokens held-out tokens) as (tokens, loss) points, and its extremes."""
     if not curve:
@@ -588,8 +657,7 @@ def _wandb_logger(cfg, spec: RunSpec):
         return None
     if w.mode == "online" and not os.environ.get("WANDB_API_KEY"):
         raise ConfigError("logger.wandb.mode=online needs WANDB_API_KEY in the environment (or use mode=offline)")
-    import wandb
-    from lightning.pytorch.loggers import WandbLogger
+    import wandb  # the [wandb] extra
 
     save_dir = Path(w.dir or store.sweep_dir(cfg.results_dir, spec.sweep))
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -612,8 +680,6 @@ def _csv_logger(cfg, spec: RunSpec):
     c = cfg.logger.get("csv")
     if c is None:
         return None
-    from lightning.pytorch.loggers import CSVLogger
-
     save_dir = Path(c.dir or store.sweep_dir(cfg.results_dir, spec.sweep) / "csv")
     return CSVLogger(save_dir=str(save_dir), name="", version=spec.run_id)
 
@@ -625,7 +691,7 @@ def _size_class(n: float) -> str:
 def _finish_wandb(wandb_logger, record: dict, status: str) -> None:
     if wandb_logger is None:
         return
-    import wandb
+    import wandb  # the [wandb] extra
 
     try:
         run = wandb_logger.experiment
@@ -640,15 +706,10 @@ def _finish_wandb(wandb_logger, record: dict, status: str) -> None:
 # ----- CLI -----------------------------------------------------------------------------------------------------
 
 def _multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def train_command(cfg: DictConfig) -> None:
-    from scaling_lab.pipeline import signals
-
     try:
         record = run(cfg)
     except signals.Preempted as stop:

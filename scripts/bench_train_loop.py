@@ -18,7 +18,7 @@ import time
 import torch
 
 from scaling_lab.conf import compose
-from scaling_lab.pipeline.data import TokenDataModule, prepare_corpus
+from scaling_lab.pipeline.data import DataSettings, TokenDataModule, prepare_corpus
 from scaling_lab.pipeline.runspec import plan_run
 from scaling_lab.pipeline.throughput import matmul_peak
 from scaling_lab.pipeline.train import build_module, build_trainer
@@ -66,8 +66,9 @@ def main(argv: list[str]) -> None:
     times = {"plain": [], "lightning": []}
     for _ in range(REPEATS):
         for name, loop in (("plain", plain_loop), ("lightning", lightning_loop)):
-            datamodule = TokenDataModule(corpus, m.seq_len, spec.batch_size, spec.tokens // m.seq_len,
-                                         cfg.data.eval_tokens, cfg.data.val_curve_tokens, cfg.train.seed)
+            datamodule = TokenDataModule(corpus, DataSettings(
+                seq_len=m.seq_len, batch_size=spec.batch_size, train_sequences=spec.tokens // m.seq_len,
+                eval_tokens=cfg.data.eval_tokens, val_curve_tokens=cfg.data.val_curve_tokens, seed=cfg.train.seed))
             times[name].append(loop(cfg.train, spec, datamodule))
     peak = matmul_peak(spec.threads)
     flops_per_token = m.flops_per_token

@@ -40,6 +40,26 @@ def token_cache(tmp_path_factory) -> str:
     return os.environ.get("SCALING_TEST_CACHE") or str(tmp_path_factory.mktemp("token-cache"))
 
 
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, token_cache):
+    """Four tiny real runs of one sweep (``serve``), shared by the serving and export tests: a target and a draft
+    with saved weights, a run without weights, and a run with another tokenizer (a 300-token BPE) with weights."""
+    from scaling_lab.pipeline.train import run as train
+
+    results = tmp_path_factory.mktemp("serving") / "results"
+    base = [*TINY, f"results_dir={results}", f"data.cache_dir={token_cache}", "logger=none", "sweep.name=serve"]
+    runs = {}
+    for name, extra in {"target": ["train.save_model=true", "model.n_layers=2"],
+                        "draft": ["train.save_model=true", "train.seed=1", "train.tokens=8192"],
+                        "no_weights": ["train.seed=2"],
+                        "bpe": ["train.save_model=true", "data.tokenizer=bpe", "data.bpe_vocab_size=300",
+                                "data.max_bytes=300000"]}.items():
+        record = train(compose("train", base + extra))
+        assert record["status"] == "ok", record.get("error")
+        runs[name] = record
+    return results, runs
+
+
 @pytest.fixture
 def compose_train(tmp_path, token_cache):
     """conf/train.yaml composed with the tiny overrides, a temporary results dir and the session token cache."""

@@ -3,14 +3,15 @@ the BPE tokenizer, the token cache, and windows that never repeat."""
 
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
 from scaling_lab.conf.train_schema import DataConf
-from scaling_lab.pipeline.data import (DataError, TokenDataModule, heldout_windows, prepare_corpus, slice_info,
-                                       stdlib_files)
+from scaling_lab.pipeline.data import (DataError, DataSettings, TokenDataModule, heldout_windows, prepare_corpus,
+                                       slice_info, stdlib_files)
 from tests.helpers import shared_path
 
 
@@ -75,23 +76,23 @@ def test_hub_without_network_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_training_windows_are_distinct_and_exactly_the_budget(token_cache):
     corpus = prepare_corpus(data_cfg(token_cache))
-    dm = TokenDataModule(corpus, seq_len=64, batch_size=7, train_sequences=100, eval_tokens=640,
-                         val_curve_tokens=128, seed=3)
+    dm = TokenDataModule(corpus, DataSettings(seq_len=64, batch_size=7, train_sequences=100, eval_tokens=640,
+                                              val_curve_tokens=128, seed=3))
     assert len(set(dm.train_windows.tolist())) == 100
     batches = list(dm.train_dataloader())
     assert sum(x.numel() for x, _ in batches) == 100 * 64
     x, y = batches[0]
     assert x.shape == (7, 64) and np.array_equal(x[:, 1:].numpy(), y[:, :-1].numpy())
     assert len(dm.eval_dataloader().dataset) == 10
-    other = TokenDataModule(corpus, 64, 7, 100, 640, 128, seed=4)
+    other = TokenDataModule(corpus, replace(dm.settings, seed=4))
     assert not np.array_equal(other.train_windows, dm.train_windows)  # the seed orders the data
 
 
 def test_eval_slice_is_spread_over_the_split_and_the_same_for_every_run(token_cache):
     corpus = prepare_corpus(data_cfg(token_cache))
     kw = dict(seq_len=64, batch_size=8, train_sequences=50, eval_tokens=64 * 256, val_curve_tokens=64 * 32)
-    a = TokenDataModule(corpus, seed=0, **kw)
-    b = TokenDataModule(corpus, seed=7, **kw)  # another run (another training seed): the same held-out tokens
+    a = TokenDataModule(corpus, DataSettings(seed=0, **kw))
+    b = TokenDataModule(corpus, DataSettings(seed=7, **kw))  # another run (another training seed): the same held-out tokens
     assert np.array_equal(a.eval_windows, b.eval_windows) and len(a.eval_windows) == 256
     assert not np.array_equal(a.eval_windows, np.arange(256))  # not the first-K slice
     assert not set(a.eval_windows) & set(a.val_curve_windows)  # the validation curve has its own windows

@@ -31,26 +31,16 @@ from scaling_lab.pipeline.data import BPETokenizer, ByteTokenizer, prepare_corpu
 from scaling_lab.pipeline.train import run as train
 from tests.helpers import TINY
 
-SWEEP = "export"
+SWEEP = "serve"  # the sweep of the shared tiny runs (tests/conftest.py)
 BIN = Path(sys.executable).parent
 TEXT = Path(json.__file__).read_text()[:3000]  # stdlib source, the corpus the runs were trained on
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, token_cache):
-    """Three tiny real runs with saved weights: a target (2 layers), a draft (1 layer, another seed, fewer tokens),
-    and a run with a 300-token BPE."""
-    results = tmp_path_factory.mktemp("export") / "results"
-    base = [*TINY, f"results_dir={results}", f"data.cache_dir={token_cache}", "logger=none", f"sweep.name={SWEEP}",
-            "train.save_model=true", "latency.enabled=false", "train.threads=1"]
-    out = {}
-    for name, extra in {"target": ["model.n_layers=2"], "draft": ["train.seed=1", "train.tokens=8192"],
-                        "bpe": ["data.tokenizer=bpe", "data.bpe_vocab_size=300", "data.max_bytes=300000",
-                                "train.tokens=4096"]}.items():
-        record = train(compose("train", base + extra))
-        assert record["status"] == "ok", record.get("error")
-        out[name] = record
-    return results, out
+def runs(tiny_runs):
+    """The shared tiny runs that kept their weights (tests/conftest.py): a target, a draft, a 300-token BPE run."""
+    results, records = tiny_runs
+    return results, {name: r for name, r in records.items() if r.get("weights")}
 
 
 @pytest.fixture(scope="module")

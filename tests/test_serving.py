@@ -23,21 +23,8 @@ SWEEP = "serve"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, token_cache):
-    """Four tiny real runs of one sweep: a target and a draft with saved weights, a run without weights, and a
-    run with another tokenizer (a 300-token BPE) with weights."""
-    results = tmp_path_factory.mktemp("serving") / "results"
-    base = [*TINY, f"results_dir={results}", f"data.cache_dir={token_cache}", "logger=none", f"sweep.name={SWEEP}"]
-    runs = {}
-    for name, extra in {"target": ["train.save_model=true", "model.n_layers=2"],
-                        "draft": ["train.save_model=true", "train.seed=1", "train.tokens=8192"],
-                        "no_weights": ["train.seed=2"],
-                        "bpe": ["train.save_model=true", "data.tokenizer=bpe", "data.bpe_vocab_size=300",
-                                "data.max_bytes=300000"]}.items():
-        record = train(compose("train", base + extra))
-        assert record["status"] == "ok", record.get("error")
-        runs[name] = record
-    return results, runs
+def trained(tiny_runs):
+    return tiny_runs
 
 
 def test_saved_weights_reload_to_the_same_loss(trained):

@@ -85,6 +85,15 @@ def test_divergence_is_recorded_as_failed(compose_train):
     assert list(table.status) == ["failed"]
 
 
+def test_a_finished_run_without_weights_is_rerun_when_asked_to_keep_them(compose_train):
+    common = ["logger=none", "sweep.name=unit", "latency.enabled=false", "train.tokens=4096"]
+    first = run(compose_train(*common))
+    assert first["status"] == "ok" and not first.get("weights")
+    again = run(compose_train(*common, "train.save_model=true"))
+    assert again["run_id"] == first["run_id"] and again["weights"]["format"] == "safetensors"
+    assert run(compose_train(*common, "train.save_model=true"))["finished_at"] == again["finished_at"]  # kept now
+
+
 @pytest.mark.parametrize("override, error, message", [
     ("model.n_heads=3", ConfigError, "not divisible"),
     ("train.tokens=0", ConfigError, "positive"),
