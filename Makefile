@@ -74,7 +74,7 @@ demo: $(STAMP)
 	$(BIN)/scaling-train -m sweep=demo_isoflop hydra/launcher=joblib hydra.launcher.n_jobs=2 results_dir=$(DEMO_DIR) \
 		$(DEMO_DATA)
 	$(BIN)/scaling-fit sweep=demo_isoflop results_dir=$(DEMO_DIR) out=$(DEMO_DIR)/fit/demo_isoflop \
-		source.columns.budget=flops_budget 'source.fit_rows="$(DEMO_ISOFLOP_ROWS)"'
+		source.columns.budget=flops_budget 'source.fit_rows="$(DEMO_ISOFLOP_ROWS)"' isoflop.window=4
 	$(BIN)/scaling-plan constants=$(DEMO_DIR)/fit/demo_isoflop/fit.json objective=cost \
 		target.chinchilla_params=$(DEMO_ISOFLOP_TARGET) demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo_isoflop
 	$(DEMO_TRAIN) hydra.launcher.n_jobs=2

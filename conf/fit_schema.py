@@ -30,6 +30,7 @@ class IsoflopConf:
     min_points: int = 3
     budget_rtol: float = 0.05
     n_bootstrap: int = 200
+    window: Optional[float] = None  # each parabola through the points within this factor in N of the best one
     reported_a: Optional[float] = None
     reported_b: Optional[float] = None
     e_profile: int = 12            # Approach 3 refitted at this many values of E (0: no profile)

@@ -108,3 +108,15 @@ def test_the_held_out_budget_is_predicted_from_every_fitted_one(tmp_path):
     hold = iso["holdout"]
     assert hold["held_out"] and hold["budget"] == 2e12 and hold["fitted_budgets"] == 4
     assert 0.5 < hold["N_opt_ratio"] < 2 and abs(hold["loss_opt_rel_err"]) < 0.03
+
+
+def test_a_window_keeps_each_parabola_near_its_minimum(tmp_path):
+    """isoflop.window=4: each budget's parabola goes through the sizes within 4x of its best one only, and still
+    finds the known frontier."""
+    doc = fit(surface(tmp_path / "iso.csv"), tmp_path, "isoflop.window=4", "isoflop.e_profile=0")
+    iso = doc["isoflop"]
+    assert iso["window"] == 4 and iso["budgets_used"] == 5
+    assert all(3 <= r["points"] <= 5 for r in iso["optima"])     # of 5-9 sizes per budget, 1.84x apart
+    truth = [approaches.law_optimum(true_loss, c, flops_per_token, (1.5e3, 2e5)) for c in BUDGETS]
+    a_true = np.polyfit(np.log(BUDGETS), np.log([t[0] for t in truth]), 1)[0]
+    assert iso["a"] == pytest.approx(a_true, abs=0.1)

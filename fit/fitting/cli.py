@@ -29,7 +29,8 @@ def _plain(node) -> dict:
 
 # Numeric options and their ranges (inclusive); a value outside is a one-line error before any fitting.
 RANGES = {"bootstrap.n": (0, None), "isoflop.min_points": (3, None), "isoflop.budget_rtol": (0, 1),
-          "isoflop.n_bootstrap": (0, None), "protocol.max_starts": (1, None), "protocol.max_iter": (1, None)}
+          "isoflop.n_bootstrap": (0, None), "isoflop.window": (1.5, None), "protocol.max_starts": (1, None),
+          "protocol.max_iter": (1, None)}
 
 
 def check_ranges(cfg: DictConfig) -> None:
@@ -118,7 +119,7 @@ def run(cfg: DictConfig) -> dict:
             table.data["budget"].to_numpy(), float(cfg.isoflop.budget_rtol)))
         points, heldout = snapped[table.data["fit"]], snapped[table.data["heldout"] & ~table.data["fit"]]
         iso = isoflop.analyse(points, int(cfg.isoflop.min_points), int(cfg.isoflop.n_bootstrap),
-                              int(cfg.bootstrap.seed), heldout=heldout)
+                              int(cfg.bootstrap.seed), heldout=heldout, window=cfg.isoflop.window)
         if iso.get("middle"):
             # tokens per parameter with N counted each way the data allows, and FLOPs-equivalent (6N = the
             # FLOPs per token each point trained at, budget / D)

@@ -43,10 +43,15 @@ def vertex(x: np.ndarray, y: np.ndarray) -> tuple[float, float, str]:
     return float(xv), float(c0 - c1 * c1 / (4 * c2)), ""
 
 
-def optima(points: pd.DataFrame, min_points: int) -> pd.DataFrame:
-    """One row per budget: N_opt and D_opt from the parabolas, the loss there, and why a budget was dropped."""
+def optima(points: pd.DataFrame, min_points: int, window: float | None = None) -> pd.DataFrame:
+    """One row per budget: N_opt and D_opt from the parabolas, the loss there, and why a budget was dropped.
+    ``window``: each parabola goes through the points within this factor in N of the budget's lowest loss only (a
+    parabola in log N describes the profile near its minimum, not sizes a decade away); None: every point."""
     rows = []
     for budget, group in points.groupby("budget"):
+        if window:
+            best = group["N"].to_numpy()[np.argmin(group["loss"].to_numpy())]
+            group = group[(group["N"] >= best / window) & (group["N"] <= best * window)]
         row = {"budget": budget, "points": len(group), "N_opt": np.nan, "D_opt": np.nan, "loss_opt": np.nan, "note": ""}
         if group["N"].nunique() < min_points:
             row["note"] = f"fewer than {min_points} model sizes"
@@ -101,19 +106,19 @@ def _holdout(used: pd.DataFrame, heldout: pd.DataFrame | None = None) -> dict[st
 
 
 def analyse(points: pd.DataFrame, min_points: int, n_boot: int, seed: int,
-            heldout: pd.DataFrame | None = None) -> dict[str, Any]:
+            heldout: pd.DataFrame | None = None, window: float | None = None) -> dict[str, Any]:
     """``points`` (the fit rows) and ``heldout`` (rows held out of the fit, or None) have N, D, loss, budget.
     Returns the per-budget optima with intervals, the exponents a (N) and b (D) with intervals, tokens per parameter
     (D_opt / N_opt, N as the points count it) at the middle budget, and the held-out prediction of the largest
     budget (a held-out budget larger than every fitted one, else the largest fitted one)."""
-    table = optima(points, min_points)
+    table = optima(points, min_points, window)
     used = table[table["note"] == ""]
     a, k_n = power_law(used["budget"].to_numpy(), used["N_opt"].to_numpy())
     b, k_d = power_law(used["budget"].to_numpy(), used["D_opt"].to_numpy())
     table["tokens_per_param"] = table["D_opt"] / table["N_opt"]
     result = {"a": a, "b": b, "N_coef": k_n, "D_coef": k_d, "budgets_used": int(len(used)),
               "budgets_dropped": {f"{r.budget:.4g}": r.note for r in table.itertuples() if r.note},
-              "holdout": _holdout(used, _heldout_budgets(heldout, table, min_points))}
+              "holdout": _holdout(used, _heldout_budgets(heldout, table, min_points, window)), "window": window}
     extra: dict[float, dict] = {}  # each used budget's intervals
     if n_boot > 0 and len(used):
         rng = np.random.default_rng(seed)
@@ -121,7 +126,7 @@ def analyse(points: pd.DataFrame, min_points: int, n_boot: int, seed: int,
         per_budget, exponents = [], []
         for _ in range(n_boot):
             sample = pd.concat([g.iloc[rng.integers(0, len(g), len(g))] for g in groups])
-            t = optima(sample, min_points).set_index("budget").reindex(used["budget"])
+            t = optima(sample, min_points, window).set_index("budget").reindex(used["budget"])
             per_budget.append(t[["N_opt", "D_opt", "loss_opt"]].to_numpy(dtype=float))
             exponents.append((*power_law(t.index.to_numpy(), t["N_opt"].to_numpy()),
                               *power_law(t.index.to_numpy(), t["D_opt"].to_numpy())))
@@ -145,13 +150,14 @@ def analyse(points: pd.DataFrame, min_points: int, n_boot: int, seed: int,
     return result
 
 
-def _heldout_budgets(heldout: pd.DataFrame | None, fitted: pd.DataFrame, min_points: int) -> pd.DataFrame | None:
+def _heldout_budgets(heldout: pd.DataFrame | None, fitted: pd.DataFrame, min_points: int,
+                     window: float | None) -> pd.DataFrame | None:
     """The optima of the held-out rows' budgets that lie above every fitted budget (others are not a test of
     extrapolation in compute)."""
     if heldout is None or heldout.empty or fitted.empty:
         return None
     beyond = heldout[heldout["budget"] > fitted["budget"].max()]
-    return optima(beyond, min_points) if len(beyond) else None
+    return optima(beyond, min_points, window) if len(beyond) else None
 
 
 def _plain(value):
