@@ -25,8 +25,8 @@ def pytest_configure(config):
 # The longest test files (`pytest --durations`, summed per file: 90-170 s each), collected first: xdist's
 # `--dist loadfile` hands files to idle workers in collection order, so a long file collected last (alphabetically)
 # would run alone at the end while the other workers wait.
-LONGEST_FIRST = ("test_slurm.py", "test_faults.py", "test_sweep.py", "test_ddp.py", "test_commands.py",
-                 "test_report.py", "test_hostile.py")
+LONGEST_FIRST = ("test_doc_examples.py", "test_slurm.py", "test_faults.py", "test_sweep.py", "test_ddp.py",
+                 "test_commands.py", "test_report.py", "test_hostile.py")
 
 
 def pytest_collection_modifyitems(config, items):
