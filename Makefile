@@ -91,7 +91,8 @@ demo: $(STAMP)
 	$(BIN)/scaling-verify results_dir=$(DEMO_DIR) sweep=demo constants=$(DEMO_DIR)/fit/demo/fit.json \
 		$(DEMO_VERIFY) 'train_overrides=[$(subst $(space),$(comma),$(foreach o,$(strip $(DEMO_DATA)),"$(o)"))]'
 	$(BIN)/scaling-plan constants=$(DEMO_DIR)/fit/demo/fit.json objective=cost target.chinchilla_params=1e6 \
-		demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo serving.mode=auto serving.measurements=$(DEMO_DIR)/serving/demo
+		frontier=$(DEMO_DIR)/fit/demo_isoflop/fit.json demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo \
+		serving.mode=auto serving.measurements=$(DEMO_DIR)/serving/demo
 	$(BIN)/scaling-report sweep=demo results_dir=$(DEMO_DIR)
 	$(BIN)/scaling-report sweep=demo_isoflop results_dir=$(DEMO_DIR)
 	$(BIN)/python scripts/demo_findings.py results_dir=$(DEMO_DIR)

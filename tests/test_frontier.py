@@ -120,3 +120,23 @@ def test_a_window_keeps_each_parabola_near_its_minimum(tmp_path):
     truth = [approaches.law_optimum(true_loss, c, flops_per_token, (1.5e3, 2e5)) for c in BUDGETS]
     a_true = np.polyfit(np.log(BUDGETS), np.log([t[0] for t in truth]), 1)[0]
     assert iso["a"] == pytest.approx(a_true, abs=0.1)
+
+
+def test_plan_takes_the_frontier_of_another_sweeps_isoflop_fit(tmp_path):
+    """frontier=<fit.json>: the demo's shape study cannot locate its own frontier, so its plan takes the isoFLOP
+    study's; a fit without isoFLOP profiles, or one counting N another way, is refused in one line."""
+    from scaling_lab.fit.plan import cli as plan_cli
+
+    fit(surface(tmp_path / "iso.csv"), tmp_path / "iso", "isoflop.e_profile=0")
+    fit(surface(tmp_path / "plain.csv"), tmp_path / "plain", "isoflop.enabled=false", "source.n_convention=total")
+    common = ["target.chinchilla_params=2e4", "demand.tokens=1e9", f"out={tmp_path / 'plan'}", "plot.points=3"]
+    doc = plan_cli.run(compose("plan", ["constants=sardana2024", f"frontier={tmp_path / 'iso' / 'fit.json'}",
+                                        *common]))
+    assert doc["frontier"]["source"] == "approach2" and doc["frontier"]["why"].startswith("frontier=")
+    assert 50 < doc["frontier"]["tokens_per_param"] < 2000 and len(doc["frontier"]["tokens_per_param_ci95"]) == 2
+    with pytest.raises(ValueError, match="has no isoFLOP frontier"):
+        plan_cli.run(compose("plan", ["constants=sardana2024", f"frontier={tmp_path / 'plain' / 'fit.json'}",
+                                      *common]))
+    with pytest.raises(ValueError, match="counts N as 'unknown', the constants as 'total'"):
+        plan_cli.run(compose("plan", [f"constants={tmp_path / 'plain' / 'fit.json'}",
+                                      f"frontier={tmp_path / 'iso' / 'fit.json'}", *common]))

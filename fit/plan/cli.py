@@ -58,19 +58,37 @@ def load_chinchilla(cfg: DictConfig) -> tuple[LawConstants, dict]:
                        "not_identified": doc["laws"]["chinchilla"].get("not_identified", [])}
 
 
-def load_frontier(source: dict) -> tuple[planner.Frontier | None, list[planner.Frontier], dict]:
+def load_frontier(source: dict, other: str | None = None) -> tuple[planner.Frontier | None, list[planner.Frontier],
+                                                                    dict]:
     """The frontier the Chinchilla-style model lies on: Approach 2's (the isoFLOP minima's power laws) where the
     fit.json's ``isoflop.frontier`` says the law's own is not to be used (``fit.fitting.approaches``: E not
-    identified, or the approaches disagree), with its bootstrap resamples; else the law's (None)."""
+    identified, or the approaches disagree), with its bootstrap resamples; else the law's (None). ``other``: the
+    fit.json of an isoFLOP study whose Approach 2 frontier is used instead (``frontier=<fit.json>``), when the
+    constants' own sweep cannot locate one; both must count N alike."""
+    if other is not None:
+        doc = read_fit_json(other)
+        iso = doc.get("isoflop") or {}
+        if not iso.get("N_coef"):
+            raise ValueError(f"frontier={other}: the fit has no isoFLOP frontier (fit an isoFLOP sweep with "
+                             "source.columns.budget=...)")
+        theirs = doc.get("provenance", {}).get("n_convention")
+        ours = (source.get("provenance") or {}).get("n_convention", theirs)
+        if theirs != ours:
+            raise ValueError(f"frontier={other} counts N as {theirs!r}, the constants as {ours!r}")
+        return _approach2(iso, f"frontier={other}")
     if "fit_json" not in source:
         return None, [], {"source": "law", "why": "preset constants"}
     iso = read_fit_json(source["fit_json"]).get("isoflop") or {}
     choice = iso.get("frontier") or {}
     if choice.get("use") != "approach2":
         return None, [], {"source": "law", "why": choice.get("why") or "the fit has no isoFLOP profiles"}
+    return _approach2(iso, choice["why"])
+
+
+def _approach2(iso: dict, why: str) -> tuple[planner.Frontier, list[planner.Frontier], dict]:
     frontier = planner.Frontier.from_isoflop(iso["a"], iso["N_coef"], iso["b"], iso["D_coef"])
     draws = [planner.Frontier.from_isoflop(*d) for d in iso.get("draws") or [] if min(d) > 0]
-    return frontier, draws, {"source": "approach2", "why": choice["why"], "a": iso["a"], "b": iso["b"]}
+    return frontier, draws, {"source": "approach2", "why": why, "a": iso["a"], "b": iso["b"]}
 
 
 def _law_from_fit(path: Path, name: str, formula: str) -> tuple[LawConstants, dict]:
@@ -237,7 +255,7 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError(f"unknown serving.quantization={cfg.serving.quantization!r}: known {known} (the serving "
                          f"modes' table conf/serving_mode/; your own: hydra.searchpath=[file://<dir>])")
     constants, source = load_chinchilla(cfg)
-    frontier, draws, frontier_info = load_frontier(source)
+    frontier, draws, frontier_info = load_frontier(source, cfg.frontier)
     target = target_loss(cfg, constants, frontier)
     inference = split_demand(cfg)
     prices, hardware = resolve_hardware(cfg)
