@@ -31,6 +31,7 @@ COMMANDS = {
     "scaling-quantize": ("mode=int8", "sweep=no-such-sweep"),
     "scaling-speculate": ("k=1", "sweep=no-such-sweep"),
     "scaling-report": ("reprt.title=x", "sweep=no-such-sweep"),
+    "scaling-export": ("rn=x", "sweep=no-such-sweep run=0123456789ab"),
 }
 
 
