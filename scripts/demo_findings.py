@@ -168,7 +168,8 @@ def plan_lines(results_dir: Path, sweep: str) -> list[str]:
     return [f"- **Plan** on the demo's constants: Chinchilla-style N {c['N']:.3g}, D {c['D']:.3g} = "
             f"{c['D'] / c['N']:.3g} tokens per parameter; the demand-aware optimum N {o['N']:.3g}, D {o['D']:.3g} "
             f"({o['D'] / o['N']:.3g} tokens per parameter)"
-            + (f"; not identified by the bootstrap: {warn}" if warn else "")]
+            + (f"; not identified by the bootstrap: {warn}" if warn else "")
+            + ("; it extrapolates the law: " + "; ".join(p["extrapolation"]) if p.get("extrapolation") else "")]
 
 
 def serving_lines(results_dir: Path, sweep: str, fit: dict | None) -> list[str]:

@@ -140,3 +140,16 @@ def test_plan_takes_the_frontier_of_another_sweeps_isoflop_fit(tmp_path):
     with pytest.raises(ValueError, match="counts N as 'unknown', the constants as 'total'"):
         plan_cli.run(compose("plan", [f"constants={tmp_path / 'plain' / 'fit.json'}",
                                       f"frontier={tmp_path / 'iso' / 'fit.json'}", *common]))
+
+
+def test_a_plan_far_outside_the_fitted_range_says_so(tmp_path, capsys):
+    from scaling_lab.fit.plan import cli as plan_cli
+
+    fit(surface(tmp_path / "iso.csv"), tmp_path / "fit", "isoflop.e_profile=0")
+    common = [f"constants={tmp_path / 'fit' / 'fit.json'}", "demand.tokens=1e9", f"out={tmp_path / 'plan'}",
+              "plot.points=3"]
+    inside = plan_cli.run(compose("plan", [*common, "target.chinchilla_params=2e4"]))
+    assert not [n for n in inside["extrapolation"] if n.startswith("chinchilla N")]
+    far = plan_cli.run(compose("plan", [*common, "target.chinchilla_params=2e7"]))  # 100x the largest N fitted
+    assert any(n.startswith("chinchilla N 2e+07 is 100x above the largest N fitted") for n in far["extrapolation"])
+    assert "warning: the plan extrapolates the law: chinchilla N" in capsys.readouterr().out

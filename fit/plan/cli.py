@@ -284,6 +284,7 @@ def run(cfg: DictConfig) -> dict:
                        "decode_flops_per_token": inference.decode_flops_per_token,
                        "decode_time_per_token": inference.decode_time_per_token},
            **result}
+    doc["extrapolation"] = extrapolation(doc)
     out = Path(cfg.out)
     write_json_atomic(out / "plan.json", doc)
     plot(cfg, constants, target["trained_loss"], inference, prices, doc, out / "plan.png", frontier)
@@ -291,6 +292,24 @@ def run(cfg: DictConfig) -> dict:
     print(f"wrote {out / 'plan.json'} and {out / 'plan.png'}")
     tracking.log_plan(cfg, doc, out)
     return doc
+
+
+EXTRAPOLATION_FACTOR = 10  # a planned N or D this far outside the fitted range is named
+
+
+def extrapolation(doc: dict) -> list[str]:
+    """The planned models' N and D that lie EXTRAPOLATION_FACTOR or more outside the range the constants were fitted
+    on (a fit.json's ``provenance.fitted_range``; nothing for a preset): where the plan rests on the law alone."""
+    fitted = ((doc["constants"].get("provenance") or {}).get("fitted_range")) or {}
+    notes = []
+    for label in ("chinchilla", "optimal"):
+        for key in ("N", "D"):
+            value, (lo, hi) = doc[label][key], fitted.get(key) or (None, None)
+            if lo and value * EXTRAPOLATION_FACTOR <= lo:
+                notes.append(f"{label} {key} {value:.3g} is {lo / value:.3g}x below the smallest {key} fitted ({lo:.3g})")
+            elif hi and value >= EXTRAPOLATION_FACTOR * hi:
+                notes.append(f"{label} {key} {value:.3g} is {value / hi:.3g}x above the largest {key} fitted ({hi:.3g})")
+    return notes
 
 
 def search_problem(cfg: DictConfig, law: LawConstants, latency: LatencyModel, target: float,
@@ -416,6 +435,8 @@ def table(doc: dict) -> str:
                      + (f" [{ci[0]:.4g}, {ci[1]:.4g}] (95%, the isoFLOP resamples)" if ci else "")
                      + f", N counted as {f['n_convention']}")
     lines.append(f"saving in total {'FLOPs' if doc['objective'] == 'flops' else 'cost'}: {100 * doc['saving']:.4g}%")
+    if doc.get("extrapolation"):
+        lines.append("warning: the plan extrapolates the law: " + "; ".join(doc["extrapolation"]))
     if "serving_modes" in doc:
         lines.append(serving_table(doc["serving_modes"]))
     if "shape" in doc:
