@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from scaling_lab.conf import compose
-from scaling_lab.fit.fitting import approaches
+from scaling_lab.fit.fitting import approaches, isoflop
 from scaling_lab.fit.fitting.cli import run
 
 TRUE = {"E": 1.0, "A": 30.0, "B": 300.0, "alpha": 0.4, "beta": 0.4}
@@ -153,3 +153,25 @@ def test_a_plan_far_outside_the_fitted_range_says_so(tmp_path, capsys):
     far = plan_cli.run(compose("plan", [*common, "target.chinchilla_params=2e7"]))  # 100x the largest N fitted
     assert any(n.startswith("chinchilla N 2e+07 is 100x above the largest N fitted") for n in far["extrapolation"])
     assert "warning: the plan extrapolates the law: chinchilla N" in capsys.readouterr().out
+
+
+def test_the_interval_of_a_covers_the_truth_on_a_sparse_grid():
+    """The sizes a sweep trains are its design, not a sample: the residual bootstrap keeps them and redraws only the
+    noise. On noisy replicates of a grid like the demo's, each parabola through 3 to 5 sizes (isoflop.window=4),
+    a's 95% interval holds the true exponent in nearly all of them."""
+    truth = [approaches.law_optimum(true_loss, c, flops_per_token, (1.5e3, 2e5)) for c in BUDGETS]
+    a_true = np.polyfit(np.log(BUDGETS), np.log([t[0] for t in truth]), 1)[0]
+    covered, widths = 0, []
+    for seed in range(20):
+        rng, rows = np.random.default_rng(seed), []
+        for c in BUDGETS:
+            for n in np.geomspace(1.5e3, 2e5, 9):
+                d = c / flops_per_token(n)
+                if 3 <= d / n <= 1e4:
+                    rows.append({"N": n, "D": d, "budget": c, "loss": true_loss(n, d) * np.exp(rng.normal(0, 0.01))})
+        iso = isoflop.analyse(pd.DataFrame(rows), min_points=3, n_boot=80, seed=seed, window=4)
+        lo, hi = iso["a_ci95"]
+        covered += lo < a_true < hi
+        widths.append(hi - lo)
+    assert covered >= 17, (covered, a_true)
+    assert np.median(widths) < 0.5

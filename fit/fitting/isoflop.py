@@ -1,7 +1,10 @@
 """Hoffmann et al. 2022 Approach 2: isoFLOP profiles. For each compute budget a parabola of loss in log N (and in
-log D), its minimum, then power laws N_opt = k C^a and D_opt = k' C^b through the minima. Intervals by bootstrap
-over the points of each budget: each resample refits every budget's parabolas, so each budget's N_opt, D_opt, best
-loss and tokens per parameter get an interval, and so do the exponents. A budget whose minimum is not bracketed
+log D), its minimum, then power laws N_opt = k C^a and D_opt = k' C^b through the minima. Intervals by a
+fixed-design residual bootstrap: the sizes a sweep trains are its design, not a sample, so each resample keeps them
+and draws each loss as its budget's parabola plus a residual drawn from the residuals of every budget's parabola
+(leverage-corrected, pooled: a budget has 3 to 6 points, too few to resample on their own); each resample refits
+every budget's parabolas, so each budget's N_opt, D_opt, best loss and tokens per parameter get an interval, and so
+do the exponents. A budget whose minimum is not bracketed
 (a parabola that is not convex, or whose vertex lies outside the sizes trained) is named and dropped. With three
 budgets or more, the largest is also predicted from the others (its N_opt and best loss), the test of
 extrapolation a frontier must pass; when the fit holds rows out and they form a larger budget, that budget is the
@@ -49,9 +52,7 @@ def optima(points: pd.DataFrame, min_points: int, window: float | None = None) -
     parabola in log N describes the profile near its minimum, not sizes a decade away); None: every point."""
     rows = []
     for budget, group in points.groupby("budget"):
-        if window:
-            best = group["N"].to_numpy()[np.argmin(group["loss"].to_numpy())]
-            group = group[(group["N"] >= best / window) & (group["N"] <= best * window)]
+        group = near_minimum(group, window)
         row = {"budget": budget, "points": len(group), "N_opt": np.nan, "D_opt": np.nan, "loss_opt": np.nan, "note": ""}
         if group["N"].nunique() < min_points:
             row["note"] = f"fewer than {min_points} model sizes"
@@ -61,6 +62,37 @@ def optima(points: pd.DataFrame, min_points: int, window: float | None = None) -
             row.update(N_opt=np.exp(xn), D_opt=np.exp(xd), loss_opt=loss_n, note=note_n or note_d)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def near_minimum(group: pd.DataFrame, window: float | None) -> pd.DataFrame:
+    """The points of one budget within ``window`` in N of its lowest loss (None: every point)."""
+    if not window:
+        return group
+    best = group["N"].to_numpy()[np.argmin(group["loss"].to_numpy())]
+    return group[(group["N"] >= best / window) & (group["N"] <= best * window)]
+
+
+def residual_draws(points: pd.DataFrame, budgets, window: float | None, n_boot: int, rng):
+    """``n_boot`` resamples of the points of ``budgets`` (each within its window, chosen once on the data): the same
+    N and D, each loss its budget's parabola in log N plus a residual drawn from the pooled, leverage-corrected,
+    centred residuals of every budget's parabola. None when no budget has more points than its parabola has
+    coefficients (the residuals are then all zero: the noise is not measured)."""
+    groups, pool = [], []
+    for budget in budgets:
+        group = near_minimum(points[points["budget"] == budget], window)
+        x, loss = np.log(group["N"].to_numpy()), group["loss"].to_numpy()
+        design = np.vander(x, 3)
+        fitted = design @ np.linalg.lstsq(design, loss, rcond=None)[0]
+        leverage = np.einsum("ij,ji->i", design, np.linalg.pinv(design))
+        free = leverage < 1 - 1e-6
+        pool.append((loss - fitted)[free] / np.sqrt(1 - leverage[free]))
+        groups.append((group, fitted))
+    pool = np.concatenate(pool)
+    if len(pool) < 2:
+        return None
+    pool = pool - pool.mean()
+    return (pd.concat([g.assign(loss=fitted + rng.choice(pool, len(g))) for g, fitted in groups])
+            for _ in range(n_boot))
 
 
 def power_law(budget: np.ndarray, value: np.ndarray) -> tuple[float, float]:
@@ -120,13 +152,14 @@ def analyse(points: pd.DataFrame, min_points: int, n_boot: int, seed: int,
               "budgets_dropped": {f"{r.budget:.4g}": r.note for r in table.itertuples() if r.note},
               "holdout": _holdout(used, _heldout_budgets(heldout, table, min_points, window)), "window": window}
     extra: dict[float, dict] = {}  # each used budget's intervals
-    if n_boot > 0 and len(used):
-        rng = np.random.default_rng(seed)
-        groups = [g for _, g in points[points["budget"].isin(used["budget"])].groupby("budget")]
+    samples = residual_draws(points, used["budget"], window, n_boot, np.random.default_rng(seed)) \
+        if n_boot > 0 and len(used) else None
+    if n_boot > 0 and len(used) and samples is None:
+        result["boot_note"] = "no interval: every budget's parabola goes through exactly 3 points (no residual)"
+    if samples is not None:
         per_budget, exponents = [], []
-        for _ in range(n_boot):
-            sample = pd.concat([g.iloc[rng.integers(0, len(g), len(g))] for g in groups])
-            t = optima(sample, min_points, window).set_index("budget").reindex(used["budget"])
+        for sample in samples:
+            t = optima(sample, min_points).set_index("budget").reindex(used["budget"])
             per_budget.append(t[["N_opt", "D_opt", "loss_opt"]].to_numpy(dtype=float))
             exponents.append((*power_law(t.index.to_numpy(), t["N_opt"].to_numpy()),
                               *power_law(t.index.to_numpy(), t["D_opt"].to_numpy())))
@@ -138,7 +171,7 @@ def analyse(points: pd.DataFrame, min_points: int, n_boot: int, seed: int,
                 ("N_opt", n_opt), ("D_opt", d_opt), ("loss_opt", loss), ("tokens_per_param", d_opt / n_opt))}
             extra[budget]["boot_failed"] = int((~np.isfinite(n_opt) | ~np.isfinite(d_opt)).sum())
         ok = np.isfinite(exponents).all(axis=1)
-        result.update(a_ci95=_ci(exponents[:, 0]), b_ci95=_ci(exponents[:, 2]), n_boot=n_boot,
+        result.update(a_ci95=_ci(exponents[:, 0]), b_ci95=_ci(exponents[:, 2]), n_boot=n_boot, bootstrap="residual",
                       boot_failed=int((~ok).sum()),
                       # each resample's frontier (a, N_coef, b, D_coef): a planner's intervals anywhere along it
                       draws=exponents[ok].tolist())
