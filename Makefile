@@ -38,8 +38,9 @@ test-fast: $(STAMP)
 # branches (conf/launch/sweep/demo.yaml; the largest class, held out, one layer deeper), plus the smallest shape
 # (N 2.5e4, a decade below the largest) and a second seed of one shape of the largest class (weights kept). Then fit
 # (held out: the largest size class, to measure extrapolation in N), the latency law per serving mode, INT8/INT4 quantization (of 12 runs) and speculative decoding
-# of the trained models, select and verify a shape at the largest size, plan (choosing the serving mode from those
-# measurements), report, and print the findings block of the README.
+# of the trained models, select and verify a shape at the largest size, plan (the isoFLOP study's law, which locates
+# the optimum, priced by the shape study's latency law, choosing the serving mode from those measurements), report,
+# and print the findings block of the README.
 # Every stage is a command a user can run alone. DEMO_DATA runs the same study on another corpus, e.g.
 #   make demo DEMO_DATA='data=files data.path=~/corpus' DEMO_DIR=/tmp/mine
 DEMO_DATA ?=
@@ -90,8 +91,8 @@ demo: $(STAMP)
 	$(BIN)/scaling-speculate sweep=demo results_dir=$(DEMO_DIR) 'ks=[1,2,4]' prompts=2
 	$(BIN)/scaling-verify results_dir=$(DEMO_DIR) sweep=demo constants=$(DEMO_DIR)/fit/demo/fit.json \
 		$(DEMO_VERIFY) 'train_overrides=[$(subst $(space),$(comma),$(foreach o,$(strip $(DEMO_DATA)),"$(o)"))]'
-	$(BIN)/scaling-plan constants=$(DEMO_DIR)/fit/demo/fit.json objective=cost target.chinchilla_params=1e6 \
-		frontier=$(DEMO_DIR)/fit/demo_isoflop/fit.json demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo \
+	$(BIN)/scaling-plan constants=$(DEMO_DIR)/fit/demo_isoflop/fit.json latency=$(DEMO_DIR)/fit/demo/fit.json \
+		objective=cost target.chinchilla_params=1e6 demand.tokens=1e10 out=$(DEMO_DIR)/plan/demo \
 		serving.mode=auto serving.measurements=$(DEMO_DIR)/serving/demo
 	$(BIN)/scaling-report sweep=demo results_dir=$(DEMO_DIR)
 	$(BIN)/scaling-report sweep=demo_isoflop results_dir=$(DEMO_DIR)

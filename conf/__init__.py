@@ -204,6 +204,12 @@ def _resolve(target: str) -> Callable[[Any], Any]:
     return getattr(importlib.import_module(module), name)
 
 
+def _reader_gone() -> None:
+    """The reader of our output went away (``| head``): stop quietly, as command-line tools do."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(1)
+
+
 def command(prog: str, config_name: str, run: str | Callable[[Any], Any],
             errors: tuple[type[BaseException], ...] = (), help: str | None = None,
             schema: str | None = None, extra: str | None = None) -> Callable[[], None]:
@@ -233,13 +239,15 @@ def command(prog: str, config_name: str, run: str | Callable[[Any], Any],
             if needs(err) is None:
                 raise
             fail(prog, needs(err))
-        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as command-line tools do
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(1)
+        except BrokenPipeError:
+            _reader_gone()
 
     def main() -> None:
         if {"--help", "-h"} & set(sys.argv[1:]):
-            print_help(help or config_name)
+            try:
+                print_help(help or config_name)
+            except BrokenPipeError:
+                _reader_gone()
             return
         old = renamed_keys(sys.argv[1:])
         if old:

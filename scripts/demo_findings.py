@@ -165,7 +165,8 @@ def plan_lines(results_dir: Path, sweep: str) -> list[str]:
         return ["- no plan.json: run `scaling-plan constants=... out=...`"]
     c, o = p["chinchilla"], p["optimal"]
     warn = p["constants"].get("not_identified")
-    return [f"- **Plan** on the demo's constants: Chinchilla-style N {c['N']:.3g}, D {c['D']:.3g} = "
+    law = (p["constants"].get("provenance") or {}).get("sweep") or p["constants"].get("preset")
+    return [f"- **Plan** on the law of `{law}` (`constants=`): Chinchilla-style N {c['N']:.3g}, D {c['D']:.3g} = "
             f"{c['D'] / c['N']:.3g} tokens per parameter; the demand-aware optimum N {o['N']:.3g}, D {o['D']:.3g} "
             f"({o['D'] / o['N']:.3g} tokens per parameter)"
             + (f"; not identified by the bootstrap: {warn}" if warn else "")

@@ -28,6 +28,15 @@ def test_help_is_a_short_page_of_its_own(command, tmp_path):
     assert "Usage:" in out.stdout and "Example" in out.stdout
 
 
+def test_help_into_a_reader_that_stops_reading_ends_quietly(tmp_path):
+    """`scaling-fit --help | head -1`: the reader closes the pipe before the page is written; no traceback."""
+    proc = subprocess.Popen([str(BIN / "scaling-fit"), "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=tmp_path)
+    proc.stdout.close()                                  # the reader is gone before the first byte
+    assert proc.wait(timeout=60) in (0, 1)
+    assert b"Traceback" not in proc.stderr.read()
+
+
 @pytest.mark.parametrize("args", [["--cfg", "job"], ["model.n_layers=2", "--cfg", "job"],
                                   ["--cfg", "job", "model.n_layers=2"]])
 def test_hydra_cfg_flag_works_before_and_after_overrides(args, tmp_path):

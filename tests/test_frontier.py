@@ -62,7 +62,8 @@ def test_frontier_recovered_and_approaches_agree(tmp_path):
     assert hi / lo < 10                                    # the ratio's interval spans less than a decade
     assert "flops_equivalent" in middle["conventions"]
     # the budget whose sizes all lie past its optimum is dropped, and says why
-    assert iso["budgets_dropped"] == {"1.6e+10": "minimum outside the sampled range"}
+    assert iso["budgets_dropped"] == {
+        "1.6e+10": "the lowest loss is at the smallest size trained (not bracketed: add smaller sizes)"}
     hold = iso["holdout"]
     assert hold["budget"] == 2e12 and 0.5 < hold["N_opt_ratio"] < 2 and abs(hold["loss_opt_rel_err"]) < 0.03
     frontier = iso["frontier"]
@@ -175,3 +176,15 @@ def test_the_interval_of_a_covers_the_truth_on_a_sparse_grid():
         widths.append(hi - lo)
     assert covered >= 17, (covered, a_true)
     assert np.median(widths) < 0.5
+
+
+def test_a_budget_not_bracketed_names_the_sizes_to_add():
+    """A profile still falling at its largest size (or rising from its smallest) has no minimum among the sizes
+    trained, whatever a parabola through them says: it is dropped, and the note says which way to extend the grid."""
+    sizes = np.geomspace(1e3, 1e5, 5)
+    rising = pd.DataFrame({"N": sizes, "D": 1e12 / (6 * sizes), "budget": 1e12, "loss": [2.0, 2.1, 2.3, 2.6, 3.0]})
+    falling = rising.assign(budget=2e12, loss=[3.0, 2.6, 2.3, 2.1, 2.05])
+    table = isoflop.optima(pd.concat([rising, falling]), min_points=3).set_index("budget")
+    assert table.loc[1e12, "note"].endswith("(not bracketed: add smaller sizes)")
+    assert table.loc[2e12, "note"].endswith("(not bracketed: add larger sizes)")
+    assert table["N_opt"].isna().all()

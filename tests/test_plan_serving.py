@@ -96,3 +96,20 @@ def test_the_shape_plan_is_the_full_precision_search(tmp_path):
     none = doc["serving_modes"]["modes"]["none"]
     assert {k: v for k, v in none.items() if k != "cost_vs_none"} == doc["shape"]["optimal"]
     assert none["loss"] == pytest.approx(2.3, rel=1e-9) and none["mode"] == "none"
+
+
+def test_the_latency_law_from_another_fit(tmp_path):
+    """latency=<fit.json>: the loss law from one study (constants, e.g. an isoFLOP study) and the latency law from
+    the study that measured it give the plan that one fit.json holding both gives; N counted two ways is refused."""
+    both = plan_cli.run(config(tmp_path, "serving.mode=auto"))
+    doc = json.loads(open(tmp_path / "fit.json").read())
+    write_json_atomic(tmp_path / "latency" / "fit.json", doc)
+    write_json_atomic(tmp_path / "law.json", {k: v for k, v in doc.items() if k != "latency"})
+    split = [f"constants={tmp_path / 'law.json'}", f"latency={tmp_path / 'latency' / 'fit.json'}"]
+    apart = plan_cli.run(config(tmp_path, "serving.mode=auto", *split))
+    assert apart["serving_modes"] == both["serving_modes"]
+    with pytest.raises(ValueError, match="has no latency section"):
+        plan_cli.run(config(tmp_path, "serving.mode=auto", f"constants={tmp_path / 'law.json'}"))
+    write_json_atomic(tmp_path / "latency" / "fit.json", {**doc, "provenance": {"n_convention": "total"}})
+    with pytest.raises(ValueError, match="counts N as 'total', the constants as None"):
+        plan_cli.run(config(tmp_path, "serving.mode=auto", *split))

@@ -42,19 +42,27 @@ def vertex(x: np.ndarray, y: np.ndarray) -> tuple[float, float, str]:
         return np.nan, np.nan, "not convex"
     xv = -c1 / (2 * c2)
     if not x.min() <= xv <= x.max():
-        return np.nan, np.nan, "minimum outside the sampled range"
+        return np.nan, np.nan, f"minimum {'below' if xv < x.min() else 'above'} the sampled range"
     return float(xv), float(c0 - c1 * c1 / (4 * c2)), ""
 
 
-def optima(points: pd.DataFrame, min_points: int, window: float | None = None) -> pd.DataFrame:
+def optima(points: pd.DataFrame, min_points: int, window: float | None = None, edges: bool = True) -> pd.DataFrame:
     """One row per budget: N_opt and D_opt from the parabolas, the loss there, and why a budget was dropped.
     ``window``: each parabola goes through the points within this factor in N of the budget's lowest loss only (a
-    parabola in log N describes the profile near its minimum, not sizes a decade away); None: every point."""
+    parabola in log N describes the profile near its minimum, not sizes a decade away); None: every point.
+    ``edges``: a budget whose lowest loss is its smallest or largest size is not bracketed, and is dropped, naming
+    the sizes to add (off for resamples, whose parabolas the range check alone judges)."""
     rows = []
     for budget, group in points.groupby("budget"):
+        sizes = group["N"].to_numpy()
+        edge = sizes[np.argmin(group["loss"].to_numpy())]
         group = near_minimum(group, window)
         row = {"budget": budget, "points": len(group), "N_opt": np.nan, "D_opt": np.nan, "loss_opt": np.nan, "note": ""}
-        if group["N"].nunique() < min_points:
+        if edges and len(np.unique(sizes)) >= min_points and edge in (sizes.min(), sizes.max()):
+            side = "smallest" if edge == sizes.min() else "largest"
+            row["note"] = (f"the lowest loss is at the {side} size trained (not bracketed: add "
+                           f"{'smaller' if side == 'smallest' else 'larger'} sizes)")
+        elif group["N"].nunique() < min_points:
             row["note"] = f"fewer than {min_points} model sizes"
         else:
             xn, loss_n, note_n = vertex(np.log(group["N"].to_numpy()), group["loss"].to_numpy())
@@ -159,7 +167,7 @@ def analyse(points: pd.DataFrame, min_points: int, n_boot: int, seed: int,
     if samples is not None:
         per_budget, exponents = [], []
         for sample in samples:
-            t = optima(sample, min_points).set_index("budget").reindex(used["budget"])
+            t = optima(sample, min_points, edges=False).set_index("budget").reindex(used["budget"])
             per_budget.append(t[["N_opt", "D_opt", "loss_opt"]].to_numpy(dtype=float))
             exponents.append((*power_law(t.index.to_numpy(), t["N_opt"].to_numpy()),
                               *power_law(t.index.to_numpy(), t["D_opt"].to_numpy())))

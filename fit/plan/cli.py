@@ -99,15 +99,25 @@ def _law_from_fit(path: Path, name: str, formula: str) -> tuple[LawConstants, di
 
 
 def load_latency_law(cfg: DictConfig, why: str) -> tuple[LatencyModel, dict]:
-    """The latency law of the fit.json in ``cfg.constants`` (``why`` names what needs it)."""
-    if str(cfg.constants) in cfg.presets.constants:
-        raise ValueError(f"{why} needs constants=<fit.json> with a latency section; the preset {cfg.constants!r} "
-                         f"has none")
-    path = Path(str(cfg.constants))
+    """The latency law of the fit.json in ``cfg.latency``, else in ``cfg.constants`` (``why`` names what needs it).
+    ``latency=<fit.json>``: the loss law from one study (an isoFLOP study, where the frontier is identified) and the
+    latency law from another (the shape study, where latency was measured); both must count N alike."""
+    own = cfg.latency is None
+    if own and str(cfg.constants) in cfg.presets.constants:
+        raise ValueError(f"{why} needs constants=<fit.json> with a latency section, or latency=<fit.json>; the "
+                         f"preset {cfg.constants!r} has none")
+    path = Path(str(cfg.constants if own else cfg.latency))
+    if not path.is_file():
+        raise FileNotFoundError(f"latency={path} is not a file: give the fit.json scaling-latency wrote into")
     doc = read_fit_json(path)
     if not doc.get("latency"):
         raise ValueError(f"{path} has no latency section ({why} prices decode by it): run scaling-latency "
                          f"constants={path}")
+    if not own and str(cfg.constants) not in cfg.presets.constants:
+        theirs = doc.get("provenance", {}).get("n_convention")
+        ours = read_fit_json(Path(str(cfg.constants))).get("provenance", {}).get("n_convention")
+        if theirs != ours:
+            raise ValueError(f"latency={path} counts N as {theirs!r}, the constants as {ours!r}")
     try:
         model = LatencyModel.from_dict(doc["latency"])
     except (ValueError, KeyError) as err:
