@@ -188,3 +188,14 @@ def test_a_budget_not_bracketed_names_the_sizes_to_add():
     assert table.loc[1e12, "note"].endswith("(not bracketed: add smaller sizes)")
     assert table.loc[2e12, "note"].endswith("(not bracketed: add larger sizes)")
     assert table["N_opt"].isna().all()
+
+
+def test_without_residuals_there_is_no_interval_and_the_printout_says_why():
+    """Three sizes per budget: every parabola is exact, so the noise is not measured and no interval is given."""
+    from scaling_lab.fit.fitting import summary
+
+    rows = [{"N": n, "D": c / (6 * n), "budget": c, "loss": true_loss(n, c / (6 * n))}
+            for c in BUDGETS[:3] for n in (3e3, 1e4, 3e4)]
+    iso = isoflop.analyse(pd.DataFrame(rows), min_points=3, n_boot=50, seed=0)
+    assert iso["budgets_used"] == 3 and "a_ci95" not in iso
+    assert "no interval: every budget's parabola goes through exactly 3 points" in summary.isoflop_block(iso, {})

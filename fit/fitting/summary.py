@@ -85,6 +85,7 @@ def isoflop_block(iso: Mapping[str, Any], reported: Mapping[str, Any]) -> str:
     lines = [f"== isoFLOP profiles (Approach 2): {iso['budgets_used']} budgets used",
              f"   N_opt ~ C^a: a = {_num(iso['a'], 4)}{_interval(iso.get('a_ci95'))}{rep('a')}",
              f"   D_opt ~ C^b: b = {_num(iso['b'], 4)}{_interval(iso.get('b_ci95'))}{rep('b')}",
+             *([f"   {iso['boot_note']}"] if iso.get("boot_note") else []),
              f"   {'budget':>9} {'N_opt':>9} {'95% interval':>21} {'D_opt':>9} {'best loss':>9} "
              f"{'D/N':>8} {'95% interval':>19}"]
     for r in iso["optima"]:
