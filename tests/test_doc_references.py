@@ -127,3 +127,12 @@ def test_a_broken_reference_is_caught():
 @pytest.mark.parametrize("ref", ["conf/train.yaml", "pipeline/", "models.shapes.GPTConfig", "fit.io.store"])
 def test_real_references_resolve(ref):
     assert resolves(ref, None)
+
+
+def test_the_readme_links_its_findings_instead_of_copying_them():
+    """The README's "What it found" is a link to the generated findings plus at most 10 lines: results live in
+    `scripts/output/`, not in the reference docs."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("What it found:"):].split("\n\n", 1)[0]
+    assert "(scripts/output/demo_findings.md)" in block
+    assert len(block.splitlines()) <= 10, block
