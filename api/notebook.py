@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 
 
-
 def load_sweep(results_dir: str | Path, sweep: str) -> pd.DataFrame:
     """Every record of a sweep as one row (the columns of ``scaling-sweep-status`` and ``runs.parquet``)."""
     from scaling_lab.fit.io.store import load_table

@@ -160,10 +160,11 @@ def analyse(points: pd.DataFrame, min_points: int, n_boot: int, seed: int,
               "budgets_dropped": {f"{r.budget:.4g}": r.note for r in table.itertuples() if r.note},
               "holdout": _holdout(used, _heldout_budgets(heldout, table, min_points, window)), "window": window}
     extra: dict[float, dict] = {}  # each used budget's intervals
-    samples = residual_draws(points, used["budget"], window, n_boot, np.random.default_rng(seed)) \
-        if n_boot > 0 and len(used) else None
-    if n_boot > 0 and len(used) and samples is None:
-        result["boot_note"] = "no interval: every budget's parabola goes through exactly 3 points (no residual)"
+    samples = None
+    if n_boot > 0 and len(used):
+        samples = residual_draws(points, used["budget"], window, n_boot, np.random.default_rng(seed))
+        if samples is None:
+            result["boot_note"] = "no interval: every budget's parabola goes through exactly 3 points (no residual)"
     if samples is not None:
         per_budget, exponents = [], []
         for sample in samples:

@@ -71,10 +71,9 @@ def load_frontier(source: dict, other: str | None = None) -> tuple[planner.Front
         if not iso.get("N_coef"):
             raise ValueError(f"frontier={other}: the fit has no isoFLOP frontier (fit an isoFLOP sweep with "
                              "source.columns.budget=...)")
-        theirs = doc.get("provenance", {}).get("n_convention")
-        ours = (source.get("provenance") or {}).get("n_convention", theirs)
-        if theirs != ours:
-            raise ValueError(f"frontier={other} counts N as {theirs!r}, the constants as {ours!r}")
+        ours = source.get("provenance") or {}
+        if "n_convention" in ours:
+            _check_counts_n_alike(f"frontier={other}", doc, ours["n_convention"])
         return _approach2(iso, f"frontier={other}")
     if "fit_json" not in source:
         return None, [], {"source": "law", "why": "preset constants"}
@@ -83,6 +82,13 @@ def load_frontier(source: dict, other: str | None = None) -> tuple[planner.Front
     if choice.get("use") != "approach2":
         return None, [], {"source": "law", "why": choice.get("why") or "the fit has no isoFLOP profiles"}
     return _approach2(iso, choice["why"])
+
+
+def _check_counts_n_alike(key: str, doc: dict, ours: str | None) -> None:
+    """The fit.json given as ``key`` (parsed: ``doc``) must count N as the constants do (``ours``)."""
+    theirs = doc.get("provenance", {}).get("n_convention")
+    if theirs != ours:
+        raise ValueError(f"{key} counts N as {theirs!r}, the constants as {ours!r}")
 
 
 def _approach2(iso: dict, why: str) -> tuple[planner.Frontier, list[planner.Frontier], dict]:
@@ -114,10 +120,8 @@ def load_latency_law(cfg: DictConfig, why: str) -> tuple[LatencyModel, dict]:
         raise ValueError(f"{path} has no latency section ({why} prices decode by it): run scaling-latency "
                          f"constants={path}")
     if not own and str(cfg.constants) not in cfg.presets.constants:
-        theirs = doc.get("provenance", {}).get("n_convention")
-        ours = read_fit_json(Path(str(cfg.constants))).get("provenance", {}).get("n_convention")
-        if theirs != ours:
-            raise ValueError(f"latency={path} counts N as {theirs!r}, the constants as {ours!r}")
+        constants = read_fit_json(Path(str(cfg.constants)))
+        _check_counts_n_alike(f"latency={path}", doc, constants.get("provenance", {}).get("n_convention"))
     try:
         model = LatencyModel.from_dict(doc["latency"])
     except (ValueError, KeyError) as err:
